@@ -1,0 +1,341 @@
+//! Single-flight blob downloads: one upstream GET per digest however many
+//! clients ask at once. The download runs in its own task (it outlives the
+//! client that started it), writes to a spool file while hashing, and commits
+//! only when size and digest match. Clients follow the spool as it grows.
+//!
+//! Mechanism only: which repository may read a blob is decided by the caller.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::error::Error;
+use crate::hashing::Hasher;
+use crate::reference::Digest;
+use crate::store::{BlobFile, BlobStore, Spool};
+use crate::upstream::transport_error;
+
+/// Where a download stands; followers watch it.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// Waiting for the upstream's response headers.
+    Connecting,
+    /// `written` bytes are in the spool; `size` from the upstream's Content-Length.
+    Streaming { size: Option<u64>, written: u64 },
+    /// Verified and committed to the store.
+    Committed { size: u64 },
+    /// Nothing was cached; followers must abort.
+    Failed(Error),
+}
+
+/// One download in flight, shared by every client of its digest.
+#[derive(Debug)]
+pub struct Download {
+    file: Arc<std::fs::File>,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Download {
+    /// Waits for the upstream's answer: the blob size when known.
+    pub async fn size(&self) -> Result<Option<u64>, Error> {
+        let mut rx = self.progress.clone();
+        loop {
+            match &*rx.borrow_and_update() {
+                Progress::Connecting => {}
+                Progress::Streaming { size, .. } => return Ok(*size),
+                Progress::Committed { size } => return Ok(Some(*size)),
+                Progress::Failed(e) => return Err(e.clone()),
+            }
+            rx.changed()
+                .await
+                .map_err(|_| Error::Internal("download ended without a result".into()))?;
+        }
+    }
+
+    /// The source to stream this download to a client from.
+    pub fn source(&self) -> Source {
+        Source {
+            file: self.file.clone(),
+            progress: Some(self.progress.clone()),
+        }
+    }
+}
+
+/// The result of asking for a blob that was not cached a moment ago.
+#[derive(Debug)]
+pub enum Joined {
+    /// It has been committed since.
+    Cached(BlobFile),
+    /// A download to follow; `started` when this call started it.
+    Download {
+        download: Arc<Download>,
+        started: bool,
+    },
+}
+
+/// The downloads in flight, by digest.
+pub struct Downloads {
+    store: Arc<dyn BlobStore>,
+    read_timeout: Duration,
+    active: Mutex<HashMap<Digest, Arc<Download>>>,
+}
+
+impl Downloads {
+    pub fn new(store: Arc<dyn BlobStore>, read_timeout: Duration) -> Self {
+        Self {
+            store,
+            read_timeout,
+            active: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn active(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<Download>>> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Joins the download of `digest`, or starts one that sends `fetch`
+    /// (the upstream GET) in a task of its own.
+    pub async fn join_or_start<F>(
+        self: &Arc<Self>,
+        digest: &Digest,
+        fetch: F,
+    ) -> Result<Joined, Error>
+    where
+        F: Future<Output = Result<reqwest::Response, Error>> + Send + 'static,
+    {
+        if let Some(d) = self.active().get(digest) {
+            return Ok(Joined::Download {
+                download: d.clone(),
+                started: false,
+            });
+        }
+        // A download may have committed since the caller looked.
+        if let Some(blob) = self.store.open_blob(digest).await.map_err(storage)? {
+            return Ok(Joined::Cached(blob));
+        }
+        let spool = self.store.spool().await.map_err(storage)?;
+        let (tx, rx) = watch::channel(Progress::Connecting);
+        let download = Arc::new(Download {
+            file: spool.file.clone(),
+            progress: rx,
+        });
+        {
+            let mut active = self.active();
+            if let Some(d) = active.get(digest) {
+                return Ok(Joined::Download {
+                    download: d.clone(),
+                    started: false,
+                });
+            }
+            active.insert(digest.clone(), download.clone());
+        }
+        let this = self.clone();
+        let digest = digest.clone();
+        let entry = download.clone();
+        tokio::spawn(async move {
+            let outcome = this.transfer(&digest, &spool, fetch, &tx).await;
+            let end = match outcome {
+                Ok(size) => match this.store.commit_blob(spool, &digest).await {
+                    Ok(()) => Progress::Committed { size },
+                    Err(e) => {
+                        tracing::error!(%digest, error = %e, "cannot commit a downloaded blob");
+                        Progress::Failed(storage(e))
+                    }
+                },
+                Err(e) => {
+                    drop(spool);
+                    tracing::warn!(%digest, error = %e, "blob download failed; nothing cached");
+                    Progress::Failed(e)
+                }
+            };
+            tx.send_replace(end);
+            let mut active = this.active();
+            if active.get(&digest).is_some_and(|d| Arc::ptr_eq(d, &entry)) {
+                active.remove(&digest);
+            }
+        });
+        Ok(Joined::Download {
+            download,
+            started: true,
+        })
+    }
+
+    /// Streams the upstream body into the spool; the size when it verified.
+    async fn transfer<F>(
+        &self,
+        digest: &Digest,
+        spool: &Spool,
+        fetch: F,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<u64, Error>
+    where
+        F: Future<Output = Result<reqwest::Response, Error>>,
+    {
+        let mut resp = fetch.await?;
+        let size = resp.content_length();
+        tx.send_replace(Progress::Streaming { size, written: 0 });
+        let mut hasher = Hasher::new(digest.algorithm());
+        let mut written: u64 = 0;
+        loop {
+            let chunk = tokio::time::timeout(self.read_timeout, resp.chunk())
+                .await
+                .map_err(|_| {
+                    Error::UpstreamTimeout(format!(
+                        "upstream sent nothing for {} while sending {digest}",
+                        humantime::format_duration(self.read_timeout)
+                    ))
+                })?
+                .map_err(transport_error)?;
+            let Some(chunk) = chunk else { break };
+            let end = written + chunk.len() as u64;
+            if size.is_some_and(|s| end > s) {
+                return Err(Error::UpstreamFailed(format!(
+                    "upstream sent more bytes than announced for {digest}"
+                )));
+            }
+            hasher.update(&chunk);
+            write_at(&spool.file, chunk, written)
+                .await
+                .map_err(storage)?;
+            written = end;
+            tx.send_replace(Progress::Streaming { size, written });
+        }
+        if size.is_some_and(|s| s != written) {
+            return Err(Error::UpstreamFailed(format!(
+                "upstream body of {digest} ended after {written} bytes"
+            )));
+        }
+        let got = hasher.finish();
+        if got != *digest {
+            return Err(Error::UpstreamFailed(format!(
+                "upstream sent content with digest {got} for {digest}"
+            )));
+        }
+        Ok(written)
+    }
+}
+
+async fn write_at(file: &Arc<std::fs::File>, data: Bytes, offset: u64) -> std::io::Result<()> {
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+fn storage(e: std::io::Error) -> Error {
+    Error::internal("cache storage", e)
+}
+
+/// Bytes to stream to one client: a committed blob, or a download to follow.
+#[derive(Debug, Clone)]
+pub struct Source {
+    file: Arc<std::fs::File>,
+    progress: Option<watch::Receiver<Progress>>,
+}
+
+impl From<BlobFile> for Source {
+    fn from(b: BlobFile) -> Self {
+        Source {
+            file: b.file,
+            progress: None,
+        }
+    }
+}
+
+/// Largest read handed to the client at once.
+const READ_CHUNK: u64 = 256 * 1024;
+
+impl Source {
+    /// Streams bytes `start..end` (to the blob's end when `end` is `None`).
+    /// Following a download, the last byte is held back until the blob is
+    /// verified: a failed download ends the stream with an error, so a client
+    /// never sees a clean end of a wrong or short body.
+    pub fn stream(
+        self,
+        start: u64,
+        end: Option<u64>,
+    ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send {
+        futures_util::stream::unfold(Some((self, start, end)), |state| async move {
+            let (mut src, pos, end) = state?;
+            match src.next_chunk(pos, end).await {
+                Ok(Some(bytes)) => {
+                    let next = pos + bytes.len() as u64;
+                    Some((Ok(bytes), Some((src, next, end))))
+                }
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        })
+    }
+
+    async fn next_chunk(&mut self, pos: u64, end: Option<u64>) -> std::io::Result<Option<Bytes>> {
+        loop {
+            // How far the client may read now, and the final end once known.
+            let (limit, final_end) = match &mut self.progress {
+                None => {
+                    let e = end.unwrap_or(pos);
+                    (e, Some(e))
+                }
+                Some(rx) => match &*rx.borrow_and_update() {
+                    Progress::Connecting => (0, None),
+                    Progress::Streaming { written, .. } => {
+                        let cap = end.map_or(*written, |e| e.min(*written));
+                        let held_back = match end {
+                            Some(e) if cap < e => cap,
+                            _ => cap.saturating_sub(1),
+                        };
+                        (held_back, None)
+                    }
+                    Progress::Committed { size } => {
+                        let e = end.map_or(*size, |e| e.min(*size));
+                        (e, Some(e))
+                    }
+                    Progress::Failed(e) => {
+                        return Err(std::io::Error::other(format!(
+                            "upstream download failed: {e}"
+                        )))
+                    }
+                },
+            };
+            if pos < limit {
+                let len = (limit - pos).min(READ_CHUNK);
+                return read_at(&self.file, pos, len).await.map(Some);
+            }
+            if final_end.is_some_and(|e| pos >= e) {
+                return Ok(None);
+            }
+            let Some(rx) = &mut self.progress else {
+                return Ok(None);
+            };
+            if rx.changed().await.is_err() {
+                return Err(std::io::Error::other("download ended without a result"));
+            }
+        }
+    }
+}
+
+async fn read_at(file: &Arc<std::fs::File>, pos: u64, len: u64) -> std::io::Result<Bytes> {
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = file.read_at(&mut buf[filled..], pos + filled as u64)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "cached blob is shorter than recorded",
+                ));
+            }
+            filled += n;
+        }
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}

@@ -1,0 +1,31 @@
+//! regmirror: a pull-through caching mirror for container registries.
+//!
+//! # Layout
+//! - [`server`]: the HTTP listener; [`access_log`] its per-request log line.
+//! - [`endpoint`]: `/v2/` requests parsed into a typed [`endpoint::Endpoint`].
+//! - [`reference`]: names, tags and digests as parsed newtypes; [`range`]: `Range`.
+//! - [`registry`]: the API logic (manifests, blobs, tags) over the parts below.
+//! - [`download`]: single-flight blob downloads that clients follow as they grow.
+//! - [`upstream`]: the upstream client (token auth, redirects, error mapping).
+//! - [`store`]: the `BlobStore` and `Index` interfaces and their backends.
+//! - [`policy`]: cache rules as pure functions of their inputs and `now`.
+//! - [`config`]: `mirror.toml`, environment overrides, flags.
+//! - [`error`] / [`response`]: the one error type and its HTTP rendering.
+//!
+//! See ARCHITECTURE.md for the invariants.
+
+pub mod access_log;
+pub mod config;
+pub mod download;
+pub mod endpoint;
+pub mod error;
+pub mod hashing;
+pub mod manifest;
+pub mod policy;
+pub mod range;
+pub mod reference;
+pub mod registry;
+pub mod response;
+pub mod server;
+pub mod store;
+pub mod upstream;

@@ -1,0 +1,113 @@
+//! Manifest media types and the digests a manifest references. Pure
+//! functions of the bytes; manifests are otherwise kept byte for byte.
+
+use serde::Deserialize;
+
+use crate::reference::Digest;
+
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// The `Accept` header the mirror sends upstream: every type it can cache,
+/// so one cached answer serves every modern client.
+pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Shape {
+    media_type: Option<String>,
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+    #[serde(default)]
+    blobs: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    digest: String,
+}
+
+/// The media type to serve a manifest with: the upstream's `Content-Type`
+/// unless it is generic, else the document's own `mediaType`, else inferred
+/// from its shape (an OCI manifest may omit `mediaType`).
+pub fn media_type(content_type: Option<&str>, bytes: &[u8]) -> String {
+    let declared = content_type
+        .map(|c| c.split(';').next().unwrap_or("").trim())
+        .filter(|c| !c.is_empty() && *c != "application/json" && *c != "text/plain");
+    if let Some(c) = declared {
+        return c.to_owned();
+    }
+    match serde_json::from_slice::<Shape>(bytes) {
+        Ok(Shape {
+            media_type: Some(m),
+            ..
+        }) => m,
+        Ok(s) if !s.manifests.is_empty() => OCI_INDEX.to_owned(),
+        _ => OCI_MANIFEST.to_owned(),
+    }
+}
+
+/// Every digest the manifest points at (config, layers, child manifests,
+/// artifact blobs): the content a repository holding this manifest holds.
+pub fn references(bytes: &[u8]) -> Vec<Digest> {
+    let Ok(shape) = serde_json::from_slice::<Shape>(bytes) else {
+        return Vec::new();
+    };
+    shape
+        .config
+        .into_iter()
+        .chain(shape.layers)
+        .chain(shape.manifests)
+        .chain(shape.blobs)
+        .filter_map(|d| Digest::parse(&d.digest).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    #[test]
+    fn references_of_manifest_and_index() {
+        let m = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{}"}},"layers":[{{"digest":"{}"}},{{"digest":"bogus"}}]}}"#,
+            d('a'),
+            d('b')
+        );
+        let refs: Vec<String> = references(m.as_bytes())
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+        assert_eq!(refs, vec![d('a'), d('b')]);
+        let i = format!(r#"{{"manifests":[{{"digest":"{}"}}]}}"#, d('c'));
+        assert_eq!(references(i.as_bytes()).len(), 1);
+        assert!(references(b"not json").is_empty());
+    }
+
+    #[test]
+    fn media_type_sources() {
+        assert_eq!(media_type(Some(DOCKER_MANIFEST), b"{}"), DOCKER_MANIFEST);
+        let with_type = format!(r#"{{"mediaType":"{DOCKER_LIST}"}}"#);
+        assert_eq!(
+            media_type(Some("application/json"), with_type.as_bytes()),
+            DOCKER_LIST
+        );
+        assert_eq!(
+            media_type(None, br#"{"manifests":[{"digest":"x"}]}"#),
+            OCI_INDEX
+        );
+        assert_eq!(media_type(None, br#"{"layers":[]}"#), OCI_MANIFEST);
+    }
+}

@@ -1,0 +1,223 @@
+//! Manifests: tags resolved with an upstream HEAD once their TTL is over,
+//! manifests fetched by digest only when not cached, verified, and kept byte
+//! for byte with their media type.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::{header, StatusCode};
+
+use super::Registry;
+use crate::error::Error;
+use crate::hashing::digest_of;
+use crate::manifest;
+use crate::policy::tag_is_fresh;
+use crate::reference::{Algorithm, Digest, Reference, RepoName, Tag};
+use crate::response::{self, Outcome, Reply, CONTENT_DIGEST};
+use crate::store::{StoredManifest, TagEntry};
+use crate::upstream::Document;
+
+impl Registry {
+    pub(super) async fn manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        head: bool,
+    ) -> Result<Reply, Error> {
+        match reference {
+            Reference::Digest(digest) => {
+                let (m, outcome) = self.manifest_by_digest(repo, digest).await?;
+                manifest_reply(digest, &m, head, outcome)
+            }
+            Reference::Tag(tag) => self.manifest_by_tag(repo, tag, head).await,
+        }
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        head: bool,
+    ) -> Result<Reply, Error> {
+        let now = SystemTime::now();
+        let entry = match self.index.tag(repo, tag).await {
+            Some(e) if tag_is_fresh(e.checked_at, now, self.tag_ttl) => e,
+            _ => match self.resolve_tag(repo, tag, now).await? {
+                Resolved::Entry(e) => e,
+                // The upstream sent no digest on HEAD: the GET by tag was the answer.
+                Resolved::Fetched(digest, m) => {
+                    return manifest_reply(&digest, &m, head, Outcome::Miss)
+                }
+            },
+        };
+        // A HEAD needs no bytes: answer it from what the upstream's HEAD said.
+        if head
+            && self
+                .store
+                .get_manifest(&entry.digest)
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+        {
+            if let (Some(media_type), Some(size)) = (&entry.media_type, entry.size) {
+                return head_reply(&entry.digest, media_type, size);
+            }
+        }
+        let (m, outcome) = self.manifest_by_digest(repo, &entry.digest).await?;
+        manifest_reply(&entry.digest, &m, head, outcome)
+    }
+
+    /// Asks the upstream where a tag points now, and records it.
+    async fn resolve_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        now: SystemTime,
+    ) -> Result<Resolved, Error> {
+        let reference = Reference::Tag(tag.clone());
+        let found = self.upstream.head_manifest(repo, &reference).await?;
+        let (digest, media_type, size) = match found.digest {
+            Some(d) => (d, found.media_type, found.size),
+            None => {
+                let doc = self.upstream.get_manifest(repo, &reference).await?;
+                let digest = digest_of(Algorithm::Sha256, &doc.bytes);
+                let m = self.keep_manifest(repo, &digest, doc).await?;
+                let entry = TagEntry {
+                    digest: digest.clone(),
+                    media_type: Some(m.media_type.clone()),
+                    size: Some(m.bytes.len() as u64),
+                    checked_at: now,
+                };
+                self.index.set_tag(repo, tag, entry).await;
+                return Ok(Resolved::Fetched(digest, m));
+            }
+        };
+        // The upstream just said this repository has the digest.
+        self.index.add_holds(repo, vec![digest.clone()]).await;
+        let entry = TagEntry {
+            digest,
+            media_type,
+            size,
+            checked_at: now,
+        };
+        self.index.set_tag(repo, tag, entry.clone()).await;
+        Ok(Resolved::Entry(entry))
+    }
+
+    /// A manifest by digest: from memory or disk when the repository is known
+    /// to hold it, else fetched (once, however many ask) and verified.
+    async fn manifest_by_digest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(Arc<StoredManifest>, Outcome), Error> {
+        let fetched = Arc::new(AtomicBool::new(false));
+        let m = self
+            .manifests
+            .try_get_with(digest.clone(), {
+                let fetched = fetched.clone();
+                async move {
+                    if let Some(m) = self
+                        .store
+                        .get_manifest(digest)
+                        .await
+                        .map_err(|e| Error::internal("reading a cached manifest", e))?
+                    {
+                        return Ok(Arc::new(m));
+                    }
+                    let doc = self
+                        .upstream
+                        .get_manifest(repo, &Reference::Digest(digest.clone()))
+                        .await?;
+                    fetched.store(true, Ordering::Relaxed);
+                    self.keep_manifest(repo, digest, doc).await
+                }
+            })
+            .await
+            .map_err(|e: Arc<Error>| (*e).clone())?;
+        let fetched = fetched.load(Ordering::Relaxed);
+        self.authorize(repo, digest, async {
+            self.upstream
+                .head_manifest(repo, &Reference::Digest(digest.clone()))
+                .await
+                .map(drop)
+        })
+        .await?;
+        let outcome = if fetched { Outcome::Miss } else { Outcome::Hit };
+        Ok((m, outcome))
+    }
+
+    /// Verifies a manifest from the upstream against `digest` and stores it;
+    /// `repo` then holds it and everything it references.
+    async fn keep_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        doc: Document,
+    ) -> Result<Arc<StoredManifest>, Error> {
+        let got = digest_of(digest.algorithm(), &doc.bytes);
+        if got != *digest {
+            return Err(Error::UpstreamFailed(format!(
+                "upstream sent a manifest with digest {got} for {digest}"
+            )));
+        }
+        let content_type = doc
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let m = StoredManifest {
+            media_type: manifest::media_type(content_type, &doc.bytes),
+            bytes: doc.bytes,
+        };
+        self.store
+            .put_manifest(digest, &m)
+            .await
+            .map_err(|e| Error::internal("storing a manifest", e))?;
+        let mut held = manifest::references(&m.bytes);
+        held.push(digest.clone());
+        self.index.add_holds(repo, held).await;
+        Ok(Arc::new(m))
+    }
+}
+
+enum Resolved {
+    Entry(TagEntry),
+    Fetched(Digest, Arc<StoredManifest>),
+}
+
+fn manifest_reply(
+    digest: &Digest,
+    m: &StoredManifest,
+    head: bool,
+    outcome: Outcome,
+) -> Result<Reply, Error> {
+    let body = if head {
+        response::empty()
+    } else {
+        response::full(m.bytes.clone())
+    };
+    let response = response::builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, &m.media_type)
+        .header(header::CONTENT_LENGTH, m.bytes.len())
+        .header(CONTENT_DIGEST, digest.to_string())
+        .header(header::ETAG, format!("\"{digest}\""))
+        .body(body)
+        .map_err(|e| Error::internal("building a response", e))?;
+    Ok(Reply { response, outcome })
+}
+
+fn head_reply(digest: &Digest, media_type: &str, size: u64) -> Result<Reply, Error> {
+    let response = response::builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, media_type)
+        .header(header::CONTENT_LENGTH, size)
+        .header(CONTENT_DIGEST, digest.to_string())
+        .header(header::ETAG, format!("\"{digest}\""))
+        .body(response::empty())
+        .map_err(|e| Error::internal("building a response", e))?;
+    Ok(Reply {
+        response,
+        outcome: Outcome::Pass,
+    })
+}

@@ -1,0 +1,242 @@
+//! [`BlobStore`] on a local filesystem.
+//!
+//! Layout under the data dir: `blobs/<alg>/<hex[..2]>/<hex>`,
+//! `manifests/<alg>/<hex[..2]>/<hex>` (first line the media type, then the
+//! bytes), `tmp/` for downloads in progress. Paths come only from parsed
+//! digests. Everything is written to `tmp/`, fsynced, renamed into place and
+//! the directory fsynced, so a crash never leaves a half-written committed file.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{BlobFile, BlobStore, Spool, StoredManifest};
+use crate::hashing::digest_of;
+use crate::reference::Digest;
+
+#[derive(Debug, Clone)]
+pub struct DiskStore {
+    root: PathBuf,
+}
+
+impl DiskStore {
+    /// Opens (creating) the store under `root` and removes temp files left by
+    /// a crash: nothing in `tmp/` can be in use before the mirror starts.
+    pub fn open(root: &Path) -> io::Result<Self> {
+        for dir in ["blobs", "manifests", "tmp"] {
+            std::fs::create_dir_all(root.join(dir))?;
+        }
+        for entry in std::fs::read_dir(root.join("tmp"))? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, area: &str, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root
+            .join(area)
+            .join(digest.algorithm().as_str())
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        let name: u128 = rand::random();
+        self.root.join("tmp").join(format!("{name:032x}.part"))
+    }
+}
+
+/// Renames a fully written, fsynced temp file into place and fsyncs the directory.
+fn install(temp: &Path, dest: &Path) -> io::Result<()> {
+    let parent = dest
+        .parent()
+        .ok_or_else(|| io::Error::other("destination has no parent"))?;
+    std::fs::create_dir_all(parent)?;
+    std::fs::rename(temp, dest)?;
+    std::fs::File::open(parent)?.sync_all()
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("blocking task failed: {e}")))?
+}
+
+#[async_trait]
+impl BlobStore for DiskStore {
+    async fn open_blob(&self, digest: &Digest) -> io::Result<Option<BlobFile>> {
+        let path = self.path("blobs", digest);
+        blocking(move || match std::fs::File::open(&path) {
+            Ok(file) => {
+                let size = file.metadata()?.len();
+                Ok(Some(BlobFile {
+                    file: Arc::new(file),
+                    size,
+                }))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await
+    }
+
+    async fn spool(&self) -> io::Result<Spool> {
+        let path = self.temp_path();
+        blocking(move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            Ok(Spool::new(file, path))
+        })
+        .await
+    }
+
+    async fn commit_blob(&self, mut spool: Spool, digest: &Digest) -> io::Result<()> {
+        let dest = self.path("blobs", digest);
+        blocking(move || {
+            spool.file.sync_all()?;
+            install(spool.path(), &dest)?;
+            spool.disarm();
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>> {
+        let path = self.path("manifests", digest);
+        let raw = match tokio::fs::read(&path).await {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let parsed = raw.iter().position(|&b| b == b'\n').and_then(|nl| {
+            let media_type = std::str::from_utf8(&raw[..nl]).ok()?.to_owned();
+            let bytes = Bytes::copy_from_slice(&raw[nl + 1..]);
+            (digest_of(digest.algorithm(), &bytes) == *digest)
+                .then_some(StoredManifest { media_type, bytes })
+        });
+        if parsed.is_none() {
+            // Damaged on disk: forget it so it is fetched again, never served.
+            tracing::warn!(%digest, "cached manifest is damaged; removing it");
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        Ok(parsed)
+    }
+
+    async fn put_manifest(&self, digest: &Digest, manifest: &StoredManifest) -> io::Result<()> {
+        if manifest.media_type.contains('\n') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "media type contains a newline",
+            ));
+        }
+        let dest = self.path("manifests", digest);
+        let temp = self.temp_path();
+        let manifest = manifest.clone();
+        blocking(move || {
+            let result = (|| {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&temp)?;
+                f.write_all(manifest.media_type.as_bytes())?;
+                f.write_all(b"\n")?;
+                f.write_all(&manifest.bytes)?;
+                f.sync_all()?;
+                install(&temp, &dest)
+            })();
+            if result.is_err() {
+                let _ = std::fs::remove_file(&temp);
+            }
+            result
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+    use crate::reference::Algorithm;
+
+    #[tokio::test]
+    async fn spool_commit_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        let data = b"hello blob";
+        let digest = digest_of(Algorithm::Sha256, data);
+        assert!(store.open_blob(&digest).await.unwrap().is_none());
+        let spool = store.spool().await.unwrap();
+        spool.file.write_all_at(data, 0).unwrap();
+        store.commit_blob(spool, &digest).await.unwrap();
+        let blob = store.open_blob(&digest).await.unwrap().unwrap();
+        assert_eq!(blob.size, data.len() as u64);
+        let mut buf = vec![0; data.len()];
+        blob.file.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, data);
+        let expected = dir
+            .path()
+            .join("blobs/sha256")
+            .join(&digest.hex()[..2])
+            .join(digest.hex());
+        assert!(expected.is_file());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn dropped_spool_leaves_nothing_and_restart_cleans_tmp() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        drop(store.spool().await.unwrap());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        std::fs::write(dir.path().join("tmp/leftover.part"), b"x").unwrap();
+        DiskStore::open(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn damaged_manifest_is_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        let bytes = Bytes::from_static(b"{\"schemaVersion\":2}");
+        let digest = digest_of(Algorithm::Sha256, &bytes);
+        let m = StoredManifest {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            bytes,
+        };
+        store.put_manifest(&digest, &m).await.unwrap();
+        assert_eq!(store.get_manifest(&digest).await.unwrap(), Some(m));
+        let path = store.path("manifests", &digest);
+        std::fs::write(&path, b"application/json\n{\"tampered\":1}").unwrap();
+        assert_eq!(store.get_manifest(&digest).await.unwrap(), None);
+        assert!(!path.exists());
+    }
+}

@@ -1,0 +1,455 @@
+//! The HTTP client for the upstream registry: bearer-token auth, redirects
+//! without credentials, timeouts, and the mapping of upstream failures to
+//! registry errors. It knows nothing of the cache.
+
+pub mod challenge;
+pub mod token;
+
+use std::sync::RwLock;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, Method, StatusCode};
+use reqwest::{RequestBuilder, Response};
+use url::Url;
+
+use crate::config::{Secret, UpstreamConfig};
+use crate::error::Error;
+use crate::manifest::ACCEPT_ALL;
+use crate::reference::{Digest, Reference, RepoName};
+use challenge::Challenge;
+use token::{Token, TokenCache, TokenKey, TokenResponse};
+
+/// Largest manifest or tag list the mirror accepts from the upstream.
+pub const MAX_DOCUMENT: usize = 4 * 1024 * 1024;
+
+/// Redirects followed for one request (Hub sends one, to its CDN).
+const MAX_REDIRECTS: usize = 5;
+
+/// What an upstream request was for, to name a 404 correctly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum What {
+    Manifest,
+    Blob,
+    Tags,
+}
+
+/// A manifest's headers, from a HEAD.
+#[derive(Debug, Clone)]
+pub struct ManifestHead {
+    pub digest: Option<Digest>,
+    pub media_type: Option<String>,
+    pub size: Option<u64>,
+}
+
+/// A small document (manifest, tag list) with its headers.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub headers: HeaderMap,
+    pub bytes: Bytes,
+}
+
+/// The upstream registry.
+pub struct Upstream {
+    base: Url,
+    http: reqwest::Client,
+    username: Option<String>,
+    password: Option<Secret>,
+    timeout: Duration,
+    read_timeout: Duration,
+    tokens: TokenCache,
+    /// The realm and service of the last Bearer challenge, so tokens for other
+    /// repositories can be fetched before the first request instead of after a 401.
+    realm: RwLock<Option<(String, Option<String>)>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("base", &self.base.as_str())
+            .finish()
+    }
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Result<Self, Error> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.connect_timeout)
+            .user_agent(concat!("regmirror/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::internal("building the upstream HTTP client", e))?;
+        Ok(Self {
+            base: config.url.clone(),
+            http,
+            username: config.username.clone(),
+            password: config.password.clone(),
+            timeout: config.timeout,
+            read_timeout: config.read_timeout,
+            tokens: TokenCache::default(),
+            realm: RwLock::new(None),
+        })
+    }
+
+    pub fn read_timeout(&self) -> Duration {
+        self.read_timeout
+    }
+
+    /// HEAD a manifest: its digest, media type and size, without counting
+    /// against Docker Hub's pull limit.
+    pub async fn head_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<ManifestHead, Error> {
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let resp = self
+            .send(Method::HEAD, repo, &path, Some(ACCEPT_ALL), What::Manifest)
+            .await?;
+        let headers = resp.headers();
+        Ok(ManifestHead {
+            digest: header_str(headers, "docker-content-digest")
+                .and_then(|d| Digest::parse(d).ok()),
+            media_type: header_str(headers, header::CONTENT_TYPE.as_str()).map(str::to_owned),
+            size: header_str(headers, header::CONTENT_LENGTH.as_str()).and_then(|s| s.parse().ok()),
+        })
+    }
+
+    /// GET a manifest's bytes (bounded by [`MAX_DOCUMENT`]).
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Document, Error> {
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let resp = self
+            .send(Method::GET, repo, &path, Some(ACCEPT_ALL), What::Manifest)
+            .await?;
+        self.read_document(resp).await
+    }
+
+    /// HEAD a blob: `Ok(size)` when the repository has it upstream.
+    pub async fn head_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, Error> {
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        let resp = self
+            .send(Method::HEAD, repo, &path, None, What::Blob)
+            .await?;
+        Ok(
+            header_str(resp.headers(), header::CONTENT_LENGTH.as_str())
+                .and_then(|s| s.parse().ok()),
+        )
+    }
+
+    /// GET a blob; the caller streams the body.
+    pub async fn get_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Response, Error> {
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        self.send(Method::GET, repo, &path, None, What::Blob).await
+    }
+
+    /// GET a repository's tag list, passing the pagination through.
+    pub async fn get_tags(&self, repo: &RepoName, query: &str) -> Result<Document, Error> {
+        let mut path = format!("/v2/{repo}/tags/list");
+        if !query.is_empty() {
+            path.push('?');
+            path.push_str(query);
+        }
+        let resp = self
+            .send(Method::GET, repo, &path, None, What::Tags)
+            .await?;
+        self.read_document(resp).await
+    }
+
+    /// Reads a small body within the header timeout and the size bound.
+    async fn read_document(&self, mut resp: Response) -> Result<Document, Error> {
+        if resp
+            .content_length()
+            .is_some_and(|l| l > MAX_DOCUMENT as u64)
+        {
+            return Err(Error::UpstreamFailed(format!(
+                "upstream document larger than {MAX_DOCUMENT} bytes"
+            )));
+        }
+        let headers = resp.headers().clone();
+        let mut bytes = BytesMut::new();
+        loop {
+            let chunk = tokio::time::timeout(self.read_timeout, resp.chunk())
+                .await
+                .map_err(|_| Error::UpstreamTimeout("upstream body stalled".into()))?
+                .map_err(transport_error)?;
+            let Some(chunk) = chunk else { break };
+            if bytes.len() + chunk.len() > MAX_DOCUMENT {
+                return Err(Error::UpstreamFailed(format!(
+                    "upstream document larger than {MAX_DOCUMENT} bytes"
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Document {
+            headers,
+            bytes: bytes.freeze(),
+        })
+    }
+
+    /// Sends a request with a token when one is known, answers a 401 challenge
+    /// once, follows redirects without credentials, and maps failures.
+    async fn send(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        path_and_query: &str,
+        accept: Option<&str>,
+        what: What,
+    ) -> Result<Response, Error> {
+        let url = self
+            .base
+            .join(path_and_query)
+            .map_err(|e| Error::internal("building the upstream URL", e))?;
+        let scope = format!("repository:{repo}:pull");
+        let known_realm = self.realm.read().map(|g| g.clone()).unwrap_or(None);
+        let mut auth = match known_realm {
+            Some((realm, service)) => {
+                let key = TokenKey {
+                    realm,
+                    service,
+                    scope: Some(scope.clone()),
+                };
+                let token = self.token(&key).await?;
+                Some(Auth::Bearer(key, token.value.clone()))
+            }
+            None => None,
+        };
+        let mut retried = false;
+        loop {
+            let req = self.request(method.clone(), url.clone(), accept, auth.as_ref());
+            let resp = self.execute(req).await?;
+            if resp.status() == StatusCode::UNAUTHORIZED && !retried {
+                retried = true;
+                if let Some(Auth::Bearer(key, _)) = &auth {
+                    self.tokens.invalidate(key).await;
+                }
+                auth = self.answer_challenge(resp.headers(), &scope).await?;
+                if auth.is_some() {
+                    continue;
+                }
+                return Err(map_status(&resp, what));
+            }
+            if resp.status().is_redirection() {
+                return self.follow_redirects(method, resp, accept, what).await;
+            }
+            if resp.status().is_success() {
+                return Ok(resp);
+            }
+            return Err(map_status(&resp, what));
+        }
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        url: Url,
+        accept: Option<&str>,
+        auth: Option<&Auth>,
+    ) -> RequestBuilder {
+        let mut req = self.http.request(method, url);
+        if let Some(a) = accept {
+            req = req.header(header::ACCEPT, a);
+        }
+        match auth {
+            Some(Auth::Bearer(_, token)) => req.bearer_auth(token.expose()),
+            Some(Auth::Basic(user, pass)) => req.basic_auth(user, Some(pass.expose())),
+            None => req,
+        }
+    }
+
+    async fn execute(&self, req: RequestBuilder) -> Result<Response, Error> {
+        match tokio::time::timeout(self.timeout, req.send()).await {
+            Err(_) => Err(Error::UpstreamTimeout(format!(
+                "no response from the upstream within {}",
+                humantime::format_duration(self.timeout)
+            ))),
+            Ok(r) => r.map_err(transport_error),
+        }
+    }
+
+    /// Works out credentials for a 401: a bearer token for the challenge's
+    /// scope, or Basic credentials. `None` when there is nothing to try.
+    async fn answer_challenge(
+        &self,
+        headers: &HeaderMap,
+        default_scope: &str,
+    ) -> Result<Option<Auth>, Error> {
+        let challenge = headers
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(challenge::parse);
+        match challenge {
+            Some(Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            }) => {
+                if let Ok(mut g) = self.realm.write() {
+                    *g = Some((realm.clone(), service.clone()));
+                }
+                let key = TokenKey {
+                    realm,
+                    service,
+                    scope: Some(scope.unwrap_or_else(|| default_scope.to_owned())),
+                };
+                let token = self.token(&key).await?;
+                Ok(Some(Auth::Bearer(key, token.value.clone())))
+            }
+            Some(Challenge::Basic) => Ok(match (&self.username, &self.password) {
+                (Some(u), Some(p)) => Some(Auth::Basic(u.clone(), p.clone())),
+                _ => None,
+            }),
+            None => Ok(None),
+        }
+    }
+
+    async fn token(&self, key: &TokenKey) -> Result<std::sync::Arc<Token>, Error> {
+        self.tokens
+            .get_or_fetch(key.clone(), self.fetch_token(key))
+            .await
+    }
+
+    async fn fetch_token(&self, key: &TokenKey) -> Result<Token, Error> {
+        let mut realm = Url::parse(&key.realm)
+            .map_err(|_| Error::UpstreamFailed("upstream sent an invalid token realm".into()))?;
+        if !matches!(realm.scheme(), "http" | "https") {
+            return Err(Error::UpstreamFailed(
+                "upstream token realm is not http(s)".into(),
+            ));
+        }
+        {
+            let mut q = realm.query_pairs_mut();
+            if let Some(s) = &key.service {
+                q.append_pair("service", s);
+            }
+            if let Some(s) = &key.scope {
+                q.append_pair("scope", s);
+            }
+        }
+        let mut req = self.http.get(realm.clone());
+        if let (Some(user), Some(pass)) = (&self.username, &self.password) {
+            if self.may_receive_credentials(&realm) {
+                req = req.basic_auth(user, Some(pass.expose()));
+            } else {
+                tracing::warn!(
+                    realm_host = realm.host_str().unwrap_or(""),
+                    "token realm is on another host than the upstream; fetching an anonymous token"
+                );
+            }
+        }
+        let resp = self.execute(req).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(match status {
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::UpstreamDenied(format!(
+                    "the upstream token realm refused the request ({status})"
+                )),
+                StatusCode::TOO_MANY_REQUESTS => Error::TooManyRequests {
+                    retry_after: retry_after(resp.headers()),
+                },
+                _ => Error::UpstreamFailed(format!("upstream token realm answered {status}")),
+            });
+        }
+        let doc = self.read_document(resp).await?;
+        serde_json::from_slice::<TokenResponse>(&doc.bytes)
+            .ok()
+            .and_then(TokenResponse::into_token)
+            .ok_or_else(|| Error::UpstreamFailed("upstream token realm sent no token".into()))
+    }
+
+    /// Credentials go only to the upstream's own host, or to the token host
+    /// Docker Hub is known to use.
+    fn may_receive_credentials(&self, realm: &Url) -> bool {
+        let (Some(realm_host), Some(upstream_host)) = (realm.host_str(), self.base.host_str())
+        else {
+            return false;
+        };
+        realm_host == upstream_host
+            || (upstream_host == "registry-1.docker.io" && realm_host == "auth.docker.io")
+    }
+
+    /// Follows redirects (Hub's CDN) with the same method and no Authorization.
+    async fn follow_redirects(
+        &self,
+        method: Method,
+        mut resp: Response,
+        accept: Option<&str>,
+        what: What,
+    ) -> Result<Response, Error> {
+        for _ in 0..MAX_REDIRECTS {
+            let location =
+                header_str(resp.headers(), header::LOCATION.as_str()).ok_or_else(|| {
+                    Error::UpstreamFailed("upstream redirect without Location".into())
+                })?;
+            let next = resp
+                .url()
+                .join(location)
+                .map_err(|_| Error::UpstreamFailed("upstream redirect to an invalid URL".into()))?;
+            if !matches!(next.scheme(), "http" | "https") {
+                return Err(Error::UpstreamFailed(
+                    "upstream redirect to a non-HTTP URL".into(),
+                ));
+            }
+            resp = self
+                .execute(self.request(method.clone(), next, accept, None))
+                .await?;
+            if resp.status().is_success() {
+                return Ok(resp);
+            }
+            if !resp.status().is_redirection() {
+                return Err(map_status(&resp, what));
+            }
+        }
+        Err(Error::UpstreamFailed("too many upstream redirects".into()))
+    }
+}
+
+enum Auth {
+    Bearer(TokenKey, Secret),
+    Basic(String, Secret),
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<String> {
+    header_str(headers, header::RETRY_AFTER.as_str()).map(str::to_owned)
+}
+
+/// An upstream answer that is not a success, as the client should see it.
+fn map_status(resp: &Response, what: What) -> Error {
+    let status = resp.status();
+    match status {
+        StatusCode::NOT_FOUND => match what {
+            What::Manifest => Error::ManifestUnknown("not found upstream".into()),
+            What::Blob => Error::BlobUnknown("not found upstream".into()),
+            What::Tags => Error::NameUnknown("repository not found upstream".into()),
+        },
+        StatusCode::TOO_MANY_REQUESTS => Error::TooManyRequests {
+            retry_after: retry_after(resp.headers()),
+        },
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::UpstreamDenied(format!(
+            "upstream answered {status}: the repository does not exist or needs other credentials"
+        )),
+        s if s.is_server_error() => Error::UpstreamFailed(format!("upstream answered {s}")),
+        s => Error::UpstreamFailed(format!("unexpected upstream status {s}")),
+    }
+}
+
+/// A transport failure, without the URL (a CDN URL carries a signature).
+pub fn transport_error(e: reqwest::Error) -> Error {
+    let e = e.without_url();
+    if e.is_timeout() {
+        Error::UpstreamTimeout(format!("upstream timed out: {e}"))
+    } else if e.is_connect() {
+        Error::UpstreamUnreachable(format!("cannot connect to the upstream: {e}"))
+    } else {
+        Error::UpstreamFailed(format!("upstream connection failed: {e}"))
+    }
+}
