@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit, integration and end-to-end
+# tests. On a fresh Debian machine, run as root, it first installs what the
+# end-to-end tests use (Debian's docker-registry, skopeo, dockerd, containerd).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=()
+command -v docker-registry >/dev/null || packages+=(docker-registry)
+command -v skopeo >/dev/null || packages+=(skopeo)
+[ -x /usr/sbin/dockerd ] && [ -x /usr/bin/docker ] || packages+=(docker.io)
+command -v containerd >/dev/null && command -v ctr >/dev/null || packages+=(containerd)
+command -v openssl >/dev/null || packages+=(openssl)
+if [ ${#packages[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "test.sh: missing ${packages[*]}; run as root to install them with apt-get" >&2
+    exit 1
+  fi
+  echo "test.sh: installing ${packages[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+fi
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --all-targets --locked "$@"
