@@ -18,6 +18,9 @@ pub struct RequestInfo {
     pub path: String,
     pub status: StatusCode,
     pub outcome: Outcome,
+    /// The `Content-Length` sent (0 for HEAD): hyper stops polling a body
+    /// once that many bytes went out, so reaching it means complete.
+    pub length: Option<u64>,
     pub started: Instant,
 }
 
@@ -78,7 +81,10 @@ impl Drop for LoggedBody {
     fn drop(&mut self) {
         let body = if self.failed {
             "aborted"
-        } else if self.finished || self.inner.is_end_stream() {
+        } else if self.finished
+            || self.inner.is_end_stream()
+            || self.info.length == Some(self.bytes)
+        {
             "complete"
         } else {
             "client-gone"

@@ -91,6 +91,15 @@ async fn handle(registry: &Registry, req: Request<Incoming>) -> Response<LoggedB
         }
     };
     let status = response.status();
+    let length = if head {
+        Some(0)
+    } else {
+        response
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    };
     response.map(|body| {
         LoggedBody::new(
             body,
@@ -99,6 +108,7 @@ async fn handle(registry: &Registry, req: Request<Incoming>) -> Response<LoggedB
                 path: path.chars().take(512).collect(),
                 status,
                 outcome,
+                length,
                 started,
             },
         )
