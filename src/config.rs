@@ -13,6 +13,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+use crate::policy::{Budget, TagTtlRule};
+
 /// The commented default configuration shipped with the binary.
 pub const EMBEDDED: &str = include_str!("../mirror.toml");
 
@@ -29,7 +31,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The registry mirrored.
     pub upstream: UpstreamConfig,
-    /// Cache freshness.
+    /// Never contact the upstream: serve what is cached, answer misses with
+    /// a clear error.
+    pub offline: bool,
+    /// Cache budget and freshness.
     pub cache: CacheConfig,
 }
 
@@ -39,6 +44,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
             data_dir: PathBuf::from("./data"),
             upstream: UpstreamConfig::default(),
+            offline: false,
             cache: CacheConfig::default(),
         }
     }
@@ -84,19 +90,138 @@ fn docker_hub() -> Url {
     Url::parse("https://registry-1.docker.io").unwrap_or_else(|_| unreachable!())
 }
 
-/// Cache freshness policy.
+/// Cache budget and freshness policy.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
+    /// Bytes the cache may take on disk, temp files of downloads included.
+    pub max_size: ByteSize,
+    /// Percent of `max_size` at which eviction starts.
+    pub high_watermark: u8,
+    /// Percent of `max_size` eviction brings the cache down to.
+    pub low_watermark: u8,
+    /// A blob nobody pulled for this long is evicted (`0s`: never).
+    #[serde(with = "humantime_serde_compat")]
+    pub blob_idle_ttl: Duration,
+    /// A manifest nobody pulled for this long is evicted (`0s`: never).
+    #[serde(with = "humantime_serde_compat")]
+    pub manifest_idle_ttl: Duration,
     /// How long a tag → digest mapping is trusted before a HEAD revalidates it.
     #[serde(with = "humantime_serde_compat")]
     pub tag_ttl: Duration,
+    /// Per-pattern tag TTLs; the first matching rule wins over `tag_ttl`.
+    pub tag_ttl_rules: Vec<TagTtlRuleConfig>,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
         Self {
+            max_size: ByteSize(20 * 1024 * 1024 * 1024),
+            high_watermark: 90,
+            low_watermark: 80,
+            blob_idle_ttl: Duration::from_secs(30 * 86400),
+            manifest_idle_ttl: Duration::from_secs(30 * 86400),
             tag_ttl: Duration::from_secs(5 * 60),
+            tag_ttl_rules: Vec::new(),
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The watermarks in bytes.
+    pub fn budget(&self) -> Budget {
+        Budget::new(self.max_size.0, self.high_watermark, self.low_watermark)
+    }
+
+    /// The tag TTL rules as policy sees them.
+    pub fn tag_rules(&self) -> Vec<TagTtlRule> {
+        self.tag_ttl_rules
+            .iter()
+            .map(|r| TagTtlRule {
+                pattern: r.pattern.clone(),
+                ttl: r.ttl,
+            })
+            .collect()
+    }
+
+    /// An idle TTL of zero means "never idle out".
+    pub fn idle_ttl(ttl: Duration) -> Option<Duration> {
+        (!ttl.is_zero()).then_some(ttl)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.high_watermark == 0 || self.high_watermark > 100 {
+            return Err(format!(
+                "key cache.high_watermark: {} is not a percentage in 1..=100",
+                self.high_watermark
+            ));
+        }
+        if self.low_watermark > self.high_watermark {
+            return Err(format!(
+                "key cache.low_watermark: {} is above cache.high_watermark ({})",
+                self.low_watermark, self.high_watermark
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A `[[cache.tag_ttl_rules]]` entry: `pattern` is `repo-glob:tag-glob` or
+/// `repo-glob`, with `*` matching anything.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TagTtlRuleConfig {
+    pub pattern: String,
+    #[serde(with = "humantime_serde_compat")]
+    pub ttl: Duration,
+}
+
+/// A size in bytes, written `"20GiB"`, `"500 MB"` or as a plain number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses a number with an optional unit: B, KB/KiB, MB/MiB, GB/GiB, TB/TiB.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let bad =
+            || format!("invalid size {s:?}; write e.g. \"20GiB\", \"500MB\" or a number of bytes");
+        let value: f64 = num.parse().map_err(|_| bad())?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" | "k" => 1000,
+            "kib" => 1 << 10,
+            "mb" | "m" => 1000 * 1000,
+            "mib" => 1 << 20,
+            "gb" | "g" => 1000 * 1000 * 1000,
+            "gib" => 1 << 30,
+            "tb" | "t" => 1000 * 1000 * 1000 * 1000,
+            "tib" => 1 << 40,
+            _ => return Err(bad()),
+        };
+        let bytes = value * mult as f64;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+            return Err(bad());
+        }
+        Ok(ByteSize(bytes as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
         }
     }
 }
@@ -169,7 +294,10 @@ pub fn parse_upstream_url(s: &str) -> Result<Url, String> {
 /// The type of a key's value, to read it from an environment variable.
 #[derive(Debug, Clone, Copy)]
 enum Kind {
+    /// Taken as it is.
     Str,
+    /// A TOML value: a number, a boolean, or an inline array of tables.
+    Toml,
 }
 
 /// Every key, as a path; the environment variable is its upper snake case.
@@ -182,7 +310,14 @@ const KEYS: &[(&str, Kind)] = &[
     ("upstream.connect_timeout", Kind::Str),
     ("upstream.timeout", Kind::Str),
     ("upstream.read_timeout", Kind::Str),
+    ("offline", Kind::Toml),
+    ("cache.max_size", Kind::Str),
+    ("cache.high_watermark", Kind::Toml),
+    ("cache.low_watermark", Kind::Toml),
+    ("cache.blob_idle_ttl", Kind::Str),
+    ("cache.manifest_idle_ttl", Kind::Str),
     ("cache.tag_ttl", Kind::Str),
+    ("cache.tag_ttl_rules", Kind::Toml),
 ];
 
 /// Environment variables that are not config keys but belong to the binary.
@@ -204,6 +339,7 @@ pub struct Flags {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub upstream: Option<Url>,
+    pub offline: bool,
 }
 
 /// Loads the configuration: file (or the embedded defaults) < env < flags.
@@ -241,6 +377,10 @@ pub fn load(
     if let Some(u) = &flags.upstream {
         config.upstream.url = u.clone();
     }
+    if flags.offline {
+        config.offline = true;
+    }
+    config.cache.check().map_err(ConfigError)?;
     Ok(config)
 }
 
@@ -266,11 +406,22 @@ fn overlay_env(
         };
         let value = match kind {
             Kind::Str => toml::Value::String(value),
+            Kind::Toml => parse_toml_value(&value).ok_or_else(|| {
+                ConfigError(format!(
+                    "environment {var}: {value:?} is not a valid value for {key}"
+                ))
+            })?,
         };
         insert_path(table, key, value);
         applied.insert(key.to_owned(), var);
     }
     Ok(applied)
+}
+
+/// A TOML value written alone, e.g. `true`, `90` or `[{pattern = "*", ttl = "1m"}]`.
+fn parse_toml_value(s: &str) -> Option<toml::Value> {
+    let table: toml::Table = toml::from_str(&format!("v = {s}")).ok()?;
+    table.get("v").cloned()
 }
 
 fn insert_path(table: &mut toml::Table, key: &str, value: toml::Value) {
@@ -345,7 +496,17 @@ mod tests {
             ("upstream.connect_timeout", "1s"),
             ("upstream.timeout", "2s"),
             ("upstream.read_timeout", "3s"),
+            ("offline", "true"),
+            ("cache.max_size", "1.5GiB"),
+            ("cache.high_watermark", "95"),
+            ("cache.low_watermark", "50"),
+            ("cache.blob_idle_ttl", "1d"),
+            ("cache.manifest_idle_ttl", "0s"),
             ("cache.tag_ttl", "30d"),
+            (
+                "cache.tag_ttl_rules",
+                r#"[{pattern = "*:latest", ttl = "1m"}]"#,
+            ),
         ];
         assert_eq!(values.len(), KEYS.len());
         let e: Vec<_> = values
@@ -357,6 +518,38 @@ mod tests {
         assert_eq!(c.upstream.read_timeout, Duration::from_secs(3));
         assert_eq!(c.cache.tag_ttl, Duration::from_secs(30 * 86400));
         assert_eq!(c.upstream.username.as_deref(), Some("u"));
+        assert!(c.offline);
+        assert_eq!(c.cache.max_size, ByteSize(3 << 29));
+        assert_eq!(c.cache.budget().low, 3 << 28);
+        assert_eq!(CacheConfig::idle_ttl(c.cache.manifest_idle_ttl), None);
+        assert_eq!(c.cache.tag_rules()[0].ttl, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("20GiB"), Ok(ByteSize(20 << 30)));
+        assert_eq!(ByteSize::parse("500 MB"), Ok(ByteSize(500_000_000)));
+        assert_eq!(ByteSize::parse("1024"), Ok(ByteSize(1024)));
+        assert_eq!(ByteSize::parse("1kib"), Ok(ByteSize(1024)));
+        for bad in ["", "GiB", "-1GiB", "1 parsec", "1e99TiB"] {
+            assert!(ByteSize::parse(bad).is_err(), "{bad}");
+        }
+        let e = load(
+            None,
+            env(&[("REGMIRROR_CACHE_MAX_SIZE", "lots")]),
+            &Flags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cache.max_size") && e.contains("lots"), "{e}");
+        let e = load(
+            None,
+            env(&[("REGMIRROR_CACHE_LOW_WATERMARK", "99")]),
+            &Flags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cache.low_watermark"), "{e}");
     }
 
     #[test]

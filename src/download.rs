@@ -1,7 +1,8 @@
 //! Single-flight blob downloads: one upstream GET per digest however many
 //! clients ask at once. The download runs in its own task (it outlives the
 //! client that started it), writes to a spool file while hashing, and commits
-//! only when size and digest match. Clients follow the spool as it grows.
+//! only when size and digest match (and the blob fits the cache at all).
+//! Clients follow the spool as it grows.
 //!
 //! Mechanism only: which repository may read a blob is decided by the caller.
 
@@ -9,15 +10,15 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::error::Error;
 use crate::hashing::Hasher;
 use crate::reference::Digest;
-use crate::store::{BlobFile, BlobStore, Spool};
+use crate::store::{BlobFile, BlobStore, ContentKey, Index, Spool};
 use crate::upstream::transport_error;
 
 /// Where a download stands; followers watch it.
@@ -27,8 +28,9 @@ pub enum Progress {
     Connecting,
     /// `written` bytes are in the spool; `size` from the upstream's Content-Length.
     Streaming { size: Option<u64>, written: u64 },
-    /// Verified and committed to the store.
-    Committed { size: u64 },
+    /// Verified: every byte may be served. Committed to the store unless the
+    /// blob is larger than the whole cache.
+    Verified { size: u64 },
     /// Nothing was cached; followers must abort.
     Failed(Error),
 }
@@ -48,7 +50,7 @@ impl Download {
             match &*rx.borrow_and_update() {
                 Progress::Connecting => {}
                 Progress::Streaming { size, .. } => return Ok(*size),
-                Progress::Committed { size } => return Ok(Some(*size)),
+                Progress::Verified { size } => return Ok(Some(*size)),
                 Progress::Failed(e) => return Err(e.clone()),
             }
             rx.changed()
@@ -81,15 +83,29 @@ pub enum Joined {
 /// The downloads in flight, by digest.
 pub struct Downloads {
     store: Arc<dyn BlobStore>,
+    index: Arc<dyn Index>,
     read_timeout: Duration,
+    /// A blob larger than this is served but not kept.
+    keep_limit: u64,
+    /// Woken after a commit or a failed write, so eviction runs.
+    space_changed: Arc<Notify>,
     active: Mutex<HashMap<Digest, Arc<Download>>>,
 }
 
 impl Downloads {
-    pub fn new(store: Arc<dyn BlobStore>, read_timeout: Duration) -> Self {
+    pub fn new(
+        store: Arc<dyn BlobStore>,
+        index: Arc<dyn Index>,
+        read_timeout: Duration,
+        keep_limit: u64,
+        space_changed: Arc<Notify>,
+    ) -> Self {
         Self {
             store,
+            index,
             read_timeout,
+            keep_limit,
+            space_changed,
             active: Mutex::new(HashMap::new()),
         }
     }
@@ -140,13 +156,7 @@ impl Downloads {
         tokio::spawn(async move {
             let outcome = this.transfer(&digest, &spool, fetch, &tx).await;
             let end = match outcome {
-                Ok(size) => match this.store.commit_blob(spool, &digest).await {
-                    Ok(()) => Progress::Committed { size },
-                    Err(e) => {
-                        tracing::error!(%digest, error = %e, "cannot commit a downloaded blob");
-                        Progress::Failed(storage(e))
-                    }
-                },
+                Ok(size) => this.keep(spool, &digest, size).await,
                 Err(e) => {
                     drop(spool);
                     tracing::warn!(%digest, error = %e, "blob download failed; nothing cached");
@@ -154,6 +164,7 @@ impl Downloads {
                 }
             };
             tx.send_replace(end);
+            this.space_changed.notify_one();
             let mut active = this.active();
             if active.get(&digest).is_some_and(|d| Arc::ptr_eq(d, &entry)) {
                 active.remove(&digest);
@@ -163,6 +174,27 @@ impl Downloads {
             download,
             started: true,
         })
+    }
+
+    /// Commits a verified spool and records it, unless it is larger than the
+    /// cache: then its followers still read it from the unlinked spool.
+    async fn keep(&self, spool: Spool, digest: &Digest, size: u64) -> Progress {
+        if size > self.keep_limit {
+            tracing::warn!(%digest, size, limit = self.keep_limit, "blob larger than the cache; served without being kept");
+            return Progress::Verified { size };
+        }
+        match self.store.commit_blob(spool, digest).await {
+            Ok(()) => {
+                self.index
+                    .touch(&ContentKey::blob(digest), size, SystemTime::now())
+                    .await;
+                Progress::Verified { size }
+            }
+            Err(e) => {
+                tracing::error!(%digest, error = %e, "cannot commit a downloaded blob");
+                Progress::Failed(storage(e))
+            }
+        }
     }
 
     /// Streams the upstream body into the spool; the size when it verified.
@@ -291,7 +323,7 @@ impl Source {
                         };
                         (held_back, None)
                     }
-                    Progress::Committed { size } => {
+                    Progress::Verified { size } => {
                         let e = end.map_or(*size, |e| e.min(*size));
                         (e, Some(e))
                     }

@@ -181,6 +181,18 @@ impl Error {
         .to_string()
     }
 
+    /// Whether the upstream is down or refusing service (not a definite
+    /// answer about the content): then stale cached data may be served.
+    pub fn is_upstream_outage(&self) -> bool {
+        matches!(
+            self,
+            Error::UpstreamFailed(_)
+                | Error::UpstreamUnreachable(_)
+                | Error::UpstreamTimeout(_)
+                | Error::TooManyRequests { .. }
+        )
+    }
+
     pub fn internal(context: &str, err: impl std::fmt::Display) -> Self {
         Error::Internal(format!("{context}: {err}"))
     }

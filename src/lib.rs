@@ -8,17 +8,21 @@
 //! - [`download`]: single-flight blob downloads that clients follow as they grow.
 //! - [`upstream`]: the upstream client (token auth, redirects, error mapping).
 //! - [`store`]: the `BlobStore` and `Index` interfaces and their backends.
-//! - [`policy`]: cache rules as pure functions of their inputs and `now`.
+//! - [`evictor`]: eviction mechanism; [`policy`]: cache rules as pure
+//!   functions of their inputs and `now`.
 //! - [`config`]: `mirror.toml`, environment overrides, flags.
+//! - [`admin`]: the `gc`, `ls` and `du` commands.
 //! - [`error`] / [`response`]: the one error type and its HTTP rendering.
 //!
 //! See ARCHITECTURE.md for the invariants.
 
 pub mod access_log;
+pub mod admin;
 pub mod config;
 pub mod download;
 pub mod endpoint;
 pub mod error;
+pub mod evictor;
 pub mod hashing;
 pub mod manifest;
 pub mod policy;

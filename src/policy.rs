@@ -13,22 +13,231 @@ pub fn tag_is_fresh(checked_at: SystemTime, now: SystemTime, ttl: Duration) -> b
     }
 }
 
+/// A tag TTL for repositories and tags matching `pattern` (`repo-glob:tag-glob`,
+/// or `repo-glob` for every tag; `*` matches any run of characters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagTtlRule {
+    pub pattern: String,
+    pub ttl: Duration,
+}
+
+/// The tag TTL for `repo:tag`: the first matching rule's, else `default`.
+pub fn tag_ttl_for(repo: &str, tag: &str, rules: &[TagTtlRule], default: Duration) -> Duration {
+    rules
+        .iter()
+        .find(|r| match r.pattern.split_once(':') {
+            Some((rp, tp)) => glob_match(rp, repo) && glob_match(tp, tag),
+            None => glob_match(&r.pattern, repo),
+        })
+        .map_or(default, |r| r.ttl)
+}
+
+/// `*` matches any (possibly empty) run of characters; everything else is literal.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// What the cache may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Bytes on disk that start an eviction.
+    pub high: u64,
+    /// Bytes on disk an eviction brings usage down to.
+    pub low: u64,
+}
+
+impl Budget {
+    /// Watermarks as percentages of `max_size`.
+    pub fn new(max_size: u64, high_percent: u8, low_percent: u8) -> Self {
+        let pct = |p: u8| (u128::from(max_size) * u128::from(p) / 100) as u64;
+        Self {
+            high: pct(high_percent),
+            low: pct(low_percent.min(high_percent)),
+        }
+    }
+}
+
+/// Why an entry was chosen for eviction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvictReason {
+    /// Nobody pulled it for longer than its idle TTL.
+    Idle,
+    /// The cache was over its high watermark and this was least recently used.
+    Size,
+}
+
+impl EvictReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvictReason::Idle => "idle",
+            EvictReason::Size => "size",
+        }
+    }
+}
+
+/// One cached item as eviction sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate<K> {
+    pub key: K,
+    pub size: u64,
+    pub last_access: SystemTime,
+    /// Its idle TTL (`None`: never expires for idleness).
+    pub idle_ttl: Option<Duration>,
+}
+
+/// Chooses what to evict: everything idle past its TTL, then, if `usage`
+/// (bytes really on disk, temp files included) is still above the high
+/// watermark, the least recently used until it is at or below the low one.
+pub fn select_evictions<K: Clone>(
+    candidates: &[Candidate<K>],
+    usage: u64,
+    budget: Budget,
+    now: SystemTime,
+) -> Vec<(K, EvictReason)> {
+    let mut out = Vec::new();
+    let mut usage = usage;
+    let mut rest: Vec<&Candidate<K>> = Vec::new();
+    for c in candidates {
+        let idle = c.idle_ttl.is_some_and(|ttl| {
+            now.duration_since(c.last_access)
+                .is_ok_and(|age| age >= ttl)
+        });
+        if idle {
+            out.push((c.key.clone(), EvictReason::Idle));
+            usage = usage.saturating_sub(c.size);
+        } else {
+            rest.push(c);
+        }
+    }
+    if usage > budget.high {
+        rest.sort_by_key(|c| c.last_access);
+        for c in rest {
+            if usage <= budget.low {
+                break;
+            }
+            out.push((c.key.clone(), EvictReason::Size));
+            usage = usage.saturating_sub(c.size);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
     #[test]
     fn tag_freshness() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let ttl = Duration::from_secs(300);
-        assert!(tag_is_fresh(t0, t0, ttl));
-        assert!(tag_is_fresh(t0, t0 + Duration::from_secs(299), ttl));
-        assert!(!tag_is_fresh(t0, t0 + Duration::from_secs(300), ttl));
-        assert!(!tag_is_fresh(
-            t0,
-            t0 + Duration::from_secs(1),
-            Duration::ZERO
-        ));
-        assert!(tag_is_fresh(t0, t0 - Duration::from_secs(10), ttl));
+        assert!(tag_is_fresh(t(0), t(0), ttl));
+        assert!(tag_is_fresh(t(0), t(299), ttl));
+        assert!(!tag_is_fresh(t(0), t(300), ttl));
+        assert!(!tag_is_fresh(t(0), t(1), Duration::ZERO));
+        assert!(tag_is_fresh(t(10), t(0), ttl));
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", ""));
+        assert!(glob_match("library/*", "library/alpine"));
+        assert!(!glob_match("library/*", "bitnami/redis"));
+        assert!(glob_match("*latest", "latest"));
+        assert!(glob_match("a*b*c", "a-x-b-y-c"));
+        assert!(!glob_match("a*b*c", "a-x-b-y"));
+        assert!(glob_match("3.*", "3.19"));
+        assert!(!glob_match("3.*", "4.0"));
+    }
+
+    #[test]
+    fn tag_ttl_rules_first_match_wins() {
+        let rules = vec![
+            TagTtlRule {
+                pattern: "*:latest".into(),
+                ttl: Duration::from_secs(60),
+            },
+            TagTtlRule {
+                pattern: "library/*".into(),
+                ttl: Duration::from_secs(600),
+            },
+        ];
+        let d = Duration::from_secs(300);
+        assert_eq!(
+            tag_ttl_for("library/alpine", "latest", &rules, d).as_secs(),
+            60
+        );
+        assert_eq!(
+            tag_ttl_for("library/alpine", "3.19", &rules, d).as_secs(),
+            600
+        );
+        assert_eq!(tag_ttl_for("bitnami/redis", "7", &rules, d).as_secs(), 300);
+    }
+
+    fn c(key: &'static str, size: u64, last: u64) -> Candidate<&'static str> {
+        Candidate {
+            key,
+            size,
+            last_access: t(last),
+            idle_ttl: Some(Duration::from_secs(1000)),
+        }
+    }
+
+    #[test]
+    fn evicts_least_recently_used_down_to_low_watermark() {
+        let budget = Budget::new(100, 90, 70);
+        assert_eq!(budget, Budget { high: 90, low: 70 });
+        let cands = [c("old", 30, 10), c("new", 30, 30), c("mid", 30, 20)];
+        // 90 is not above the high watermark: nothing to do.
+        assert!(select_evictions(&cands, 90, budget, t(40)).is_empty());
+        // 95 on disk (5 of it temp files): evict oldest until <= 70.
+        let out = select_evictions(&cands, 95, budget, t(40));
+        assert_eq!(out, vec![("old", EvictReason::Size)]);
+        let out = select_evictions(&cands, 125, budget, t(40));
+        assert_eq!(
+            out,
+            vec![("old", EvictReason::Size), ("mid", EvictReason::Size)]
+        );
+    }
+
+    #[test]
+    fn idle_entries_go_first_whatever_the_usage() {
+        let budget = Budget::new(1000, 90, 80);
+        let mut stale = c("stale", 10, 0);
+        stale.idle_ttl = Some(Duration::from_secs(50));
+        let mut keep = c("keep", 10, 0);
+        keep.idle_ttl = None;
+        let out = select_evictions(&[stale, keep], 20, budget, t(60));
+        assert_eq!(out, vec![("stale", EvictReason::Idle)]);
+    }
+
+    #[test]
+    fn newest_entry_is_never_the_first_victim() {
+        let budget = Budget::new(100, 90, 50);
+        let cands = [c("fresh", 60, 100), c("a", 20, 1), c("b", 20, 2)];
+        let out = select_evictions(&cands, 100, budget, t(100));
+        assert_eq!(out[0].0, "a");
+        assert_eq!(out.iter().filter(|(k, _)| *k == "fresh").count(), 1);
+        assert_eq!(out.last().map(|o| o.0), Some("fresh"));
     }
 }

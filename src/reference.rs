@@ -86,7 +86,7 @@ fn is_alnum(b: u8) -> bool {
 
 impl fmt::Display for RepoName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -117,7 +117,7 @@ impl Tag {
 
 impl fmt::Display for Tag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -222,6 +222,26 @@ impl fmt::Display for Reference {
         }
     }
 }
+
+/// Serialized as their text; deserializing parses again, so a damaged or
+/// hand-edited index file cannot smuggle in an invalid identifier.
+macro_rules! serde_as_string {
+    ($($t:ty),*) => {$(
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <String as serde::Deserialize>::deserialize(d)?;
+                <$t>::parse(&s).map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+
+serde_as_string!(RepoName, Tag, Digest);
 
 /// Keeps error messages bounded whatever the client sent.
 fn truncate(s: &str) -> String {

@@ -33,7 +33,8 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let registry = Arc::new(Registry::open(&config)?);
+    let registry = Arc::new(Registry::open(&config).await?);
+    let upkeep = tokio::spawn(registry.clone().maintain());
     tracing::info!(
         addr = %listener.local_addr()?,
         upstream = %config.upstream.url,
@@ -68,6 +69,10 @@ pub async fn run(
         });
     }
     tracing::info!("shutting down");
+    upkeep.abort();
+    if let Err(e) = registry.flush().await {
+        tracing::warn!(error = %e, "cannot write the index snapshot");
+    }
     Ok(())
 }
 

@@ -1,15 +1,21 @@
-//! Blobs: served from the store when cached, else from a single-flight
-//! download that the client follows as it arrives. `Range` is honoured either
-//! way.
+//! Blobs: served from the store when cached (checked against the index's
+//! size, and hashed once per process before the first serve), else from a
+//! single-flight download that the client follows as it arrives. `Range` is
+//! honoured either way.
+
+use std::os::unix::fs::FileExt;
 
 use http::{header, StatusCode};
 
-use super::Registry;
+use super::{offline_miss, Registry};
 use crate::download::{Joined, Source};
 use crate::error::Error;
+use crate::hashing::Hasher;
 use crate::range::{self, RangeRequest};
 use crate::reference::{Digest, RepoName};
 use crate::response::{self, Outcome, Reply, CONTENT_DIGEST};
+use crate::store::{BlobFile, ContentKey};
+use crate::upstream::What;
 
 impl Registry {
     pub(super) async fn blob(
@@ -19,9 +25,9 @@ impl Registry {
         head: bool,
         range_header: Option<&str>,
     ) -> Result<Reply, Error> {
-        let confirm = async { self.upstream.head_blob(repo, digest).await.map(drop) };
-        if let Some(blob) = self.store.open_blob(digest).await.map_err(storage)? {
-            self.authorize(repo, digest, confirm).await?;
+        if let Some(blob) = self.cached_blob(digest).await? {
+            self.authorize(repo, digest, What::Blob).await?;
+            self.touch(ContentKey::blob(digest), blob.size).await;
             return blob_reply(
                 digest,
                 blob.size,
@@ -30,6 +36,9 @@ impl Registry {
                 range_header,
                 Outcome::Hit,
             );
+        }
+        if self.offline {
+            return Err(offline_miss(What::Blob, &format!("{repo}@{digest}")));
         }
         if head {
             // Headers only: the upstream's HEAD answers without a download.
@@ -49,7 +58,7 @@ impl Registry {
         };
         match self.downloads.join_or_start(digest, fetch).await? {
             Joined::Cached(blob) => {
-                self.authorize(repo, digest, confirm).await?;
+                self.authorize(repo, digest, What::Blob).await?;
                 blob_reply(
                     digest,
                     blob.size,
@@ -62,11 +71,12 @@ impl Registry {
             Joined::Download { download, started } => {
                 if !started {
                     // Another repository's request may have started it.
-                    self.authorize(repo, digest, confirm).await?;
+                    self.authorize(repo, digest, What::Blob).await?;
                 }
                 let size = download.size().await?;
                 if started {
                     self.index.add_holds(repo, vec![digest.clone()]).await;
+                    self.verified.insert(digest.clone(), ()).await;
                 }
                 let outcome = if started {
                     Outcome::Miss
@@ -87,6 +97,61 @@ impl Registry {
             }
         }
     }
+
+    /// The committed blob, if present and intact: its size must match the
+    /// index, and its bytes are hashed once per process (concurrent first
+    /// requests share one hash). A damaged file is removed, so the caller
+    /// fetches it again.
+    async fn cached_blob(&self, digest: &Digest) -> Result<Option<BlobFile>, Error> {
+        let Some(blob) = self.store.open_blob(digest).await.map_err(storage)? else {
+            return Ok(None);
+        };
+        let key = ContentKey::blob(digest);
+        let size_ok = match self.index.entry(&key).await {
+            Some(entry) => entry.size == blob.size,
+            None => true,
+        };
+        let intact = size_ok
+            && self
+                .verified
+                .try_get_with(digest.clone(), verify(blob.clone(), digest.clone()))
+                .await
+                .is_ok();
+        if intact {
+            return Ok(Some(blob));
+        }
+        tracing::warn!(%digest, size = blob.size, "cached blob is damaged; removing it and fetching it again");
+        self.store.remove(&key).await.map_err(storage)?;
+        self.index.forget(&key).await;
+        self.verified.invalidate(digest).await;
+        Ok(None)
+    }
+}
+
+/// Hashes a whole cached file off the async workers.
+async fn verify(blob: BlobFile, digest: Digest) -> Result<(), Error> {
+    tokio::task::spawn_blocking(move || {
+        let mut hasher = Hasher::new(digest.algorithm());
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0u64;
+        while pos < blob.size {
+            let n = blob.file.read_at(&mut buf, pos).map_err(storage)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            pos += n as u64;
+        }
+        if pos == blob.size && hasher.finish() == digest {
+            Ok(())
+        } else {
+            Err(Error::Internal(format!(
+                "cached {digest} does not match its digest"
+            )))
+        }
+    })
+    .await
+    .map_err(|e| Error::internal("verifying a cached blob", e))?
 }
 
 fn storage(e: std::io::Error) -> Error {

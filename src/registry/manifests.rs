@@ -1,4 +1,5 @@
-//! Manifests: tags resolved with an upstream HEAD once their TTL is over,
+//! Manifests: tags resolved with an upstream HEAD once their TTL is over
+//! (served stale when the upstream is down, never resolved when offline),
 //! manifests fetched by digest only when not cached, verified, and kept byte
 //! for byte with their media type.
 
@@ -8,15 +9,15 @@ use std::time::SystemTime;
 
 use http::{header, StatusCode};
 
-use super::Registry;
+use super::{offline_miss, Registry};
 use crate::error::Error;
 use crate::hashing::digest_of;
 use crate::manifest;
-use crate::policy::tag_is_fresh;
+use crate::policy::{tag_is_fresh, tag_ttl_for};
 use crate::reference::{Algorithm, Digest, Reference, RepoName, Tag};
 use crate::response::{self, Outcome, Reply, CONTENT_DIGEST};
-use crate::store::{StoredManifest, TagEntry};
-use crate::upstream::Document;
+use crate::store::{ContentKey, StoredManifest, TagEntry};
+use crate::upstream::{Document, What};
 
 impl Registry {
     pub(super) async fn manifest(
@@ -41,32 +42,47 @@ impl Registry {
         head: bool,
     ) -> Result<Reply, Error> {
         let now = SystemTime::now();
-        let entry = match self.index.tag(repo, tag).await {
-            Some(e) if tag_is_fresh(e.checked_at, now, self.tag_ttl) => e,
-            _ => match self.resolve_tag(repo, tag, now).await? {
-                Resolved::Entry(e) => e,
+        let known = self.index.tag(repo, tag).await;
+        let ttl = tag_ttl_for(repo.as_str(), tag.as_str(), &self.tag_rules, self.tag_ttl);
+        let entry = match known {
+            Some(e) if self.offline || tag_is_fresh(e.checked_at, now, ttl) => e,
+            None if self.offline => {
+                return Err(offline_miss(What::Manifest, &format!("{repo}:{tag}")))
+            }
+            stale => match self.resolve_tag(repo, tag, now).await {
+                Ok(Resolved::Entry(e)) => e,
                 // The upstream sent no digest on HEAD: the GET by tag was the answer.
-                Resolved::Fetched(digest, m) => {
+                Ok(Resolved::Fetched(digest, m)) => {
                     return manifest_reply(&digest, &m, head, Outcome::Miss)
                 }
+                Err(Error::ManifestUnknown(d)) => {
+                    // A definite answer: the tag is gone upstream.
+                    self.index.remove_tag(repo, tag).await;
+                    return Err(Error::ManifestUnknown(d));
+                }
+                Err(e) => match stale {
+                    Some(old) if e.is_upstream_outage() && self.has_manifest(&old.digest).await => {
+                        tracing::warn!(%repo, %tag, digest = %old.digest, error = %e, "upstream unavailable; serving the tag from cache");
+                        self.counters.stale_serves.fetch_add(1, Ordering::Relaxed);
+                        old
+                    }
+                    _ => return Err(e),
+                },
             },
         };
         // A HEAD needs no bytes: answer it from what the upstream's HEAD said.
-        if head
-            && self
-                .store
-                .get_manifest(&entry.digest)
-                .await
-                .ok()
-                .flatten()
-                .is_none()
-        {
+        if head && !self.has_manifest(&entry.digest).await {
             if let (Some(media_type), Some(size)) = (&entry.media_type, entry.size) {
                 return head_reply(&entry.digest, media_type, size);
             }
         }
         let (m, outcome) = self.manifest_by_digest(repo, &entry.digest).await?;
         manifest_reply(&entry.digest, &m, head, outcome)
+    }
+
+    async fn has_manifest(&self, digest: &Digest) -> bool {
+        self.manifests.contains_key(digest)
+            || matches!(self.store.get_manifest(digest).await, Ok(Some(_)))
     }
 
     /// Asks the upstream where a tag points now, and records it.
@@ -127,6 +143,9 @@ impl Registry {
                     {
                         return Ok(Arc::new(m));
                     }
+                    if self.offline {
+                        return Err(offline_miss(What::Manifest, &format!("{repo}@{digest}")));
+                    }
                     let doc = self
                         .upstream
                         .get_manifest(repo, &Reference::Digest(digest.clone()))
@@ -138,13 +157,11 @@ impl Registry {
             .await
             .map_err(|e: Arc<Error>| (*e).clone())?;
         let fetched = fetched.load(Ordering::Relaxed);
-        self.authorize(repo, digest, async {
-            self.upstream
-                .head_manifest(repo, &Reference::Digest(digest.clone()))
-                .await
-                .map(drop)
-        })
-        .await?;
+        self.authorize(repo, digest, What::Manifest).await?;
+        if !fetched {
+            self.touch(ContentKey::manifest(digest), m.stored_size())
+                .await;
+        }
         let outcome = if fetched { Outcome::Miss } else { Outcome::Hit };
         Ok((m, outcome))
     }
@@ -171,10 +188,14 @@ impl Registry {
             media_type: manifest::media_type(content_type, &doc.bytes),
             bytes: doc.bytes,
         };
-        self.store
-            .put_manifest(digest, &m)
-            .await
-            .map_err(|e| Error::internal("storing a manifest", e))?;
+        let size = match self.store.put_manifest(digest, &m).await {
+            Ok(size) => size,
+            Err(e) => {
+                self.space_changed.notify_one();
+                return Err(Error::internal("storing a manifest", e));
+            }
+        };
+        self.touch(ContentKey::manifest(digest), size).await;
         let mut held = manifest::references(&m.bytes);
         held.push(digest.clone());
         self.index.add_holds(repo, held).await;

@@ -1,27 +1,47 @@
 //! The registry API's logic: each parsed [`Endpoint`] answered from the cache
 //! or the upstream. Owns the rule that a digest is served for a repository
-//! only when that repository is known to hold it.
+//! only when that repository is known to hold it, and the cache's upkeep
+//! (eviction, index flushes) through [`Registry::maintain`].
 
 mod blobs;
 mod manifests;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, StatusCode};
+use tokio::sync::Notify;
 
-use crate::config::Config;
+use crate::config::{CacheConfig, Config};
 use crate::download::Downloads;
 use crate::endpoint::{ApiRequest, Endpoint, TagsPage};
 use crate::error::Error;
-use crate::reference::{Digest, RepoName};
+use crate::evictor::{Evictor, Limits};
+use crate::policy::TagTtlRule;
+use crate::reference::{Digest, Reference, RepoName};
 use crate::response::{self, Outcome, Reply};
-use crate::store::{disk::DiskStore, memory::MemoryIndex, BlobStore, Index, StoredManifest};
-use crate::upstream::Upstream;
+use crate::store::{
+    disk::DiskStore, local_index::LocalIndex, BlobStore, ContentKey, Index, StoredManifest,
+};
+use crate::upstream::{Upstream, What};
 
 /// Bytes of manifests kept in memory (they are also on disk).
 const MANIFEST_MEMORY: u64 = 64 * 1024 * 1024;
+/// How often eviction and the index flush run without being woken.
+const UPKEEP_EVERY: Duration = Duration::from_secs(10);
+/// Every this many upkeep runs, the index is reconciled with a store scan.
+const RESCAN_EVERY: u32 = 60;
+/// Name of the index snapshot in the data dir.
+pub const INDEX_FILE: &str = "index.json";
+
+/// Events worth counting (exposed as metrics later).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub stale_serves: AtomicU64,
+    pub evictions: AtomicU64,
+}
 
 /// The mirror's state shared by all requests.
 pub struct Registry {
@@ -29,26 +49,79 @@ pub struct Registry {
     index: Arc<dyn Index>,
     upstream: Arc<Upstream>,
     downloads: Arc<Downloads>,
+    evictor: Evictor,
+    /// Woken when disk use changed enough to run eviction now.
+    space_changed: Arc<Notify>,
     /// Manifests by digest, in memory; loading one is single-flight.
     manifests: moka::future::Cache<Digest, Arc<StoredManifest>>,
+    /// Blobs whose file was hashed and matched since this process started.
+    verified: moka::future::Cache<Digest, ()>,
     tag_ttl: Duration,
+    tag_rules: Vec<TagTtlRule>,
+    offline: bool,
+    pub counters: Counters,
+    /// The data dir's lock, held while this registry lives.
+    _lock: Option<std::fs::File>,
 }
 
 impl Registry {
-    /// Opens the data dir and builds the upstream client.
-    pub fn open(config: &Config) -> Result<Self, Error> {
-        let store: Arc<dyn BlobStore> =
-            Arc::new(DiskStore::open(&config.data_dir).map_err(|e| {
-                Error::internal(
-                    &format!("opening the data dir {}", config.data_dir.display()),
-                    e,
-                )
-            })?);
+    /// Opens the data dir: removes temp files left by a crash, loads the
+    /// index and reconciles it with what is on disk.
+    pub async fn open(config: &Config) -> Result<Self, Error> {
+        let dir = &config.data_dir;
+        let ctx = |what: &str| format!("{what} in {}", dir.display());
+        let disk =
+            DiskStore::open(dir).map_err(|e| Error::internal(&ctx("opening the cache"), e))?;
+        let lock = disk
+            .try_lock()
+            .map_err(|e| Error::internal(&ctx("locking the cache"), e))?
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "{} is in use by another regmirror process",
+                    dir.display()
+                ))
+            })?;
+        let cleaned = disk
+            .clean_temp(None)
+            .await
+            .map_err(|e| Error::internal(&ctx("removing temp files"), e))?;
+        if cleaned > 0 {
+            tracing::info!(
+                files = cleaned,
+                "removed temp files of interrupted downloads"
+            );
+        }
+        let found = disk
+            .scan()
+            .await
+            .map_err(|e| Error::internal(&ctx("scanning the cache"), e))?;
+        let index: Arc<dyn Index> = Arc::new(LocalIndex::load(&dir.join(INDEX_FILE), found));
+        let store: Arc<dyn BlobStore> = Arc::new(disk);
+        let mut registry = Self::with_parts(config, store, index)?;
+        registry._lock = Some(lock);
+        Ok(registry)
+    }
+
+    /// Builds the registry over a given store and index.
+    pub fn with_parts(
+        config: &Config,
+        store: Arc<dyn BlobStore>,
+        index: Arc<dyn Index>,
+    ) -> Result<Self, Error> {
         let upstream = Arc::new(Upstream::new(&config.upstream)?);
+        let space_changed = Arc::new(Notify::new());
         Ok(Self {
-            downloads: Arc::new(Downloads::new(store.clone(), upstream.read_timeout())),
+            downloads: Arc::new(Downloads::new(
+                store.clone(),
+                index.clone(),
+                upstream.read_timeout(),
+                config.cache.max_size.0,
+                space_changed.clone(),
+            )),
+            evictor: Evictor::new(store.clone(), index.clone(), limits(&config.cache)),
+            space_changed,
             store,
-            index: Arc::new(MemoryIndex::new()),
+            index,
             upstream,
             manifests: moka::future::Cache::builder()
                 .weigher(|_, m: &Arc<StoredManifest>| {
@@ -56,7 +129,12 @@ impl Registry {
                 })
                 .max_capacity(MANIFEST_MEMORY)
                 .build(),
+            verified: moka::future::Cache::new(1_000_000),
             tag_ttl: config.cache.tag_ttl,
+            tag_rules: config.cache.tag_rules(),
+            offline: config.offline,
+            counters: Counters::default(),
+            _lock: None,
         })
     }
 
@@ -92,8 +170,56 @@ impl Registry {
         }
     }
 
+    /// Runs eviction and index flushes until the process ends: every
+    /// [`UPKEEP_EVERY`], and at once when a download changed disk use.
+    pub async fn maintain(self: Arc<Self>) {
+        let mut runs: u32 = 0;
+        loop {
+            tokio::select! {
+                () = self.space_changed.notified() => {}
+                () = tokio::time::sleep(UPKEEP_EVERY) => {}
+            }
+            runs = runs.wrapping_add(1);
+            if runs.is_multiple_of(RESCAN_EVERY) {
+                if let Err(e) = self.evictor.rescan().await {
+                    tracing::warn!(error = %e, "cannot rescan the cache");
+                }
+            }
+            self.evict_now().await;
+            if let Err(e) = self.index.flush().await {
+                tracing::warn!(error = %e, "cannot write the index snapshot");
+            }
+        }
+    }
+
+    /// One eviction run; evicted manifests also leave the memory cache.
+    pub async fn evict_now(&self) {
+        match self.evictor.run_once(SystemTime::now()).await {
+            Ok(report) => {
+                for (key, _, _) in &report.evicted {
+                    self.manifests.invalidate(&key.digest).await;
+                    self.verified.invalidate(&key.digest).await;
+                }
+                self.counters
+                    .evictions
+                    .fetch_add(report.evicted.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "eviction failed"),
+        }
+    }
+
+    /// Persists the index (at shutdown).
+    pub async fn flush(&self) -> std::io::Result<()> {
+        self.index.flush().await
+    }
+
     /// `tags/list`, passed through from the upstream with its `Link` header.
     async fn tags(&self, name: &RepoName, page: &TagsPage, head: bool) -> Result<Reply, Error> {
+        if self.offline {
+            return Err(Error::NameUnknown(
+                "the mirror is offline and does not keep tag lists".into(),
+            ));
+        }
         let query = {
             let mut q = url::form_urlencoded::Serializer::new(String::new());
             if let Some(n) = page.n {
@@ -125,16 +251,48 @@ impl Registry {
     }
 
     /// Makes sure `repo` may be served `digest`: known locally, or confirmed
-    /// by `confirm` (an upstream HEAD), after which it is remembered.
-    async fn authorize<F>(&self, repo: &RepoName, digest: &Digest, confirm: F) -> Result<(), Error>
-    where
-        F: std::future::Future<Output = Result<(), Error>>,
-    {
+    /// by an upstream HEAD, after which it is remembered. Offline, only what
+    /// is known counts.
+    async fn authorize(&self, repo: &RepoName, digest: &Digest, what: What) -> Result<(), Error> {
         if self.index.holds(repo, digest).await {
             return Ok(());
         }
-        confirm.await?;
+        if self.offline {
+            return Err(offline_miss(what, &format!("{repo}@{digest}")));
+        }
+        match what {
+            What::Blob => self.upstream.head_blob(repo, digest).await.map(drop)?,
+            _ => self
+                .upstream
+                .head_manifest(repo, &Reference::Digest(digest.clone()))
+                .await
+                .map(drop)?,
+        }
         self.index.add_holds(repo, vec![digest.clone()]).await;
         Ok(())
+    }
+
+    /// Records a cache hit for eviction's sake.
+    async fn touch(&self, key: ContentKey, size: u64) {
+        self.index.touch(&key, size, SystemTime::now()).await;
+    }
+}
+
+/// The error for something an offline mirror does not have.
+fn offline_miss(what: What, name: &str) -> Error {
+    let detail = format!("the mirror is offline and has not cached {name}");
+    match what {
+        What::Blob => Error::BlobUnknown(detail),
+        What::Manifest => Error::ManifestUnknown(detail),
+        What::Tags => Error::NameUnknown(detail),
+    }
+}
+
+/// The eviction limits a cache configuration sets.
+pub fn limits(cache: &CacheConfig) -> Limits {
+    Limits {
+        budget: cache.budget(),
+        blob_idle_ttl: CacheConfig::idle_ttl(cache.blob_idle_ttl),
+        manifest_idle_ttl: CacheConfig::idle_ttl(cache.manifest_idle_ttl),
     }
 }

@@ -9,13 +9,14 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{BlobFile, BlobStore, Spool, StoredManifest};
+use super::{BlobFile, BlobStore, ContentKey, Found, Kind, Spool, StoredManifest};
 use crate::hashing::digest_of;
-use crate::reference::Digest;
+use crate::reference::{Algorithm, Digest};
 
 #[derive(Debug, Clone)]
 pub struct DiskStore {
@@ -23,17 +24,10 @@ pub struct DiskStore {
 }
 
 impl DiskStore {
-    /// Opens (creating) the store under `root` and removes temp files left by
-    /// a crash: nothing in `tmp/` can be in use before the mirror starts.
+    /// Opens (creating) the store under `root`.
     pub fn open(root: &Path) -> io::Result<Self> {
         for dir in ["blobs", "manifests", "tmp"] {
             std::fs::create_dir_all(root.join(dir))?;
-        }
-        for entry in std::fs::read_dir(root.join("tmp"))? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                std::fs::remove_file(entry.path())?;
-            }
         }
         Ok(Self {
             root: root.to_path_buf(),
@@ -44,10 +38,25 @@ impl DiskStore {
         &self.root
     }
 
-    fn path(&self, area: &str, digest: &Digest) -> PathBuf {
+    /// Takes the data dir's lock, held by a serving mirror for its lifetime.
+    /// `None` when another process holds it.
+    pub fn try_lock(&self) -> io::Result<Option<std::fs::File>> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("lock"))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    fn path(&self, kind: Kind, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
         self.root
-            .join(area)
+            .join(area(kind))
             .join(digest.algorithm().as_str())
             .join(&hex[..2])
             .join(hex)
@@ -57,6 +66,52 @@ impl DiskStore {
         let name: u128 = rand::random();
         self.root.join("tmp").join(format!("{name:032x}.part"))
     }
+}
+
+fn area(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Blob => "blobs",
+        Kind::Manifest => "manifests",
+    }
+}
+
+/// Every item under `area/<alg>/<xx>/<hex>` whose name is a valid digest.
+fn scan_area(root: &Path, kind: Kind) -> io::Result<Vec<Found>> {
+    let mut out = Vec::new();
+    for alg in [Algorithm::Sha256, Algorithm::Sha512] {
+        let dir = root.join(area(kind)).join(alg.as_str());
+        let shards = match std::fs::read_dir(&dir) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for shard in shards {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for file in std::fs::read_dir(shard.path())? {
+                let file = file?;
+                let meta = file.metadata()?;
+                let name = file.file_name();
+                let Some(digest) = name
+                    .to_str()
+                    .and_then(|hex| Digest::parse(&format!("{}:{hex}", alg.as_str())).ok())
+                else {
+                    continue;
+                };
+                if !meta.is_file() {
+                    continue;
+                }
+                out.push(Found {
+                    key: ContentKey { kind, digest },
+                    size: meta.len(),
+                    modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Renames a fully written, fsynced temp file into place and fsyncs the directory.
@@ -80,7 +135,7 @@ async fn blocking<T: Send + 'static>(
 #[async_trait]
 impl BlobStore for DiskStore {
     async fn open_blob(&self, digest: &Digest) -> io::Result<Option<BlobFile>> {
-        let path = self.path("blobs", digest);
+        let path = self.path(Kind::Blob, digest);
         blocking(move || match std::fs::File::open(&path) {
             Ok(file) => {
                 let size = file.metadata()?.len();
@@ -109,7 +164,7 @@ impl BlobStore for DiskStore {
     }
 
     async fn commit_blob(&self, mut spool: Spool, digest: &Digest) -> io::Result<()> {
-        let dest = self.path("blobs", digest);
+        let dest = self.path(Kind::Blob, digest);
         blocking(move || {
             spool.file.sync_all()?;
             install(spool.path(), &dest)?;
@@ -120,7 +175,7 @@ impl BlobStore for DiskStore {
     }
 
     async fn get_manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>> {
-        let path = self.path("manifests", digest);
+        let path = self.path(Kind::Manifest, digest);
         let raw = match tokio::fs::read(&path).await {
             Ok(raw) => raw,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -140,14 +195,14 @@ impl BlobStore for DiskStore {
         Ok(parsed)
     }
 
-    async fn put_manifest(&self, digest: &Digest, manifest: &StoredManifest) -> io::Result<()> {
+    async fn put_manifest(&self, digest: &Digest, manifest: &StoredManifest) -> io::Result<u64> {
         if manifest.media_type.contains('\n') {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "media type contains a newline",
             ));
         }
-        let dest = self.path("manifests", digest);
+        let dest = self.path(Kind::Manifest, digest);
         let temp = self.temp_path();
         let manifest = manifest.clone();
         blocking(move || {
@@ -160,12 +215,70 @@ impl BlobStore for DiskStore {
                 f.write_all(b"\n")?;
                 f.write_all(&manifest.bytes)?;
                 f.sync_all()?;
-                install(&temp, &dest)
+                install(&temp, &dest)?;
+                Ok(manifest.stored_size())
             })();
             if result.is_err() {
                 let _ = std::fs::remove_file(&temp);
             }
             result
+        })
+        .await
+    }
+
+    async fn remove(&self, key: &ContentKey) -> io::Result<()> {
+        match tokio::fs::remove_file(self.path(key.kind, &key.digest)).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    async fn scan(&self) -> io::Result<Vec<Found>> {
+        let root = self.root.clone();
+        blocking(move || {
+            let mut found = scan_area(&root, Kind::Blob)?;
+            found.extend(scan_area(&root, Kind::Manifest)?);
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn temp_bytes(&self) -> io::Result<u64> {
+        let dir = self.root.join("tmp");
+        blocking(move || {
+            let mut total = 0;
+            for entry in std::fs::read_dir(dir)? {
+                // A file may vanish while listed: it was just committed or removed.
+                if let Ok(meta) = entry?.metadata() {
+                    total += meta.len();
+                }
+            }
+            Ok(total)
+        })
+        .await
+    }
+
+    async fn clean_temp(&self, older_than: Option<Duration>) -> io::Result<usize> {
+        let dir = self.root.join("tmp");
+        blocking(move || {
+            let now = SystemTime::now();
+            let mut removed = 0;
+            for entry in std::fs::read_dir(dir)? {
+                let entry = entry?;
+                let Ok(meta) = entry.metadata() else { continue };
+                let stale = match older_than {
+                    None => true,
+                    Some(age) => meta
+                        .modified()
+                        .ok()
+                        .and_then(|m| now.duration_since(m).ok())
+                        .is_some_and(|d| d >= age),
+                };
+                if meta.is_file() && stale && std::fs::remove_file(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+            Ok(removed)
         })
         .await
     }
@@ -203,6 +316,13 @@ mod tests {
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
         );
+        let found = store.scan().await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].key, ContentKey::blob(&digest));
+        assert_eq!(found[0].size, data.len() as u64);
+        store.remove(&ContentKey::blob(&digest)).await.unwrap();
+        store.remove(&ContentKey::blob(&digest)).await.unwrap();
+        assert!(store.open_blob(&digest).await.unwrap().is_none());
     }
 
     #[tokio::test]
@@ -215,11 +335,12 @@ mod tests {
             0
         );
         std::fs::write(dir.path().join("tmp/leftover.part"), b"x").unwrap();
-        DiskStore::open(dir.path()).unwrap();
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
-        );
+        assert_eq!(store.temp_bytes().await.unwrap(), 1);
+        let store = DiskStore::open(dir.path()).unwrap();
+        let hour = Some(Duration::from_secs(3600));
+        assert_eq!(store.clean_temp(hour).await.unwrap(), 0);
+        assert_eq!(store.clean_temp(None).await.unwrap(), 1);
+        assert_eq!(store.temp_bytes().await.unwrap(), 0);
     }
 
     #[tokio::test]
@@ -234,7 +355,7 @@ mod tests {
         };
         store.put_manifest(&digest, &m).await.unwrap();
         assert_eq!(store.get_manifest(&digest).await.unwrap(), Some(m));
-        let path = store.path("manifests", &digest);
+        let path = store.path(Kind::Manifest, &digest);
         std::fs::write(&path, b"application/json\n{\"tampered\":1}").unwrap();
         assert_eq!(store.get_manifest(&digest).await.unwrap(), None);
         assert!(!path.exists());

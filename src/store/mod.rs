@@ -4,17 +4,18 @@
 //!
 //! The rest of the mirror sees only these traits, so another backend (an
 //! S3-compatible object store shared by replicas) can be added beside
-//! [`disk::DiskStore`] and [`memory::MemoryIndex`] without touching callers.
+//! [`disk::DiskStore`] and [`local_index::LocalIndex`] without touching callers.
 
 pub mod disk;
-pub mod memory;
+pub mod local_index;
 
 use std::io;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 
 use crate::reference::{Digest, RepoName, Tag};
 
@@ -67,6 +68,69 @@ pub struct StoredManifest {
     pub bytes: Bytes,
 }
 
+/// The two kinds of content the store keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Blob,
+    Manifest,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Blob => "blob",
+            Kind::Manifest => "manifest",
+        }
+    }
+}
+
+/// One stored item.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ContentKey {
+    pub kind: Kind,
+    pub digest: Digest,
+}
+
+impl ContentKey {
+    pub fn blob(digest: &Digest) -> Self {
+        Self {
+            kind: Kind::Blob,
+            digest: digest.clone(),
+        }
+    }
+
+    pub fn manifest(digest: &Digest) -> Self {
+        Self {
+            kind: Kind::Manifest,
+            digest: digest.clone(),
+        }
+    }
+}
+
+/// An item found in the store by a scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub key: ContentKey,
+    /// Bytes it takes on disk.
+    pub size: u64,
+    pub modified: SystemTime,
+}
+
+/// What the index knows of a stored item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentEntry {
+    pub size: u64,
+    pub last_access: SystemTime,
+}
+
+impl StoredManifest {
+    /// The bytes a stored manifest takes: its media type line and its bytes.
+    pub fn stored_size(&self) -> u64 {
+        self.media_type.len() as u64 + 1 + self.bytes.len() as u64
+    }
+}
+
 /// Content-addressed bytes. Knows files and digests, nothing of repositories
 /// or policy. Everything it returns was verified when it was committed.
 #[async_trait]
@@ -79,12 +143,22 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn commit_blob(&self, spool: Spool, digest: &Digest) -> io::Result<()>;
     /// The manifest `digest`, if present and intact.
     async fn get_manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>>;
-    /// Stores a manifest whose bytes were verified against `digest`.
-    async fn put_manifest(&self, digest: &Digest, manifest: &StoredManifest) -> io::Result<()>;
+    /// Stores a manifest whose bytes were verified against `digest`; returns
+    /// the bytes it takes in the store.
+    async fn put_manifest(&self, digest: &Digest, manifest: &StoredManifest) -> io::Result<u64>;
+    /// Deletes an item; absent is fine. Readers that have it open keep reading.
+    async fn remove(&self, key: &ContentKey) -> io::Result<()>;
+    /// Every committed item, with the bytes it takes on disk.
+    async fn scan(&self) -> io::Result<Vec<Found>>;
+    /// Bytes taken by downloads in progress (and crash leftovers).
+    async fn temp_bytes(&self) -> io::Result<u64>;
+    /// Removes temp files not modified for `older_than` (all when `None`);
+    /// returns how many.
+    async fn clean_temp(&self, older_than: Option<Duration>) -> io::Result<usize>;
 }
 
 /// What is known of a tag: where it pointed when last checked upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TagEntry {
     pub digest: Digest,
     pub media_type: Option<String>,
@@ -92,13 +166,30 @@ pub struct TagEntry {
     pub checked_at: SystemTime,
 }
 
-/// Metadata of the cache. Knows names and times, nothing of files.
+/// Metadata of the cache. Knows names, sizes and times, nothing of files.
 #[async_trait]
 pub trait Index: Send + Sync + 'static {
     async fn tag(&self, repo: &RepoName, tag: &Tag) -> Option<TagEntry>;
     async fn set_tag(&self, repo: &RepoName, tag: &Tag, entry: TagEntry);
+    /// Forgets a tag the upstream says is gone.
+    async fn remove_tag(&self, repo: &RepoName, tag: &Tag);
+    /// Every tag, for listings.
+    async fn tags(&self) -> Vec<(RepoName, Tag, TagEntry)>;
     /// Whether `repo` is known to hold `digest` (so it may be served for it).
     async fn holds(&self, repo: &RepoName, digest: &Digest) -> bool;
     /// Records that `repo` holds these digests.
     async fn add_holds(&self, repo: &RepoName, digests: Vec<Digest>);
+    /// A stored item of `size` bytes, accessed `now` (a commit or a hit).
+    async fn touch(&self, key: &ContentKey, size: u64, now: SystemTime);
+    /// The entry of a stored item.
+    async fn entry(&self, key: &ContentKey) -> Option<ContentEntry>;
+    /// Forgets a stored item (evicted, damaged or gone from the store).
+    async fn forget(&self, key: &ContentKey);
+    /// Every stored item the index knows.
+    async fn contents(&self) -> Vec<(ContentKey, ContentEntry)>;
+    /// Makes the contents match what a store scan found: items gone are
+    /// forgotten, items unknown are added with their modification time.
+    async fn reconcile(&self, found: Vec<Found>);
+    /// Persists the index, if it is persistent and changed.
+    async fn flush(&self) -> io::Result<()>;
 }

@@ -1,0 +1,145 @@
+//! The cache commands of the CLI (`gc`, `ls`, `du`), working on a data dir
+//! whether a mirror is serving it or not. They return data; `main` prints.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::config::Config;
+use crate::evictor::{Evictor, Report};
+use crate::manifest;
+use crate::reference::{Digest, RepoName, Tag};
+use crate::registry::{limits, INDEX_FILE};
+use crate::store::disk::DiskStore;
+use crate::store::local_index::LocalIndex;
+use crate::store::{BlobStore, ContentEntry, ContentKey, Index, Kind};
+
+/// Temp files untouched this long belong to no live download (a live one
+/// writes at least every `upstream.read_timeout`, or fails).
+const STALE_TEMP: Duration = Duration::from_secs(3600);
+
+/// What `gc` did.
+#[derive(Debug)]
+pub struct GcReport {
+    /// Whether a serving mirror holds the data dir (then it keeps its own
+    /// index, and notices the removals at its next rescan).
+    pub mirror_running: bool,
+    pub temp_files_removed: usize,
+    pub eviction: Report,
+}
+
+/// Runs temp cleanup and eviction now, safely beside a running mirror.
+pub async fn gc(config: &Config) -> io::Result<GcReport> {
+    let disk = DiskStore::open(&config.data_dir)?;
+    let lock = disk.try_lock()?;
+    let mirror_running = lock.is_none();
+    let temp_files_removed = disk
+        .clean_temp(if mirror_running {
+            Some(STALE_TEMP)
+        } else {
+            None
+        })
+        .await?;
+    let index = Arc::new(LocalIndex::load(
+        &config.data_dir.join(INDEX_FILE),
+        disk.scan().await?,
+    ));
+    let store: Arc<dyn BlobStore> = Arc::new(disk);
+    let evictor = Evictor::new(store, index.clone(), limits(&config.cache));
+    let eviction = evictor.run_once(SystemTime::now()).await?;
+    if !mirror_running {
+        index.flush_now()?;
+    }
+    Ok(GcReport {
+        mirror_running,
+        temp_files_removed,
+        eviction,
+    })
+}
+
+/// One cached tag, for `ls`.
+#[derive(Debug, Clone)]
+pub struct TagRow {
+    pub repo: RepoName,
+    pub tag: Tag,
+    pub digest: Digest,
+    /// Bytes of the manifest and the cached content it references.
+    pub size: u64,
+    pub last_pull: Option<SystemTime>,
+}
+
+/// Totals, for `du`.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    pub blobs: u64,
+    pub blob_bytes: u64,
+    pub manifests: u64,
+    pub manifest_bytes: u64,
+    pub temp_bytes: u64,
+    pub max_size: u64,
+}
+
+async fn open_read_only(dir: &Path) -> io::Result<(DiskStore, LocalIndex)> {
+    let disk = DiskStore::open(dir)?;
+    let index = LocalIndex::load(&dir.join(INDEX_FILE), disk.scan().await?);
+    Ok((disk, index))
+}
+
+/// Cached repositories and tags, sorted.
+pub async fn list(dir: &Path) -> io::Result<Vec<TagRow>> {
+    let (disk, index) = open_read_only(dir).await?;
+    let contents: HashMap<ContentKey, ContentEntry> = index.contents().await.into_iter().collect();
+    let mut rows = Vec::new();
+    for (repo, tag, entry) in index.tags().await {
+        let mkey = ContentKey::manifest(&entry.digest);
+        let Some(m) = disk.get_manifest(&entry.digest).await? else {
+            continue;
+        };
+        let mut size = m.stored_size();
+        for d in manifest::references(&m.bytes) {
+            for kind in [Kind::Blob, Kind::Manifest] {
+                let key = ContentKey {
+                    kind,
+                    digest: d.clone(),
+                };
+                if let Some(e) = contents.get(&key) {
+                    size += e.size;
+                }
+            }
+        }
+        rows.push(TagRow {
+            repo,
+            tag,
+            digest: entry.digest,
+            size,
+            last_pull: contents.get(&mkey).map(|e| e.last_access),
+        });
+    }
+    rows.sort_by(|a, b| (&a.repo, &a.tag).cmp(&(&b.repo, &b.tag)));
+    Ok(rows)
+}
+
+/// What the cache holds on disk.
+pub async fn usage(config: &Config) -> io::Result<Usage> {
+    let (disk, index) = open_read_only(&config.data_dir).await?;
+    let mut u = Usage {
+        temp_bytes: disk.temp_bytes().await?,
+        max_size: config.cache.max_size.0,
+        ..Usage::default()
+    };
+    for (key, entry) in index.contents().await {
+        match key.kind {
+            Kind::Blob => {
+                u.blobs += 1;
+                u.blob_bytes += entry.size;
+            }
+            Kind::Manifest => {
+                u.manifests += 1;
+                u.manifest_bytes += entry.size;
+            }
+        }
+    }
+    Ok(u)
+}

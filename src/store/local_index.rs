@@ -1,0 +1,300 @@
+//! The [`Index`] of one mirror process: hash maps in memory, persisted as a
+//! JSON snapshot (`index.json` in the data dir) written atomically when it
+//! changed, on a timer and at shutdown. At start the snapshot is loaded and
+//! reconciled with a scan of the store, so a crash loses at most the access
+//! times since the last flush, never the truth about what is on disk.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::{ContentEntry, ContentKey, Found, Index, TagEntry};
+use crate::reference::{Digest, RepoName, Tag};
+
+/// The snapshot format's version; a snapshot of another version is ignored.
+const VERSION: u32 = 1;
+
+#[derive(Debug, Default)]
+struct State {
+    contents: HashMap<ContentKey, ContentEntry>,
+    tags: HashMap<(RepoName, Tag), TagEntry>,
+    holds: HashMap<RepoName, HashSet<Digest>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    version: u32,
+    contents: Vec<(ContentKey, ContentEntry)>,
+    tags: Vec<(RepoName, Tag, TagEntry)>,
+    holds: Vec<(RepoName, Vec<Digest>)>,
+}
+
+#[derive(Debug, Default)]
+pub struct LocalIndex {
+    path: Option<PathBuf>,
+    state: Mutex<State>,
+    dirty: AtomicBool,
+}
+
+impl LocalIndex {
+    /// An index that is never persisted.
+    pub fn in_memory() -> Self {
+        Self::default()
+    }
+
+    /// Loads the snapshot at `path` (missing or unreadable: start empty, with
+    /// a warning) and reconciles it with what the store holds.
+    pub fn load(path: &Path, found: Vec<Found>) -> Self {
+        let state = match std::fs::read(path) {
+            Ok(raw) => match serde_json::from_slice::<Snapshot>(&raw) {
+                Ok(s) if s.version == VERSION => State {
+                    contents: s.contents.into_iter().collect(),
+                    tags: s.tags.into_iter().map(|(r, t, e)| ((r, t), e)).collect(),
+                    holds: s
+                        .holds
+                        .into_iter()
+                        .map(|(r, d)| (r, d.into_iter().collect()))
+                        .collect(),
+                },
+                Ok(_) | Err(_) => {
+                    tracing::warn!(path = %path.display(), "index snapshot unreadable; rebuilding from the store");
+                    State::default()
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the index snapshot; rebuilding from the store");
+                State::default()
+            }
+        };
+        let index = Self {
+            path: Some(path.to_path_buf()),
+            state: Mutex::new(state),
+            dirty: AtomicBool::new(true),
+        };
+        index.reconcile_now(found);
+        index
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The maps stay valid if a holder panicked.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn changed(&self) {
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    fn reconcile_now(&self, found: Vec<Found>) {
+        let mut st = self.state();
+        let present: HashSet<&ContentKey> = found.iter().map(|f| &f.key).collect();
+        st.contents.retain(|k, _| present.contains(k));
+        for f in &found {
+            let entry = st.contents.entry(f.key.clone()).or_insert(ContentEntry {
+                size: f.size,
+                last_access: f.modified,
+            });
+            entry.size = f.size;
+        }
+        drop(st);
+        self.changed();
+    }
+
+    /// Writes the snapshot if anything changed since the last write.
+    pub fn flush_now(&self) -> io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let snapshot = {
+            let st = self.state();
+            Snapshot {
+                version: VERSION,
+                contents: st.contents.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                tags: st
+                    .tags
+                    .iter()
+                    .map(|((r, t), e)| (r.clone(), t.clone(), e.clone()))
+                    .collect(),
+                holds: st
+                    .holds
+                    .iter()
+                    .map(|(r, d)| (r.clone(), d.iter().cloned().collect()))
+                    .collect(),
+            }
+        };
+        let result = write_atomically(path, &snapshot);
+        if result.is_err() {
+            self.changed();
+        }
+        result
+    }
+}
+
+fn write_atomically(path: &Path, snapshot: &Snapshot) -> io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let write = || -> io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        serde_json::to_writer(&mut f, snapshot)?;
+        f.flush()?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    let result = write();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[async_trait]
+impl Index for LocalIndex {
+    async fn tag(&self, repo: &RepoName, tag: &Tag) -> Option<TagEntry> {
+        self.state().tags.get(&(repo.clone(), tag.clone())).cloned()
+    }
+
+    async fn set_tag(&self, repo: &RepoName, tag: &Tag, entry: TagEntry) {
+        self.state().tags.insert((repo.clone(), tag.clone()), entry);
+        self.changed();
+    }
+
+    async fn remove_tag(&self, repo: &RepoName, tag: &Tag) {
+        self.state().tags.remove(&(repo.clone(), tag.clone()));
+        self.changed();
+    }
+
+    async fn tags(&self) -> Vec<(RepoName, Tag, TagEntry)> {
+        self.state()
+            .tags
+            .iter()
+            .map(|((r, t), e)| (r.clone(), t.clone(), e.clone()))
+            .collect()
+    }
+
+    async fn holds(&self, repo: &RepoName, digest: &Digest) -> bool {
+        self.state()
+            .holds
+            .get(repo)
+            .is_some_and(|set| set.contains(digest))
+    }
+
+    async fn add_holds(&self, repo: &RepoName, digests: Vec<Digest>) {
+        let mut st = self.state();
+        let set = st.holds.entry(repo.clone()).or_default();
+        let before = set.len();
+        set.extend(digests);
+        if set.len() != before {
+            drop(st);
+            self.changed();
+        }
+    }
+
+    async fn touch(&self, key: &ContentKey, size: u64, now: SystemTime) {
+        self.state().contents.insert(
+            key.clone(),
+            ContentEntry {
+                size,
+                last_access: now,
+            },
+        );
+        self.changed();
+    }
+
+    async fn entry(&self, key: &ContentKey) -> Option<ContentEntry> {
+        self.state().contents.get(key).copied()
+    }
+
+    async fn forget(&self, key: &ContentKey) {
+        self.state().contents.remove(key);
+        self.changed();
+    }
+
+    async fn contents(&self) -> Vec<(ContentKey, ContentEntry)> {
+        self.state()
+            .contents
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    async fn reconcile(&self, found: Vec<Found>) {
+        self.reconcile_now(found);
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        // Runs on the flusher task every few seconds at most; a snapshot of
+        // a large cache is a few MB of JSON, milliseconds of work.
+        self.flush_now()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn digest(c: char) -> Digest {
+        Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
+    }
+
+    fn found(c: char, size: u64) -> Found {
+        Found {
+            key: ContentKey::blob(&digest(c)),
+            size,
+            modified: SystemTime::UNIX_EPOCH + Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn survives_a_restart_and_reconciles_with_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.json");
+        let repo = RepoName::parse("library/a").unwrap();
+        let tag = Tag::parse("1").unwrap();
+        let t1 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        {
+            let idx = LocalIndex::load(&path, vec![found('a', 10), found('b', 20)]);
+            idx.touch(&ContentKey::blob(&digest('a')), 10, t1).await;
+            idx.add_holds(&repo, vec![digest('a')]).await;
+            let entry = TagEntry {
+                digest: digest('f'),
+                media_type: None,
+                size: Some(3),
+                checked_at: t1,
+            };
+            idx.set_tag(&repo, &tag, entry).await;
+            idx.flush().await.unwrap();
+        }
+        // 'b' vanished from disk, 'c' appeared.
+        let idx = LocalIndex::load(&path, vec![found('a', 10), found('c', 30)]);
+        let a = idx.entry(&ContentKey::blob(&digest('a'))).await.unwrap();
+        assert_eq!(a.last_access, t1, "access time kept across restart");
+        assert!(idx.entry(&ContentKey::blob(&digest('b'))).await.is_none());
+        let c = idx.entry(&ContentKey::blob(&digest('c'))).await.unwrap();
+        assert_eq!(c.size, 30);
+        assert!(idx.holds(&repo, &digest('a')).await);
+        assert_eq!(idx.tag(&repo, &tag).await.unwrap().digest, digest('f'));
+    }
+
+    #[tokio::test]
+    async fn damaged_snapshot_rebuilds_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.json");
+        std::fs::write(&path, b"{not json").unwrap();
+        let idx = LocalIndex::load(&path, vec![found('a', 10)]);
+        assert_eq!(idx.contents().await.len(), 1);
+    }
+}
