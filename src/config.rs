@@ -36,6 +36,72 @@ pub struct Config {
     pub offline: bool,
     /// Cache budget and freshness.
     pub cache: CacheConfig,
+    /// HTTPS for the listener.
+    pub tls: TlsConfig,
+    /// Client authentication.
+    pub auth: AuthConfig,
+    /// Limits on what clients may send.
+    pub server: ServerConfig,
+}
+
+/// HTTPS: both files, or neither for plain HTTP.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate (chain allowed, leaf first).
+    pub cert: Option<PathBuf>,
+    /// PEM private key (RSA or ECDSA) of the certificate.
+    pub key: Option<PathBuf>,
+}
+
+/// Client authentication with HTTP Basic.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// htpasswd file of bcrypt users (`htpasswd -Bbn user password`);
+    /// unset: no authentication.
+    pub htpasswd: Option<PathBuf>,
+    /// The realm named in the `WWW-Authenticate` challenge.
+    pub realm: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            htpasswd: None,
+            realm: "regmirror".to_owned(),
+        }
+    }
+}
+
+/// Limits against slow, large or numerous requests.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Largest request head (request line and headers) accepted.
+    pub max_header_size: ByteSize,
+    /// Longest request URL (path and query) accepted.
+    pub max_url_length: usize,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time a client has to send its request headers (and finish a TLS handshake).
+    #[serde(with = "humantime_serde_compat")]
+    pub header_read_timeout: Duration,
+    /// A connection with no traffic for this long is closed.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_header_size: ByteSize(64 * 1024),
+            max_url_length: 8192,
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
 }
 
 impl Default for Config {
@@ -46,7 +112,28 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             offline: false,
             cache: CacheConfig::default(),
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            server: ServerConfig::default(),
         }
+    }
+}
+
+impl Config {
+    fn check(&self) -> Result<(), String> {
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err("keys tls.cert and tls.key: give both files, or neither".into());
+        }
+        if self.server.max_connections == 0 {
+            return Err("key server.max_connections: must be at least 1".into());
+        }
+        if self.server.max_header_size.0 < 8192 {
+            return Err(format!(
+                "key server.max_header_size: {} bytes is below the 8 KiB minimum",
+                self.server.max_header_size.0
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -70,6 +157,10 @@ pub struct UpstreamConfig {
     /// Longest pause allowed between two chunks of an upstream body.
     #[serde(with = "humantime_serde_compat")]
     pub read_timeout: Duration,
+    /// Hosts besides the upstream's own that may receive the credentials
+    /// at a token realm (Docker Hub's `auth.docker.io` is always allowed
+    /// for `registry-1.docker.io`).
+    pub credential_hosts: Vec<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -81,6 +172,7 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(10),
             timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(60),
+            credential_hosts: Vec::new(),
         }
     }
 }
@@ -318,6 +410,16 @@ const KEYS: &[(&str, Kind)] = &[
     ("cache.manifest_idle_ttl", Kind::Str),
     ("cache.tag_ttl", Kind::Str),
     ("cache.tag_ttl_rules", Kind::Toml),
+    ("upstream.credential_hosts", Kind::Toml),
+    ("tls.cert", Kind::Str),
+    ("tls.key", Kind::Str),
+    ("auth.htpasswd", Kind::Str),
+    ("auth.realm", Kind::Str),
+    ("server.max_header_size", Kind::Str),
+    ("server.max_url_length", Kind::Toml),
+    ("server.max_connections", Kind::Toml),
+    ("server.header_read_timeout", Kind::Str),
+    ("server.idle_timeout", Kind::Str),
 ];
 
 /// Environment variables that are not config keys but belong to the binary.
@@ -381,6 +483,7 @@ pub fn load(
         config.offline = true;
     }
     config.cache.check().map_err(ConfigError)?;
+    config.check().map_err(ConfigError)?;
     Ok(config)
 }
 
@@ -507,6 +610,16 @@ mod tests {
                 "cache.tag_ttl_rules",
                 r#"[{pattern = "*:latest", ttl = "1m"}]"#,
             ),
+            ("upstream.credential_hosts", r#"["auth.example"]"#),
+            ("tls.cert", "/c.pem"),
+            ("tls.key", "/k.pem"),
+            ("auth.htpasswd", "/h"),
+            ("auth.realm", "r"),
+            ("server.max_header_size", "16KiB"),
+            ("server.max_url_length", "4096"),
+            ("server.max_connections", "10"),
+            ("server.header_read_timeout", "5s"),
+            ("server.idle_timeout", "1m"),
         ];
         assert_eq!(values.len(), KEYS.len());
         let e: Vec<_> = values
@@ -523,6 +636,10 @@ mod tests {
         assert_eq!(c.cache.budget().low, 3 << 28);
         assert_eq!(CacheConfig::idle_ttl(c.cache.manifest_idle_ttl), None);
         assert_eq!(c.cache.tag_rules()[0].ttl, Duration::from_secs(60));
+        assert_eq!(c.upstream.credential_hosts, vec!["auth.example".to_owned()]);
+        assert_eq!(c.tls.key, Some(PathBuf::from("/k.pem")));
+        assert_eq!(c.server.max_connections, 10);
+        assert_eq!(c.server.max_header_size, ByteSize(16384));
     }
 
     #[test]

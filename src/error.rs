@@ -32,6 +32,10 @@ pub enum Error {
     PaginationInvalid(String),
     #[error("requested range not satisfiable for a blob of {size} bytes")]
     RangeNotSatisfiable { size: u64 },
+    #[error("authentication required: {detail}")]
+    Unauthorized { realm: String, detail: String },
+    #[error("request URL too long: {0}")]
+    UriTooLong(String),
     #[error("upstream rate limit reached")]
     TooManyRequests { retry_after: Option<String> },
     #[error("upstream denied access: {0}")]
@@ -104,6 +108,16 @@ impl Error {
                 "RANGE_INVALID",
                 "requested range not satisfiable",
             ),
+            Error::Unauthorized { .. } => (
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "authentication required",
+            ),
+            Error::UriTooLong(_) => (
+                StatusCode::URI_TOO_LONG,
+                "NAME_INVALID",
+                "request URL too long",
+            ),
             Error::TooManyRequests { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "TOOMANYREQUESTS",
@@ -159,7 +173,9 @@ impl Error {
             | Error::UpstreamFailed(d)
             | Error::UpstreamUnreachable(d)
             | Error::UpstreamTimeout(d)
+            | Error::UriTooLong(d)
             | Error::Internal(d) => d.clone(),
+            Error::Unauthorized { detail, .. } => detail.clone(),
             Error::RangeNotSatisfiable { size } => format!("blob size is {size}"),
             Error::TooManyRequests { retry_after } => match retry_after {
                 Some(r) => format!("upstream asks to retry after {r}"),

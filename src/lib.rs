@@ -1,7 +1,8 @@
 //! regmirror: a pull-through caching mirror for container registries.
 //!
 //! # Layout
-//! - [`server`]: the HTTP listener; [`access_log`] its per-request log line.
+//! - [`server`]: the front door (limits, [`tls`], [`auth`], [`idle`]);
+//!   [`access_log`] its per-request log line.
 //! - [`endpoint`]: `/v2/` requests parsed into a typed [`endpoint::Endpoint`].
 //! - [`reference`]: names, tags and digests as parsed newtypes; [`range`]: `Range`.
 //! - [`registry`]: the API logic (manifests, blobs, tags) over the parts below.
@@ -18,12 +19,14 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod download;
 pub mod endpoint;
 pub mod error;
 pub mod evictor;
 pub mod hashing;
+pub mod idle;
 pub mod manifest;
 pub mod policy;
 pub mod range;
@@ -32,4 +35,5 @@ pub mod registry;
 pub mod response;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod upstream;

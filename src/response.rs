@@ -82,13 +82,19 @@ pub fn error(err: &Error, head: bool) -> Response<Body> {
     let mut b = builder(wire.status)
         .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
         .header(header::CONTENT_LENGTH, json.len());
-    if let Error::TooManyRequests {
-        retry_after: Some(r),
-    } = err
-    {
-        if let Ok(v) = HeaderValue::from_str(r) {
-            b = b.header(header::RETRY_AFTER, v);
+    match err {
+        Error::TooManyRequests {
+            retry_after: Some(r),
+        } => {
+            if let Ok(v) = HeaderValue::from_str(r) {
+                b = b.header(header::RETRY_AFTER, v);
+            }
         }
+        Error::Unauthorized { realm, .. } => {
+            let realm = realm.replace(['"', '\\'], "");
+            b = b.header(header::WWW_AUTHENTICATE, format!("Basic realm=\"{realm}\""));
+        }
+        _ => {}
     }
     let body = if head {
         empty()

@@ -1,30 +1,48 @@
-//! The HTTP server: accepts connections on an already-bound listener (so
-//! tests bind port 0), speaks HTTP/1.1 and HTTP/2, parses each request into an
-//! endpoint and hands it to the [`Registry`]. Stops accepting on `shutdown`.
+//! The HTTP front door: accepts connections on an already-bound listener (so
+//! tests bind port 0), with TLS when configured, HTTP/1.1 and HTTP/2, the
+//! connection limits, client authentication, and one parse of each request
+//! into an endpoint handed to the [`Registry`]. Stops accepting on `shutdown`.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Request, Response};
+use http::{header, Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::access_log::{LoggedBody, RequestInfo};
-use crate::config::Config;
+use crate::auth::Authenticator;
+use crate::config::{Config, ServerConfig};
 use crate::endpoint;
+use crate::error::Error;
+use crate::idle::IdleTimeout;
 use crate::registry::Registry;
 use crate::response::{self, Outcome};
+use crate::tls::{Tls, TlsError};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("{0}")]
-    Startup(#[from] crate::error::Error),
+    Startup(#[from] Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("auth.htpasswd: {0}")]
+    Htpasswd(String),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// What every request passes through before the registry.
+struct Frontend {
+    registry: Arc<Registry>,
+    auth: Option<Arc<Authenticator>>,
+    max_url_length: usize,
 }
 
 /// Serves the registry API on `listener` until `shutdown` completes.
@@ -33,16 +51,50 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let tls = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => Some(Arc::new(Tls::new(cert, key)?)),
+        _ => None,
+    };
+    let auth = match &config.auth.htpasswd {
+        Some(path) => Some(Arc::new(
+            Authenticator::new(path, &config.auth.realm).map_err(ServeError::Htpasswd)?,
+        )),
+        None => None,
+    };
     let registry = Arc::new(Registry::open(&config).await?);
-    let upkeep = tokio::spawn(registry.clone().maintain());
+    let mut background = vec![tokio::spawn(registry.clone().maintain())];
+    if let Some(t) = &tls {
+        background.push(tokio::spawn(t.clone().watch()));
+    }
+    if let Some(a) = &auth {
+        background.push(tokio::spawn(a.clone().watch()));
+    }
+    let frontend = Arc::new(Frontend {
+        registry: registry.clone(),
+        auth,
+        max_url_length: config.server.max_url_length,
+    });
+    let limits = Arc::new(config.server.clone());
+    let permits = Arc::new(Semaphore::new(config.server.max_connections));
     tracing::info!(
         addr = %listener.local_addr()?,
+        tls = tls.is_some(),
+        auth = frontend.auth.is_some(),
         upstream = %config.upstream.url,
+        offline = config.offline,
         data_dir = %config.data_dir.display(),
         "regmirror listening"
     );
     tokio::pin!(shutdown);
     loop {
+        // Past max_connections, stop accepting: clients wait in the backlog.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -55,67 +107,129 @@ pub async fn run(
             },
             () = &mut shutdown => break,
         };
-        let registry = registry.clone();
+        let (frontend, limits, tls) = (frontend.clone(), limits.clone(), tls.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let registry = registry.clone();
-                async move { Ok::<_, Infallible>(handle(&registry, req).await) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let _permit = permit;
+            let _ = stream.set_nodelay(true);
+            let stream = IdleTimeout::new(stream, limits.idle_timeout);
+            match tls {
+                None => serve_connection(stream, frontend, &limits, peer).await,
+                Some(tls) => {
+                    let handshake = tls.acceptor().accept(stream);
+                    match tokio::time::timeout(limits.header_read_timeout, handshake).await {
+                        Ok(Ok(s)) => serve_connection(s, frontend, &limits, peer).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
         });
     }
     tracing::info!("shutting down");
-    upkeep.abort();
+    for task in background {
+        task.abort();
+    }
     if let Err(e) = registry.flush().await {
         tracing::warn!(error = %e, "cannot write the index snapshot");
     }
     Ok(())
 }
 
-/// Parses, dispatches, renders errors, and wraps the body for the access log.
-async fn handle(registry: &Registry, req: Request<Incoming>) -> Response<LoggedBody> {
-    let started = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let head = method == http::Method::HEAD;
-    let result = match endpoint::parse(&method, &path, req.uri().query()) {
-        Ok(api) => registry.handle(&api, req.headers()).await,
-        Err(e) => Err(e),
-    };
-    let (response, outcome) = match result {
-        Ok(reply) => (reply.response, reply.outcome),
-        Err(e) => {
-            if e.wire().status.is_server_error() {
-                tracing::warn!(%method, %path, error = %e, "request failed");
+async fn serve_connection<S>(
+    stream: S,
+    frontend: Arc<Frontend>,
+    limits: &ServerConfig,
+    peer: std::net::SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let frontend = frontend.clone();
+        async move { Ok::<_, Infallible>(frontend.handle(req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let max_header = usize::try_from(limits.max_header_size.0).unwrap_or(usize::MAX);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(max_header);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX));
+    if let Err(e) = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+impl Frontend {
+    /// Authenticates, parses, dispatches, renders errors, and wraps the body
+    /// for the access log.
+    async fn handle(&self, req: Request<Incoming>) -> Response<LoggedBody> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let head = method == http::Method::HEAD;
+        let result = self.answer(&req).await;
+        let (response, outcome) = match result {
+            Ok(reply) => (reply.response, reply.outcome),
+            Err(e) => {
+                if e.wire().status.is_server_error() {
+                    tracing::warn!(%method, path = %bounded(&path), error = %e, "request failed");
+                }
+                (response::error(&e, head), Outcome::None)
             }
-            (response::error(&e, head), Outcome::None)
+        };
+        let status = response.status();
+        let length = if head {
+            Some(0)
+        } else {
+            response
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+        };
+        response.map(|body| {
+            LoggedBody::new(
+                body,
+                RequestInfo {
+                    method,
+                    path: bounded(&path),
+                    status,
+                    outcome,
+                    length,
+                    started,
+                },
+            )
+        })
+    }
+
+    async fn answer(&self, req: &Request<Incoming>) -> Result<response::Reply, Error> {
+        let uri_len = req.uri().path().len() + req.uri().query().map_or(0, |q| q.len() + 1);
+        if uri_len > self.max_url_length {
+            return Err(Error::UriTooLong(format!(
+                "{uri_len} bytes; the limit is {}",
+                self.max_url_length
+            )));
         }
-    };
-    let status = response.status();
-    let length = if head {
-        Some(0)
-    } else {
-        response
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-    };
-    response.map(|body| {
-        LoggedBody::new(
-            body,
-            RequestInfo {
-                method,
-                path: path.chars().take(512).collect(),
-                status,
-                outcome,
-                length,
-                started,
-            },
-        )
-    })
+        if let Some(auth) = &self.auth {
+            let value = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            auth.check(value).await?;
+        }
+        let api = endpoint::parse(req.method(), req.uri().path(), req.uri().query())?;
+        self.registry.handle(&api, req.headers()).await
+    }
+}
+
+/// Log lines stay short whatever the client sent.
+fn bounded(path: &str) -> String {
+    path.chars().take(512).collect()
 }

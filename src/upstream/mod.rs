@@ -55,6 +55,7 @@ pub struct Upstream {
     http: reqwest::Client,
     username: Option<String>,
     password: Option<Secret>,
+    credential_hosts: Vec<String>,
     timeout: Duration,
     read_timeout: Duration,
     tokens: TokenCache,
@@ -84,6 +85,7 @@ impl Upstream {
             http,
             username: config.username.clone(),
             password: config.password.clone(),
+            credential_hosts: config.credential_hosts.clone(),
             timeout: config.timeout,
             read_timeout: config.read_timeout,
             tokens: TokenCache::default(),
@@ -362,8 +364,8 @@ impl Upstream {
             .ok_or_else(|| Error::UpstreamFailed("upstream token realm sent no token".into()))
     }
 
-    /// Credentials go only to the upstream's own host, or to the token host
-    /// Docker Hub is known to use.
+    /// Credentials go only to the upstream's own host, to the token host
+    /// Docker Hub is known to use, or to hosts the configuration allows.
     fn may_receive_credentials(&self, realm: &Url) -> bool {
         let (Some(realm_host), Some(upstream_host)) = (realm.host_str(), self.base.host_str())
         else {
@@ -371,6 +373,10 @@ impl Upstream {
         };
         realm_host == upstream_host
             || (upstream_host == "registry-1.docker.io" && realm_host == "auth.docker.io")
+            || self
+                .credential_hosts
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(realm_host))
     }
 
     /// Follows redirects (Hub's CDN) with the same method and no Authorization.
