@@ -234,3 +234,25 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever the path, parsing ends in an endpoint or a client error.
+        #[test]
+        fn any_path_is_an_endpoint_or_a_4xx(
+            path in "/v2/[a-zA-Z0-9./_:%-]{0,80}",
+            query in proptest::option::of("[a-z=&%0-9]{0,20}"),
+            method in prop_oneof![Just(Method::GET), Just(Method::HEAD), Just(Method::PUT), Just(Method::DELETE)],
+        ) {
+            match parse(&method, &path, query.as_deref()) {
+                Ok(_) => {}
+                Err(e) => prop_assert!(e.wire().status.is_client_error(), "{e:?}"),
+            }
+        }
+    }
+}

@@ -126,3 +126,19 @@ mod tests {
         assert_eq!(r.content_range(100), "bytes 10-19/100");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn partial_ranges_stay_inside_the_blob(header in "bytes=[0-9-]{0,12}", size in 0u64..10_000) {
+            if let RangeRequest::Partial(r) = parse(Some(&header), size) {
+                prop_assert!(r.start <= r.end && r.end < size);
+            }
+        }
+    }
+}

@@ -334,3 +334,47 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The name grammar with bounded repetitions, so names stay under 255.
+    const NAME: &str = "[a-z0-9]{1,8}((\\.|_|__|-{1,3})[a-z0-9]{1,8}){0,3}(/[a-z0-9]{1,8}((\\.|_|__|-{1,3})[a-z0-9]{1,8}){0,3}){0,4}";
+
+    proptest! {
+        #[test]
+        fn every_grammatical_name_parses(s in NAME) {
+            let name = RepoName::parse(&s).unwrap();
+            prop_assert_eq!(name.as_str(), s.as_str());
+        }
+
+        #[test]
+        fn accepted_names_cannot_escape_a_directory(s in "[a-z0-9./_%-]{1,40}") {
+            if let Ok(n) = RepoName::parse(&s) {
+                let n = n.as_str();
+                prop_assert!(!n.starts_with('/') && !n.ends_with('/'));
+                prop_assert!(!n.contains("//") && !n.contains('%'));
+                prop_assert!(n.split('/').all(|c| c != "." && c != ".."));
+            }
+        }
+
+        #[test]
+        fn arbitrary_input_never_panics(s in "\\PC{0,300}") {
+            let _ = RepoName::parse(&s);
+            let _ = Tag::parse(&s);
+            let _ = Digest::parse(&s);
+            let _ = Reference::parse(&s);
+        }
+
+        #[test]
+        fn accepted_digests_are_lowercase_hex(s in "sha(256|512):[0-9a-fA-F./]{60,130}") {
+            if let Ok(d) = Digest::parse(&s) {
+                prop_assert!(d.hex().bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+                prop_assert_eq!(d.to_string(), s);
+            }
+        }
+    }
+}

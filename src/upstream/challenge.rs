@@ -128,3 +128,15 @@ mod tests {
         assert_eq!(parse(r#"Bearer realm="unterminated"#), None);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_header_parses_or_is_refused(h in "\\PC{0,200}") {
+            let _ = super::parse(&h);
+        }
+    }
+}
