@@ -89,6 +89,8 @@ pub struct Downloads {
     keep_limit: u64,
     /// Woken after a commit or a failed write, so eviction runs.
     space_changed: Arc<Notify>,
+    /// Digests whose cached file is known intact; a commit adds to it.
+    verified: moka::future::Cache<Digest, ()>,
     active: Mutex<HashMap<Digest, Arc<Download>>>,
 }
 
@@ -99,6 +101,7 @@ impl Downloads {
         read_timeout: Duration,
         keep_limit: u64,
         space_changed: Arc<Notify>,
+        verified: moka::future::Cache<Digest, ()>,
     ) -> Self {
         Self {
             store,
@@ -106,6 +109,7 @@ impl Downloads {
             read_timeout,
             keep_limit,
             space_changed,
+            verified,
             active: Mutex::new(HashMap::new()),
         }
     }
@@ -188,6 +192,7 @@ impl Downloads {
                 self.index
                     .touch(&ContentKey::blob(digest), size, SystemTime::now())
                     .await;
+                self.verified.insert(digest.clone(), ()).await;
                 Progress::Verified { size }
             }
             Err(e) => {

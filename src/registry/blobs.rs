@@ -76,7 +76,6 @@ impl Registry {
                 let size = download.size().await?;
                 if started {
                     self.index.add_holds(repo, vec![digest.clone()]).await;
-                    self.verified.insert(digest.clone(), ()).await;
                 }
                 let outcome = if started {
                     Outcome::Miss

@@ -110,6 +110,7 @@ impl Registry {
     ) -> Result<Self, Error> {
         let upstream = Arc::new(Upstream::new(&config.upstream)?);
         let space_changed = Arc::new(Notify::new());
+        let verified = moka::future::Cache::new(1_000_000);
         Ok(Self {
             downloads: Arc::new(Downloads::new(
                 store.clone(),
@@ -117,6 +118,7 @@ impl Registry {
                 upstream.read_timeout(),
                 config.cache.max_size.0,
                 space_changed.clone(),
+                verified.clone(),
             )),
             evictor: Evictor::new(store.clone(), index.clone(), limits(&config.cache)),
             space_changed,
@@ -129,7 +131,7 @@ impl Registry {
                 })
                 .max_capacity(MANIFEST_MEMORY)
                 .build(),
-            verified: moka::future::Cache::new(1_000_000),
+            verified,
             tag_ttl: config.cache.tag_ttl,
             tag_rules: config.cache.tag_rules(),
             offline: config.offline,
