@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit, integration and end-to-end
 # tests. On a fresh Debian machine, run as root, it first installs what the
-# end-to-end tests use (Debian's docker-registry, skopeo, dockerd, containerd).
+# end-to-end tests use (Debian's docker-registry, skopeo, dockerd, containerd,
+# openssl and htpasswd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ command -v skopeo >/dev/null || packages+=(skopeo)
 [ -x /usr/sbin/dockerd ] && [ -x /usr/bin/docker ] || packages+=(docker.io)
 command -v containerd >/dev/null && command -v ctr >/dev/null || packages+=(containerd)
 command -v openssl >/dev/null || packages+=(openssl)
+command -v htpasswd >/dev/null || packages+=(apache2-utils)
 if [ ${#packages[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "test.sh: missing ${packages[*]}; run as root to install them with apt-get" >&2
