@@ -11,6 +11,7 @@ use std::time::Instant;
 use http::{header, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -37,6 +38,9 @@ pub enum ServeError {
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
 }
+
+/// How long a shutdown waits for requests in flight to finish.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What every request passes through before the registry.
 struct Frontend {
@@ -76,6 +80,7 @@ pub async fn run(
     });
     let limits = Arc::new(config.server.clone());
     let permits = Arc::new(Semaphore::new(config.server.max_connections));
+    let graceful = GracefulShutdown::new();
     tracing::info!(
         addr = %listener.local_addr()?,
         tls = tls.is_some(),
@@ -108,16 +113,17 @@ pub async fn run(
             () = &mut shutdown => break,
         };
         let (frontend, limits, tls) = (frontend.clone(), limits.clone(), tls.clone());
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
             let stream = IdleTimeout::new(stream, limits.idle_timeout);
             match tls {
-                None => serve_connection(stream, frontend, &limits, peer).await,
+                None => serve_connection(stream, frontend, &limits, peer, watcher).await,
                 Some(tls) => {
                     let handshake = tls.acceptor().accept(stream);
                     match tokio::time::timeout(limits.header_read_timeout, handshake).await {
-                        Ok(Ok(s)) => serve_connection(s, frontend, &limits, peer).await,
+                        Ok(Ok(s)) => serve_connection(s, frontend, &limits, peer, watcher).await,
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -125,7 +131,16 @@ pub async fn run(
             }
         });
     }
-    tracing::info!("shutting down");
+    tracing::info!(
+        connections = graceful.count(),
+        "shutting down; letting requests in flight finish"
+    );
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after {DRAIN:?}; closing them");
+    }
     for task in background {
         task.abort();
     }
@@ -140,6 +155,7 @@ async fn serve_connection<S>(
     frontend: Arc<Frontend>,
     limits: &ServerConfig,
     peer: std::net::SocketAddr,
+    watcher: Watcher,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -158,10 +174,10 @@ async fn serve_connection<S>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX));
-    if let Err(e) = builder
+    let conn = builder
         .serve_connection(TokioIo::new(stream), service)
-        .await
-    {
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
