@@ -167,12 +167,17 @@ impl Downloads {
                     Progress::Failed(e)
                 }
             };
+            // Leave the map before the outcome is published: a request that
+            // arrives after a failure must start a new download, not join
+            // this one (after a success it finds the committed blob).
+            {
+                let mut active = this.active();
+                if active.get(&digest).is_some_and(|d| Arc::ptr_eq(d, &entry)) {
+                    active.remove(&digest);
+                }
+            }
             tx.send_replace(end);
             this.space_changed.notify_one();
-            let mut active = this.active();
-            if active.get(&digest).is_some_and(|d| Arc::ptr_eq(d, &entry)) {
-                active.remove(&digest);
-            }
         });
         Ok(Joined::Download {
             download,

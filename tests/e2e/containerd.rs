@@ -78,6 +78,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.d
         daemon
     }
 
+    /// Replaces `hosts.toml` of `registry` (e.g. `docker.io`) in the hosts dir `ctr` is given;
+    /// `ctr` reads it at every pull, so this takes effect at once.
+    pub fn write_hosts(&self, registry: &str, toml: &str) {
+        let dir = self.hosts_dir.join(registry);
+        std::fs::create_dir_all(&dir).expect("create hosts dir");
+        std::fs::write(dir.join("hosts.toml"), toml).expect("write hosts.toml");
+    }
+
     /// `ctr --address SOCKET --namespace e2e`.
     pub fn ctr(&self) -> tokio::process::Command {
         ctr(&self.socket)

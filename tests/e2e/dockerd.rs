@@ -59,6 +59,11 @@ impl Dockerd {
         daemon
     }
 
+    /// The client's `DOCKER_CONFIG` directory (holding `config.json`), private to this daemon.
+    pub fn config_dir(&self) -> PathBuf {
+        self.root.join("cfg")
+    }
+
     /// `/usr/bin/docker -H unix://SOCKET` with a client config dir of its own.
     pub fn docker(&self) -> tokio::process::Command {
         docker(&self.root, &self.socket)
@@ -89,6 +94,35 @@ impl Dockerd {
         ]);
         let out = run_ok(&mut cmd, Duration::from_secs(30)).await;
         serde_json::from_slice(&out.stdout).expect("RepoDigests json")
+    }
+}
+
+/// dockerd's trust for one registry host: `/etc/docker/certs.d/HOST:PORT/ca.crt`. dockerd reads
+/// only that directory, so the harness creates exactly its own `HOST:PORT` entry (the free port
+/// makes it unique) and removes that entry, and nothing else, on drop.
+pub struct CertsD {
+    dir: PathBuf,
+}
+
+impl CertsD {
+    /// Trusts the PEM certificate `ca` for the registry at `addr` (`127.0.0.1:PORT`).
+    pub fn install(addr: &str, ca: &Path) -> CertsD {
+        let dir = Path::new("/etc/docker/certs.d").join(addr);
+        if dir.exists() {
+            // Left by a run that was killed: the port is ours now, so nobody else uses it.
+            eprintln!("[e2e] replacing the stale {}", dir.display());
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let guard = CertsD { dir };
+        std::fs::copy(ca, guard.dir.join("ca.crt")).expect("copy ca.crt into certs.d");
+        guard
+    }
+}
+
+impl Drop for CertsD {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -13,16 +13,23 @@
 //! - `mirror`: the regmirror under test.
 //! - `skopeo`, `dockerd`, `containerd`: the clients.
 //! - `world`: one test's issuer + upstream + mirror in a temporary directory.
+//! - `certs`: certificates and htpasswd files as operators make them; pinned HTTPS clients.
+//!
+//! Tests live here (pulls through a mirror) and in `offline` (upstream stopped, restarts,
+//! `--offline`) and `tls` (HTTPS, users, reloads).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod certs;
 mod containerd;
 mod dockerd;
 mod fixture;
 mod issuer;
 mod mirror;
 mod oci;
+mod offline;
 mod procs;
 mod skopeo;
+mod tls;
 mod upstream;
 mod world;
 

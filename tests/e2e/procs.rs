@@ -101,7 +101,7 @@ impl Proc {
     }
 
     /// What this child wrote to its log (which earlier children may have written to too).
-    fn own_log(&self) -> String {
+    pub fn own_log(&self) -> String {
         self.log_text()
             .get(self.log_start..)
             .unwrap_or_default()
@@ -126,6 +126,27 @@ impl Proc {
                 );
             }
         }
+    }
+
+    /// Sends SIGTERM to the child alone and waits up to `limit` for it to exit, as a service
+    /// manager stops a daemon; returns its exit status, or `None` if it outlived `limit` (then
+    /// its group is killed). Either way the child is gone afterwards.
+    pub async fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        signal("TERM", &child.id().to_string());
+        let deadline = Instant::now() + limit;
+        let mut status = None;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = child.try_wait() {
+                status = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        signal("KILL", &format!("-{}", child.id()));
+        let _ = child.kill();
+        let _ = child.wait();
+        status
     }
 
     /// Terminates the process group: SIGTERM, then SIGKILL once the grace period is over.
@@ -207,14 +228,25 @@ pub fn unmount_under(root: &Path) {
 pub async fn serve_on_free_port(
     path: &str,
     status: u16,
+    spawn: impl FnMut(u16) -> Proc,
+) -> (u16, Proc) {
+    serve_on_free_port_via(&reqwest::Client::new(), "http", path, status, spawn).await
+}
+
+/// Like [`serve_on_free_port`], asking with `client` over `scheme` (`https` with a client that
+/// trusts the server's certificate).
+pub async fn serve_on_free_port_via(
+    client: &reqwest::Client,
+    scheme: &str,
+    path: &str,
+    status: u16,
     mut spawn: impl FnMut(u16) -> Proc,
 ) -> (u16, Proc) {
     const ATTEMPTS: u32 = 4;
-    let client = reqwest::Client::new();
     for attempt in 1..=ATTEMPTS {
         let port = free_port();
         let mut proc = spawn(port);
-        let url = format!("http://127.0.0.1:{port}{path}");
+        let url = format!("{scheme}://127.0.0.1:{port}{path}");
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut answered = false;
         loop {
@@ -255,6 +287,41 @@ pub async fn run(cmd: &mut tokio::process::Command, limit: Duration) -> Output {
     let what = format!("{:?}", cmd.as_std());
     let started = Instant::now();
     let out = tokio::time::timeout(limit, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {limit:?}: {what}"))
+        .unwrap_or_else(|e| panic!("could not run {what}: {e}"));
+    eprintln!(
+        "[e2e] {:.1}s exit={} {what}",
+        started.elapsed().as_secs_f64(),
+        out.status
+    );
+    out
+}
+
+/// Like [`run`], writing `input` to the command's standard input first (e.g. a password for
+/// `--password-stdin`).
+pub async fn run_with_input(
+    cmd: &mut tokio::process::Command,
+    input: &str,
+    limit: Duration,
+) -> Output {
+    use tokio::io::AsyncWriteExt as _;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let what = format!("{:?}", cmd.as_std());
+    let started = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not run {what}: {e}"));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin
+        .write_all(input.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("write to the stdin of {what}: {e}"));
+    drop(stdin);
+    let out = tokio::time::timeout(limit, child.wait_with_output())
         .await
         .unwrap_or_else(|_| panic!("timed out after {limit:?}: {what}"))
         .unwrap_or_else(|e| panic!("could not run {what}: {e}"));

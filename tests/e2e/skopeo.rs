@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::procs::run_ok;
+use crate::procs::{run, run_ok};
 
 /// How long one skopeo copy may take, the 100 MB image included, on a loaded 2-core machine.
 const LIMIT: Duration = Duration::from_secs(180);
@@ -17,6 +17,8 @@ pub struct Skopeo {
     registries_conf: Option<PathBuf>,
     /// Whether sources are plain-HTTP registries named by address (no mirror configuration).
     insecure_sources: bool,
+    /// `--src-cert-dir`: CA certificates (`*.crt`) trusted for every source, mirrors included.
+    cert_dir: Option<PathBuf>,
 }
 
 impl Skopeo {
@@ -33,6 +35,7 @@ impl Skopeo {
             dir: dir.to_owned(),
             registries_conf: None,
             insecure_sources: true,
+            cert_dir: None,
         }
     }
 
@@ -51,6 +54,38 @@ impl Skopeo {
         skopeo.registries_conf = Some(conf);
         skopeo.insecure_sources = false;
         skopeo
+    }
+
+    /// skopeo whose registries.conf sends docker.io pulls to the HTTPS mirror at `mirror`
+    /// (host:port, no `insecure`), trusting the PEM certificate `ca` as its CA.
+    pub fn with_tls_mirror(dir: &Path, mirror: &str, ca: &Path) -> Skopeo {
+        let mut skopeo = Skopeo::plain(dir);
+        let conf = dir.join("registries.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[[registry]]\nprefix = \"docker.io\"\nlocation = \"docker.io\"\n\n\
+                 [[registry.mirror]]\nlocation = \"{mirror}\"\n"
+            ),
+        )
+        .expect("write registries.conf");
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs).expect("create cert dir");
+        std::fs::copy(ca, certs.join("ca.crt")).expect("copy ca.crt");
+        skopeo.registries_conf = Some(conf);
+        skopeo.insecure_sources = false;
+        skopeo.cert_dir = Some(certs);
+        skopeo
+    }
+
+    /// `skopeo login REGISTRY` into this instance's auth file, which later copies read.
+    pub async fn login(&self, registry: &str, user: &str, password: &str) {
+        let mut cmd = self.command("login");
+        if let Some(certs) = &self.cert_dir {
+            cmd.arg("--cert-dir").arg(certs);
+        }
+        cmd.args(["--username", user, "--password", password, registry]);
+        run_ok(&mut cmd, Duration::from_secs(60)).await;
     }
 
     /// `skopeo [--registries-conf F] --policy P SUBCOMMAND` with temporary files kept here.
@@ -81,6 +116,19 @@ impl Skopeo {
     /// amd64 Linux machine would (`all`: every platform of an index) and returns the digest of
     /// the manifest it stored.
     pub async fn pull_to_dir(&self, reference: &str, out: &Path, all: bool) -> String {
+        let mut cmd = self.pull_command(reference, out, all);
+        run_ok(&mut cmd, LIMIT).await;
+        dir_manifest_digest(out)
+    }
+
+    /// Like [`Skopeo::pull_to_dir`], but returns the command's output whether or not it
+    /// succeeded.
+    pub async fn try_pull_to_dir(&self, reference: &str, out: &Path) -> std::process::Output {
+        let mut cmd = self.pull_command(reference, out, false);
+        run(&mut cmd, LIMIT).await
+    }
+
+    fn pull_command(&self, reference: &str, out: &Path, all: bool) -> tokio::process::Command {
         let mut cmd = self.command("copy");
         cmd.args(["--override-os", "linux", "--override-arch", "amd64"]);
         if all {
@@ -89,10 +137,12 @@ impl Skopeo {
         if self.insecure_sources {
             cmd.arg("--src-tls-verify=false");
         }
+        if let Some(certs) = &self.cert_dir {
+            cmd.arg("--src-cert-dir").arg(certs);
+        }
         cmd.arg(format!("docker://{reference}"))
             .arg(format!("dir:{}", out.display()));
-        run_ok(&mut cmd, LIMIT).await;
-        dir_manifest_digest(out)
+        cmd
     }
 }
 

@@ -90,6 +90,12 @@ auth:
         }
     }
 
+    /// Stops docker-registry for good: the upstream is down from now on (connections to its
+    /// port are refused). Its access log stays readable.
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+
     /// `127.0.0.1:PORT`, as clients name the registry.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)

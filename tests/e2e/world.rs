@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::fixture::{fixture, Fixture, Image};
 use crate::issuer::{Issuer, KeyPair};
-use crate::mirror::Mirror;
+use crate::mirror::{Mirror, Options};
 use crate::upstream::Upstream;
 
 pub struct World {
@@ -46,8 +46,24 @@ impl World {
     }
 
     async fn start_mirror(&mut self, env: &[(&str, &str)]) {
-        let mirror = Mirror::start(&self.dir("mirror"), &self.upstream.url(), env).await;
+        self.start_mirror_with(&Options::env(env)).await;
+    }
+
+    /// Starts a mirror in front of the upstream as `opts` say, on the data directory of this
+    /// world's earlier mirrors, if any.
+    pub async fn start_mirror_with(&mut self, opts: &Options) {
+        assert!(self.mirror.is_none(), "this world already has a mirror");
+        let mirror = Mirror::start_with(&self.dir("mirror"), &self.upstream.url(), opts).await;
         self.mirror = Some(mirror);
+    }
+
+    /// Stops the mirror with SIGTERM (asserting a clean exit) and starts a new mirror process
+    /// on the same data directory as `opts` say. The new one listens on another port.
+    pub async fn restart_mirror(&mut self, opts: &Options) {
+        let mut old = self.mirror.take().expect("this world has no mirror");
+        old.terminate().await;
+        drop(old);
+        self.start_mirror_with(opts).await;
     }
 
     async fn start(tools: &[&str], credentials: Option<(&str, &str)>) -> World {
