@@ -84,7 +84,6 @@ pub enum Joined {
 pub struct Downloads {
     store: Arc<dyn BlobStore>,
     index: Arc<dyn Index>,
-    read_timeout: Duration,
     /// A blob larger than this is served but not kept.
     keep_limit: u64,
     /// Woken after a commit or a failed write, so eviction runs.
@@ -98,7 +97,6 @@ impl Downloads {
     pub fn new(
         store: Arc<dyn BlobStore>,
         index: Arc<dyn Index>,
-        read_timeout: Duration,
         keep_limit: u64,
         space_changed: Arc<Notify>,
         verified: moka::future::Cache<Digest, ()>,
@@ -106,7 +104,6 @@ impl Downloads {
         Self {
             store,
             index,
-            read_timeout,
             keep_limit,
             space_changed,
             verified,
@@ -119,10 +116,12 @@ impl Downloads {
     }
 
     /// Joins the download of `digest`, or starts one that sends `fetch`
-    /// (the upstream GET) in a task of its own.
+    /// (the upstream GET) in a task of its own and gives up when the body
+    /// stalls for `read_timeout`.
     pub async fn join_or_start<F>(
         self: &Arc<Self>,
         digest: &Digest,
+        read_timeout: Duration,
         fetch: F,
     ) -> Result<Joined, Error>
     where
@@ -158,7 +157,9 @@ impl Downloads {
         let digest = digest.clone();
         let entry = download.clone();
         tokio::spawn(async move {
-            let outcome = this.transfer(&digest, &spool, fetch, &tx).await;
+            let outcome = this
+                .transfer(&digest, &spool, fetch, read_timeout, &tx)
+                .await;
             let end = match outcome {
                 Ok(size) => this.keep(spool, &digest, size).await,
                 Err(e) => {
@@ -213,6 +214,7 @@ impl Downloads {
         digest: &Digest,
         spool: &Spool,
         fetch: F,
+        read_timeout: Duration,
         tx: &watch::Sender<Progress>,
     ) -> Result<u64, Error>
     where
@@ -224,12 +226,12 @@ impl Downloads {
         let mut hasher = Hasher::new(digest.algorithm());
         let mut written: u64 = 0;
         loop {
-            let chunk = tokio::time::timeout(self.read_timeout, resp.chunk())
+            let chunk = tokio::time::timeout(read_timeout, resp.chunk())
                 .await
                 .map_err(|_| {
                     Error::UpstreamTimeout(format!(
                         "upstream sent nothing for {} while sending {digest}",
-                        humantime::format_duration(self.read_timeout)
+                        humantime::format_duration(read_timeout)
                     ))
                 })?
                 .map_err(transport_error)?;

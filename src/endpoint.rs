@@ -22,10 +22,34 @@ pub enum Endpoint {
     Blob { name: RepoName, digest: Digest },
     /// `GET /v2/<name>/tags/list?n=&last=`.
     TagsList { name: RepoName, page: TagsPage },
-    /// `GET /v2/<name>/referrers/<digest>`.
-    Referrers { name: RepoName, digest: Digest },
-    /// `GET /v2/_catalog`.
-    Catalog,
+    /// `GET /v2/<name>/referrers/<digest>?artifactType=`.
+    Referrers {
+        name: RepoName,
+        digest: Digest,
+        artifact_type: Option<String>,
+    },
+    /// `GET /v2/_catalog?n=&last=`.
+    Catalog { page: CatalogPage },
+}
+
+impl Endpoint {
+    /// The repository the request is about, if any.
+    pub fn name(&self) -> Option<&RepoName> {
+        match self {
+            Endpoint::Manifest { name, .. }
+            | Endpoint::Blob { name, .. }
+            | Endpoint::TagsList { name, .. }
+            | Endpoint::Referrers { name, .. } => Some(name),
+            Endpoint::Ping | Endpoint::Catalog { .. } => None,
+        }
+    }
+}
+
+/// Pagination of the catalog, validated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CatalogPage {
+    pub n: Option<u32>,
+    pub last: Option<RepoName>,
 }
 
 /// Pagination of a tags list, validated.
@@ -74,19 +98,20 @@ fn parse_path(rest: &str, params: &QueryParams) -> Result<Endpoint, Error> {
         return Ok(Endpoint::Ping);
     }
     if rest == "_catalog" {
-        return Ok(Endpoint::Catalog);
+        let page = CatalogPage {
+            n: params.page_size()?,
+            last: match params.last.as_deref() {
+                None | Some("") => None,
+                Some(l) => Some(RepoName::parse(l)?),
+            },
+        };
+        return Ok(Endpoint::Catalog { page });
     }
     if let Some(name) = rest.strip_suffix("/tags/list") {
         let page = TagsPage {
-            n: match &params.n {
-                None => None,
-                Some(n) => Some(n.parse::<u32>().map_err(|_| {
-                    Error::PaginationInvalid(format!("n must be a number, got {:?}", bounded(n)))
-                })?),
-            },
-            last: match &params.last {
-                None => None,
-                Some(l) if l.is_empty() => None,
+            n: params.page_size()?,
+            last: match params.last.as_deref() {
+                None | Some("") => None,
                 Some(l) => Some(Tag::parse(l)?),
             },
         };
@@ -111,6 +136,7 @@ fn parse_path(rest: &str, params: &QueryParams) -> Result<Endpoint, Error> {
         "referrers" => Ok(Endpoint::Referrers {
             name: RepoName::parse(name)?,
             digest: Digest::parse(last)?,
+            artifact_type: params.artifact_type.clone(),
         }),
         "uploads" if name.ends_with("/blobs") => Err(Error::Unsupported(
             "blob uploads are not supported: this registry is a read-only mirror".into(),
@@ -125,6 +151,7 @@ struct QueryParams {
     ns: Option<String>,
     n: Option<String>,
     last: Option<String>,
+    artifact_type: Option<String>,
 }
 
 impl QueryParams {
@@ -135,10 +162,20 @@ impl QueryParams {
                 "ns" => p.ns = Some(v.into_owned()),
                 "n" => p.n = Some(v.into_owned()),
                 "last" => p.last = Some(v.into_owned()),
+                "artifactType" => p.artifact_type = Some(v.into_owned()),
                 _ => {}
             }
         }
         p
+    }
+
+    fn page_size(&self) -> Result<Option<u32>, Error> {
+        match &self.n {
+            None => Ok(None),
+            Some(n) => n.parse::<u32>().map(Some).map_err(|_| {
+                Error::PaginationInvalid(format!("n must be a number, got {:?}", bounded(n)))
+            }),
+        }
     }
 }
 
@@ -173,7 +210,12 @@ mod tests {
         }
         assert_eq!(get("/v2/").unwrap(), Endpoint::Ping);
         assert_eq!(get("/v2").unwrap(), Endpoint::Ping);
-        assert_eq!(get("/v2/_catalog").unwrap(), Endpoint::Catalog);
+        assert_eq!(
+            get("/v2/_catalog").unwrap(),
+            Endpoint::Catalog {
+                page: CatalogPage::default()
+            }
+        );
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub enum Error {
     UriTooLong(String),
     #[error("upstream rate limit reached")]
     TooManyRequests { retry_after: Option<String> },
+    #[error("denied: {0}")]
+    Denied(String),
     #[error("upstream denied access: {0}")]
     UpstreamDenied(String),
     #[error("upstream failed: {0}")]
@@ -123,6 +125,11 @@ impl Error {
                 "TOOMANYREQUESTS",
                 "too many requests",
             ),
+            Error::Denied(_) => (
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                "requested access to the resource is denied",
+            ),
             Error::UpstreamDenied(_) => (
                 StatusCode::FORBIDDEN,
                 "DENIED",
@@ -169,6 +176,7 @@ impl Error {
             | Error::Unsupported(d)
             | Error::NotFound(d)
             | Error::PaginationInvalid(d)
+            | Error::Denied(d)
             | Error::UpstreamDenied(d)
             | Error::UpstreamFailed(d)
             | Error::UpstreamUnreachable(d)

@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`server`]: the front door (limits, [`tls`], [`auth`], [`idle`]);
 //!   [`access_log`] its per-request log line.
-//! - [`endpoint`]: `/v2/` requests parsed into a typed [`endpoint::Endpoint`].
+//! - [`endpoint`]: `/v2/` requests parsed into a typed [`endpoint::Endpoint`];
+//!   [`routing`] picks the upstream it is for.
 //! - [`reference`]: names, tags and digests as parsed newtypes; [`range`]: `Range`.
 //! - [`registry`]: the API logic (manifests, blobs, tags) over the parts below.
 //! - [`download`]: single-flight blob downloads that clients follow as they grow.
@@ -33,6 +34,7 @@ pub mod range;
 pub mod reference;
 pub mod registry;
 pub mod response;
+pub mod routing;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -42,6 +42,25 @@ impl RepoName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// `prefix/self`, for names that carry their registry (`ghcr.io/org/app`).
+    /// `prefix` must be a valid name component (upstream names are checked
+    /// at config load); the length limit does not apply to these keys.
+    pub fn prefixed(&self, prefix: &str) -> Self {
+        debug_assert!(is_path_component(prefix));
+        Self(format!("{prefix}/{}", self.0))
+    }
+
+    /// The first component and the rest, when there is a rest.
+    pub fn split_first(&self) -> Option<(&str, RepoName)> {
+        let (first, rest) = self.0.split_once('/')?;
+        Some((first, Self(rest.to_owned())))
+    }
+
+    /// Whether the name has a single component (`alpine`).
+    pub fn is_single(&self) -> bool {
+        !self.0.contains('/')
+    }
 }
 
 /// One `/`-separated component: alphanumerics joined by `.`, `_`, `__` or runs of `-`.

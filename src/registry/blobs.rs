@@ -12,7 +12,8 @@ use crate::download::{Joined, Source};
 use crate::error::Error;
 use crate::hashing::Hasher;
 use crate::range::{self, RangeRequest};
-use crate::reference::{Digest, RepoName};
+use crate::reference::Digest;
+use crate::routing::Route;
 use crate::response::{self, Outcome, Reply, CONTENT_DIGEST};
 use crate::store::{BlobFile, ContentKey};
 use crate::upstream::What;
@@ -20,13 +21,13 @@ use crate::upstream::What;
 impl Registry {
     pub(super) async fn blob(
         &self,
-        repo: &RepoName,
+        route: &Route,
         digest: &Digest,
         head: bool,
         range_header: Option<&str>,
     ) -> Result<Reply, Error> {
         if let Some(blob) = self.cached_blob(digest).await? {
-            self.authorize(repo, digest, What::Blob).await?;
+            self.authorize(route, digest, What::Blob).await?;
             self.touch(ContentKey::blob(digest), blob.size).await;
             return blob_reply(
                 digest,
@@ -38,12 +39,12 @@ impl Registry {
             );
         }
         if self.offline {
-            return Err(offline_miss(What::Blob, &format!("{repo}@{digest}")));
+            return Err(offline_miss(What::Blob, &format!("{}@{digest}", route.key)));
         }
         if head {
             // Headers only: the upstream's HEAD answers without a download.
-            let size = self.upstream.head_blob(repo, digest).await?;
-            self.index.add_holds(repo, vec![digest.clone()]).await;
+            let size = self.upstream(route).head_blob(&route.repo, digest).await?;
+            self.index.add_holds(&route.key, vec![digest.clone()]).await;
             return match size {
                 Some(size) => blob_reply(digest, size, None, true, None, Outcome::Pass),
                 None => Err(Error::UpstreamFailed(
@@ -51,14 +52,19 @@ impl Registry {
                 )),
             };
         }
+        let upstream = self.upstream(route).clone();
+        let read_timeout = upstream.read_timeout();
         let fetch = {
-            let upstream = self.upstream.clone();
-            let (repo, digest) = (repo.clone(), digest.clone());
+            let (repo, digest) = (route.repo.clone(), digest.clone());
             async move { upstream.get_blob(&repo, &digest).await }
         };
-        match self.downloads.join_or_start(digest, fetch).await? {
+        match self
+            .downloads
+            .join_or_start(digest, read_timeout, fetch)
+            .await?
+        {
             Joined::Cached(blob) => {
-                self.authorize(repo, digest, What::Blob).await?;
+                self.authorize(route, digest, What::Blob).await?;
                 blob_reply(
                     digest,
                     blob.size,
@@ -71,11 +77,11 @@ impl Registry {
             Joined::Download { download, started } => {
                 if !started {
                     // Another repository's request may have started it.
-                    self.authorize(repo, digest, What::Blob).await?;
+                    self.authorize(route, digest, What::Blob).await?;
                 }
                 let size = download.size().await?;
                 if started {
-                    self.index.add_holds(repo, vec![digest.clone()]).await;
+                    self.index.add_holds(&route.key, vec![digest.clone()]).await;
                 }
                 let outcome = if started {
                     Outcome::Miss

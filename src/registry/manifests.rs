@@ -14,7 +14,8 @@ use crate::error::Error;
 use crate::hashing::digest_of;
 use crate::manifest;
 use crate::policy::{tag_is_fresh, tag_ttl_for};
-use crate::reference::{Algorithm, Digest, Reference, RepoName, Tag};
+use crate::reference::{Algorithm, Digest, Reference, Tag};
+use crate::routing::Route;
 use crate::response::{self, Outcome, Reply, CONTENT_DIGEST};
 use crate::store::{ContentKey, StoredManifest, TagEntry};
 use crate::upstream::{Document, What};
@@ -22,53 +23,29 @@ use crate::upstream::{Document, What};
 impl Registry {
     pub(super) async fn manifest(
         &self,
-        repo: &RepoName,
+        route: &Route,
         reference: &Reference,
         head: bool,
     ) -> Result<Reply, Error> {
         match reference {
             Reference::Digest(digest) => {
-                let (m, outcome) = self.manifest_by_digest(repo, digest).await?;
+                let (m, outcome) = self.manifest_by_digest(route, digest).await?;
                 manifest_reply(digest, &m, head, outcome)
             }
-            Reference::Tag(tag) => self.manifest_by_tag(repo, tag, head).await,
+            Reference::Tag(tag) => self.manifest_by_tag(route, tag, head).await,
         }
     }
 
     async fn manifest_by_tag(
         &self,
-        repo: &RepoName,
+        route: &Route,
         tag: &Tag,
         head: bool,
     ) -> Result<Reply, Error> {
-        let now = SystemTime::now();
-        let known = self.index.tag(repo, tag).await;
-        let ttl = tag_ttl_for(repo.as_str(), tag.as_str(), &self.tag_rules, self.tag_ttl);
-        let entry = match known {
-            Some(e) if self.offline || tag_is_fresh(e.checked_at, now, ttl) => e,
-            None if self.offline => {
-                return Err(offline_miss(What::Manifest, &format!("{repo}:{tag}")))
-            }
-            stale => match self.resolve_tag(repo, tag, now).await {
-                Ok(Resolved::Entry(e)) => e,
-                // The upstream sent no digest on HEAD: the GET by tag was the answer.
-                Ok(Resolved::Fetched(digest, m)) => {
-                    return manifest_reply(&digest, &m, head, Outcome::Miss)
-                }
-                Err(Error::ManifestUnknown(d)) => {
-                    // A definite answer: the tag is gone upstream.
-                    self.index.remove_tag(repo, tag).await;
-                    return Err(Error::ManifestUnknown(d));
-                }
-                Err(e) => match stale {
-                    Some(old) if e.is_upstream_outage() && self.has_manifest(&old.digest).await => {
-                        tracing::warn!(%repo, %tag, digest = %old.digest, error = %e, "upstream unavailable; serving the tag from cache");
-                        self.counters.stale_serves.fetch_add(1, Ordering::Relaxed);
-                        old
-                    }
-                    _ => return Err(e),
-                },
-            },
+        let entry = match self.tag_target(route, tag).await? {
+            Resolved::Entry(e) => e,
+            // The upstream sent no digest on HEAD: the GET by tag was the answer.
+            Resolved::Fetched(digest, m) => return manifest_reply(&digest, &m, head, Outcome::Miss),
         };
         // A HEAD needs no bytes: answer it from what the upstream's HEAD said.
         if head && !self.has_manifest(&entry.digest).await {
@@ -76,8 +53,59 @@ impl Registry {
                 return head_reply(&entry.digest, media_type, size);
             }
         }
-        let (m, outcome) = self.manifest_by_digest(repo, &entry.digest).await?;
+        let (m, outcome) = self.manifest_by_digest(route, &entry.digest).await?;
         manifest_reply(&entry.digest, &m, head, outcome)
+    }
+
+    /// The manifest a tag points to, as `manifest_by_tag` would serve it.
+    pub(super) async fn manifest_for_tag(
+        &self,
+        route: &Route,
+        tag: &Tag,
+    ) -> Result<(Digest, Arc<StoredManifest>), Error> {
+        match self.tag_target(route, tag).await? {
+            Resolved::Entry(e) => {
+                let (m, _) = self.manifest_by_digest(route, &e.digest).await?;
+                Ok((e.digest, m))
+            }
+            Resolved::Fetched(digest, m) => Ok((digest, m)),
+        }
+    }
+
+    /// Where a tag points: the index's answer while fresh (always, offline),
+    /// else the upstream's, else (upstream down) the stale one.
+    async fn tag_target(&self, route: &Route, tag: &Tag) -> Result<Resolved, Error> {
+        let now = SystemTime::now();
+        let known = self.index.tag(&route.key, tag).await;
+        let ttl = tag_ttl_for(
+            route.repo.as_str(),
+            tag.as_str(),
+            &self.tag_rules,
+            self.default_tag_ttl(route),
+        );
+        match known {
+            Some(e) if self.offline || tag_is_fresh(e.checked_at, now, ttl) => Ok(Resolved::Entry(e)),
+            None if self.offline => Err(offline_miss(
+                What::Manifest,
+                &format!("{}:{tag}", route.key),
+            )),
+            stale => match self.resolve_tag(route, tag, now).await {
+                Err(Error::ManifestUnknown(d)) => {
+                    // A definite answer: the tag is gone upstream.
+                    self.index.remove_tag(&route.key, tag).await;
+                    Err(Error::ManifestUnknown(d))
+                }
+                Err(e) => match stale {
+                    Some(old) if e.is_upstream_outage() && self.has_manifest(&old.digest).await => {
+                        tracing::warn!(repo = %route.key, %tag, digest = %old.digest, error = %e, "upstream unavailable; serving the tag from cache");
+                        self.counters.stale_serves.fetch_add(1, Ordering::Relaxed);
+                        Ok(Resolved::Entry(old))
+                    }
+                    _ => Err(e),
+                },
+                ok => ok,
+            },
+        }
     }
 
     async fn has_manifest(&self, digest: &Digest) -> bool {
@@ -88,37 +116,37 @@ impl Registry {
     /// Asks the upstream where a tag points now, and records it.
     async fn resolve_tag(
         &self,
-        repo: &RepoName,
+        route: &Route,
         tag: &Tag,
         now: SystemTime,
     ) -> Result<Resolved, Error> {
         let reference = Reference::Tag(tag.clone());
-        let found = self.upstream.head_manifest(repo, &reference).await?;
+        let found = self.upstream(route).head_manifest(&route.repo, &reference).await?;
         let (digest, media_type, size) = match found.digest {
             Some(d) => (d, found.media_type, found.size),
             None => {
-                let doc = self.upstream.get_manifest(repo, &reference).await?;
+                let doc = self.upstream(route).get_manifest(&route.repo, &reference).await?;
                 let digest = digest_of(Algorithm::Sha256, &doc.bytes);
-                let m = self.keep_manifest(repo, &digest, doc).await?;
+                let m = self.keep_manifest(route, &digest, doc).await?;
                 let entry = TagEntry {
                     digest: digest.clone(),
                     media_type: Some(m.media_type.clone()),
                     size: Some(m.bytes.len() as u64),
                     checked_at: now,
                 };
-                self.index.set_tag(repo, tag, entry).await;
+                self.index.set_tag(&route.key, tag, entry).await;
                 return Ok(Resolved::Fetched(digest, m));
             }
         };
         // The upstream just said this repository has the digest.
-        self.index.add_holds(repo, vec![digest.clone()]).await;
+        self.index.add_holds(&route.key, vec![digest.clone()]).await;
         let entry = TagEntry {
             digest,
             media_type,
             size,
             checked_at: now,
         };
-        self.index.set_tag(repo, tag, entry.clone()).await;
+        self.index.set_tag(&route.key, tag, entry.clone()).await;
         Ok(Resolved::Entry(entry))
     }
 
@@ -126,7 +154,7 @@ impl Registry {
     /// to hold it, else fetched (once, however many ask) and verified.
     async fn manifest_by_digest(
         &self,
-        repo: &RepoName,
+        route: &Route,
         digest: &Digest,
     ) -> Result<(Arc<StoredManifest>, Outcome), Error> {
         let fetched = Arc::new(AtomicBool::new(false));
@@ -144,20 +172,20 @@ impl Registry {
                         return Ok(Arc::new(m));
                     }
                     if self.offline {
-                        return Err(offline_miss(What::Manifest, &format!("{repo}@{digest}")));
+                        return Err(offline_miss(What::Manifest, &format!("{}@{digest}", route.key)));
                     }
                     let doc = self
-                        .upstream
-                        .get_manifest(repo, &Reference::Digest(digest.clone()))
+                        .upstream(route)
+                        .get_manifest(&route.repo, &Reference::Digest(digest.clone()))
                         .await?;
                     fetched.store(true, Ordering::Relaxed);
-                    self.keep_manifest(repo, digest, doc).await
+                    self.keep_manifest(route, digest, doc).await
                 }
             })
             .await
             .map_err(|e: Arc<Error>| (*e).clone())?;
         let fetched = fetched.load(Ordering::Relaxed);
-        self.authorize(repo, digest, What::Manifest).await?;
+        self.authorize(route, digest, What::Manifest).await?;
         if !fetched {
             self.touch(ContentKey::manifest(digest), m.stored_size())
                 .await;
@@ -170,7 +198,7 @@ impl Registry {
     /// `repo` then holds it and everything it references.
     async fn keep_manifest(
         &self,
-        repo: &RepoName,
+        route: &Route,
         digest: &Digest,
         doc: Document,
     ) -> Result<Arc<StoredManifest>, Error> {
@@ -198,7 +226,7 @@ impl Registry {
         self.touch(ContentKey::manifest(digest), size).await;
         let mut held = manifest::references(&m.bytes);
         held.push(digest.clone());
-        self.index.add_holds(repo, held).await;
+        self.index.add_holds(&route.key, held).await;
         Ok(Arc::new(m))
     }
 }

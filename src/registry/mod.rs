@@ -4,6 +4,7 @@
 //! (eviction, index flushes) through [`Registry::maintain`].
 
 mod blobs;
+mod listings;
 mod manifests;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,13 +15,14 @@ use bytes::Bytes;
 use http::{header, HeaderMap, StatusCode};
 use tokio::sync::Notify;
 
-use crate::config::{CacheConfig, Config};
+use crate::config::{CacheConfig, Config, UpstreamConfig};
 use crate::download::Downloads;
-use crate::endpoint::{ApiRequest, Endpoint, TagsPage};
+use crate::endpoint::{ApiRequest, Endpoint};
 use crate::error::Error;
 use crate::evictor::{Evictor, Limits};
 use crate::policy::TagTtlRule;
 use crate::reference::{Digest, Reference, RepoName};
+use crate::routing::{Route, Router};
 use crate::response::{self, Outcome, Reply};
 use crate::store::{
     disk::DiskStore, local_index::LocalIndex, BlobStore, ContentKey, Index, StoredManifest,
@@ -33,6 +35,8 @@ const MANIFEST_MEMORY: u64 = 64 * 1024 * 1024;
 const UPKEEP_EVERY: Duration = Duration::from_secs(10);
 /// Every this many upkeep runs, the index is reconciled with a store scan.
 const RESCAN_EVERY: u32 = 60;
+/// The header naming the registry a `?ns=` request was routed to.
+const OCI_NAMESPACE: &str = "OCI-Namespace";
 /// Name of the index snapshot in the data dir.
 pub const INDEX_FILE: &str = "index.json";
 
@@ -43,11 +47,19 @@ pub struct Counters {
     pub evictions: AtomicU64,
 }
 
+/// One configured upstream: its client and its policy.
+struct Slot {
+    client: Arc<Upstream>,
+    config: UpstreamConfig,
+}
+
 /// The mirror's state shared by all requests.
 pub struct Registry {
     store: Arc<dyn BlobStore>,
     index: Arc<dyn Index>,
-    upstream: Arc<Upstream>,
+    /// The upstreams, the default first; `router` picks one per request.
+    upstreams: Vec<Slot>,
+    router: Router,
     downloads: Arc<Downloads>,
     evictor: Evictor,
     /// Woken when disk use changed enough to run eviction now.
@@ -56,6 +68,8 @@ pub struct Registry {
     manifests: moka::future::Cache<Digest, Arc<StoredManifest>>,
     /// Blobs whose file was hashed and matched since this process started.
     verified: moka::future::Cache<Digest, ()>,
+    /// Referrers answers by (repository key, subject), kept for a tag TTL.
+    referrer_cache: moka::future::Cache<(RepoName, Digest), Bytes>,
     tag_ttl: Duration,
     tag_rules: Vec<TagTtlRule>,
     offline: bool,
@@ -108,14 +122,20 @@ impl Registry {
         store: Arc<dyn BlobStore>,
         index: Arc<dyn Index>,
     ) -> Result<Self, Error> {
-        let upstream = Arc::new(Upstream::new(&config.upstream)?);
+        let mut upstreams = Vec::new();
+        for u in config.all_upstreams() {
+            upstreams.push(Slot {
+                client: Arc::new(Upstream::new(u)?),
+                config: u.clone(),
+            });
+        }
+        let router = Router::new(upstreams.iter().map(|s| s.config.name.clone()).collect());
         let space_changed = Arc::new(Notify::new());
         let verified = moka::future::Cache::new(1_000_000);
         Ok(Self {
             downloads: Arc::new(Downloads::new(
                 store.clone(),
                 index.clone(),
-                upstream.read_timeout(),
                 config.cache.max_size.0,
                 space_changed.clone(),
                 verified.clone(),
@@ -124,7 +144,12 @@ impl Registry {
             space_changed,
             store,
             index,
-            upstream,
+            upstreams,
+            router,
+            referrer_cache: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(config.cache.tag_ttl.max(Duration::from_secs(1)))
+                .build(),
             manifests: moka::future::Cache::builder()
                 .weigher(|_, m: &Arc<StoredManifest>| {
                     u32::try_from(m.bytes.len()).unwrap_or(u32::MAX)
@@ -142,34 +167,82 @@ impl Registry {
 
     /// Answers one parsed request.
     pub async fn handle(&self, req: &ApiRequest, headers: &HeaderMap) -> Result<Reply, Error> {
-        match &req.endpoint {
-            Endpoint::Ping => Ok(Reply {
-                response: response::builder(StatusCode::OK)
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .header(header::CONTENT_LENGTH, 2)
-                    .body(if req.head {
-                        response::empty()
-                    } else {
-                        response::full(Bytes::from_static(b"{}"))
-                    })
-                    .map_err(|e| Error::internal("building a response", e))?,
-                outcome: Outcome::None,
-            }),
-            Endpoint::Manifest { name, reference } => {
-                self.manifest(name, reference, req.head).await
+        let (name, route) = match req.endpoint.name() {
+            Some(name) => (name, self.route(name, req.namespace.as_deref())?),
+            None => {
+                return match &req.endpoint {
+                    Endpoint::Catalog { page } => self.catalog(page, req.head).await,
+                    _ => Ok(Reply {
+                        response: response::builder(StatusCode::OK)
+                            .header(header::CONTENT_TYPE, "application/json")
+                            .header(header::CONTENT_LENGTH, 2)
+                            .body(if req.head {
+                                response::empty()
+                            } else {
+                                response::full(Bytes::from_static(b"{}"))
+                            })
+                            .map_err(|e| Error::internal("building a response", e))?,
+                        outcome: Outcome::None,
+                    }),
+                };
             }
-            Endpoint::Blob { name, digest } => {
+        };
+        let mut reply = match &req.endpoint {
+            Endpoint::Manifest { reference, .. } => {
+                self.manifest(&route, reference, req.head).await
+            }
+            Endpoint::Blob { digest, .. } => {
                 let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-                self.blob(name, digest, req.head, range).await
+                self.blob(&route, digest, req.head, range).await
             }
-            Endpoint::TagsList { name, page } => self.tags(name, page, req.head).await,
-            Endpoint::Referrers { .. } => Err(Error::NotFound(
-                "the referrers API is not served by this mirror yet".into(),
-            )),
-            Endpoint::Catalog => Err(Error::NotFound(
-                "the catalog is not served by this mirror yet".into(),
-            )),
+            Endpoint::TagsList { page, .. } => {
+                self.tags(&route, name, req.namespace.as_deref(), page, req.head)
+                    .await
+            }
+            Endpoint::Referrers {
+                digest,
+                artifact_type,
+                ..
+            } => {
+                self.referrers(&route, digest, artifact_type.as_deref(), req.head)
+                    .await
+            }
+            Endpoint::Ping | Endpoint::Catalog { .. } => {
+                Err(Error::Internal("endpoint without a name routed".into()))
+            }
+        }?;
+        if req.namespace.is_some() {
+            if let Ok(v) = http::HeaderValue::from_str(self.router.name(route.upstream)) {
+                reply.response.headers_mut().insert(OCI_NAMESPACE, v);
+            }
         }
+        Ok(reply)
+    }
+
+    /// Routes a name to its upstream and checks that upstream's allow/deny.
+    fn route(&self, name: &RepoName, ns: Option<&str>) -> Result<Route, Error> {
+        let route = self.router.route(name, ns)?;
+        let slot = &self.upstreams[route.upstream];
+        if !slot.config.permits(route.repo.as_str()) {
+            return Err(Error::Denied(format!(
+                "{} is not mirrored from {} by this mirror's configuration",
+                route.repo, slot.config.name
+            )));
+        }
+        Ok(route)
+    }
+
+    /// The upstream client of a route.
+    fn upstream(&self, route: &Route) -> &Arc<Upstream> {
+        &self.upstreams[route.upstream].client
+    }
+
+    /// The tag TTL that applies on a route's upstream.
+    fn default_tag_ttl(&self, route: &Route) -> Duration {
+        self.upstreams[route.upstream]
+            .config
+            .tag_ttl
+            .unwrap_or(self.tag_ttl)
     }
 
     /// Runs eviction and index flushes until the process ends: every
@@ -215,62 +288,25 @@ impl Registry {
         self.index.flush().await
     }
 
-    /// `tags/list`, passed through from the upstream with its `Link` header.
-    async fn tags(&self, name: &RepoName, page: &TagsPage, head: bool) -> Result<Reply, Error> {
-        if self.offline {
-            return Err(Error::NameUnknown(
-                "the mirror is offline and does not keep tag lists".into(),
-            ));
-        }
-        let query = {
-            let mut q = url::form_urlencoded::Serializer::new(String::new());
-            if let Some(n) = page.n {
-                q.append_pair("n", &n.to_string());
-            }
-            if let Some(last) = &page.last {
-                q.append_pair("last", last.as_str());
-            }
-            q.finish()
-        };
-        let doc = self.upstream.get_tags(name, &query).await?;
-        let mut b = response::builder(StatusCode::OK)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::CONTENT_LENGTH, doc.bytes.len());
-        if let Some(link) = doc.headers.get(header::LINK) {
-            b = b.header(header::LINK, link);
-        }
-        let body = if head {
-            response::empty()
-        } else {
-            response::full(doc.bytes)
-        };
-        Ok(Reply {
-            response: b
-                .body(body)
-                .map_err(|e| Error::internal("building a response", e))?,
-            outcome: Outcome::Pass,
-        })
-    }
-
     /// Makes sure `repo` may be served `digest`: known locally, or confirmed
     /// by an upstream HEAD, after which it is remembered. Offline, only what
     /// is known counts.
-    async fn authorize(&self, repo: &RepoName, digest: &Digest, what: What) -> Result<(), Error> {
-        if self.index.holds(repo, digest).await {
+    async fn authorize(&self, route: &Route, digest: &Digest, what: What) -> Result<(), Error> {
+        if self.index.holds(&route.key, digest).await {
             return Ok(());
         }
         if self.offline {
-            return Err(offline_miss(what, &format!("{repo}@{digest}")));
+            return Err(offline_miss(what, &format!("{}@{digest}", route.key)));
         }
+        let upstream = self.upstream(route);
         match what {
-            What::Blob => self.upstream.head_blob(repo, digest).await.map(drop)?,
-            _ => self
-                .upstream
-                .head_manifest(repo, &Reference::Digest(digest.clone()))
+            What::Blob => upstream.head_blob(&route.repo, digest).await.map(drop)?,
+            _ => upstream
+                .head_manifest(&route.repo, &Reference::Digest(digest.clone()))
                 .await
                 .map(drop)?,
         }
-        self.index.add_holds(repo, vec![digest.clone()]).await;
+        self.index.add_holds(&route.key, vec![digest.clone()]).await;
         Ok(())
     }
 

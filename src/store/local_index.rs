@@ -25,6 +25,7 @@ struct State {
     contents: HashMap<ContentKey, ContentEntry>,
     tags: HashMap<(RepoName, Tag), TagEntry>,
     holds: HashMap<RepoName, HashSet<Digest>>,
+    tag_lists: HashMap<RepoName, Vec<Tag>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -33,6 +34,8 @@ struct Snapshot {
     contents: Vec<(ContentKey, ContentEntry)>,
     tags: Vec<(RepoName, Tag, TagEntry)>,
     holds: Vec<(RepoName, Vec<Digest>)>,
+    #[serde(default)]
+    tag_lists: Vec<(RepoName, Vec<Tag>)>,
 }
 
 #[derive(Debug, Default)]
@@ -61,6 +64,7 @@ impl LocalIndex {
                         .into_iter()
                         .map(|(r, d)| (r, d.into_iter().collect()))
                         .collect(),
+                    tag_lists: s.tag_lists.into_iter().collect(),
                 },
                 Ok(_) | Err(_) => {
                     tracing::warn!(path = %path.display(), "index snapshot unreadable; rebuilding from the store");
@@ -129,6 +133,11 @@ impl LocalIndex {
                     .iter()
                     .map(|(r, d)| (r.clone(), d.iter().cloned().collect()))
                     .collect(),
+                tag_lists: st
+                    .tag_lists
+                    .iter()
+                    .map(|(r, t)| (r.clone(), t.clone()))
+                    .collect(),
             }
         };
         let result = write_atomically(path, &snapshot);
@@ -181,6 +190,33 @@ impl Index for LocalIndex {
             .iter()
             .map(|((r, t), e)| (r.clone(), t.clone(), e.clone()))
             .collect()
+    }
+
+    async fn tag_list(&self, repo: &RepoName) -> Option<Vec<Tag>> {
+        self.state().tag_lists.get(repo).cloned()
+    }
+
+    async fn set_tag_list(&self, repo: &RepoName, tags: Vec<Tag>) {
+        let mut st = self.state();
+        if st.tag_lists.get(repo) != Some(&tags) {
+            st.tag_lists.insert(repo.clone(), tags);
+            drop(st);
+            self.changed();
+        }
+    }
+
+    async fn repositories(&self) -> Vec<RepoName> {
+        let st = self.state();
+        let mut repos: Vec<RepoName> = st
+            .tags
+            .keys()
+            .map(|(r, _)| r.clone())
+            .chain(st.holds.keys().cloned())
+            .chain(st.tag_lists.keys().cloned())
+            .collect();
+        repos.sort();
+        repos.dedup();
+        repos
     }
 
     async fn holds(&self, repo: &RepoName, digest: &Digest) -> bool {

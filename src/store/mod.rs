@@ -175,6 +175,11 @@ pub trait Index: Send + Sync + 'static {
     async fn remove_tag(&self, repo: &RepoName, tag: &Tag);
     /// Every tag, for listings.
     async fn tags(&self) -> Vec<(RepoName, Tag, TagEntry)>;
+    /// The last tag list the upstream gave for a repository.
+    async fn tag_list(&self, repo: &RepoName) -> Option<Vec<Tag>>;
+    async fn set_tag_list(&self, repo: &RepoName, tags: Vec<Tag>);
+    /// Every repository the cache knows something of.
+    async fn repositories(&self) -> Vec<RepoName>;
     /// Whether `repo` is known to hold `digest` (so it may be served for it).
     async fn holds(&self, repo: &RepoName, digest: &Digest) -> bool;
     /// Records that `repo` holds these digests.

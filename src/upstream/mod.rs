@@ -16,12 +16,30 @@ use url::Url;
 use crate::config::{Secret, UpstreamConfig};
 use crate::error::Error;
 use crate::manifest::ACCEPT_ALL;
-use crate::reference::{Digest, Reference, RepoName};
+use crate::reference::{Digest, Reference, RepoName, Tag};
 use challenge::Challenge;
 use token::{Token, TokenCache, TokenKey, TokenResponse};
 
 /// Largest manifest or tag list the mirror accepts from the upstream.
 pub const MAX_DOCUMENT: usize = 4 * 1024 * 1024;
+
+/// Tags asked for per page, and pages followed, when listing tags.
+const TAG_PAGE: usize = 1000;
+const MAX_TAG_PAGES: usize = 100;
+
+#[derive(serde::Deserialize)]
+struct TagPage {
+    tags: Option<Vec<String>>,
+}
+
+/// The `last` parameter of a `Link: <...?last=x&n=y>; rel="next"` header.
+fn next_last(link: &str) -> Option<String> {
+    let target = link.split(';').next()?.trim().strip_prefix('<')?.strip_suffix('>')?;
+    let query = target.split_once('?')?.1;
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "last")
+        .map(|(_, v)| v.into_owned())
+}
 
 /// Redirects followed for one request (Hub sends one, to its CDN).
 const MAX_REDIRECTS: usize = 5;
@@ -148,17 +166,50 @@ impl Upstream {
         self.send(Method::GET, repo, &path, None, What::Blob).await
     }
 
-    /// GET a repository's tag list, passing the pagination through.
-    pub async fn get_tags(&self, repo: &RepoName, query: &str) -> Result<Document, Error> {
-        let mut path = format!("/v2/{repo}/tags/list");
-        if !query.is_empty() {
-            path.push('?');
-            path.push_str(query);
+    /// A repository's whole tag list, following the upstream's pagination
+    /// (at most [`MAX_TAG_PAGES`] pages). Tags that do not parse are skipped.
+    pub async fn get_all_tags(&self, repo: &RepoName) -> Result<Vec<Tag>, Error> {
+        let mut tags = Vec::new();
+        let mut last: Option<String> = None;
+        for _ in 0..MAX_TAG_PAGES {
+            let mut path = format!("/v2/{repo}/tags/list?n={TAG_PAGE}");
+            if let Some(l) = &last {
+                path.push_str("&last=");
+                path.push_str(&url::form_urlencoded::byte_serialize(l.as_bytes()).collect::<String>());
+            }
+            let resp = self.send(Method::GET, repo, &path, None, What::Tags).await?;
+            let doc = self.read_document(resp).await?;
+            let page: TagPage = serde_json::from_slice(&doc.bytes).map_err(|_| {
+                Error::UpstreamFailed("upstream sent a tag list that is not JSON".into())
+            })?;
+            tags.extend(page.tags.unwrap_or_default().iter().filter_map(|t| Tag::parse(t).ok()));
+            last = doc
+                .headers
+                .get(header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .and_then(next_last);
+            if last.is_none() {
+                break;
+            }
         }
-        let resp = self
-            .send(Method::GET, repo, &path, None, What::Tags)
-            .await?;
-        self.read_document(resp).await
+        tags.sort();
+        tags.dedup();
+        Ok(tags)
+    }
+
+    /// The upstream's referrers index for `digest`; `None` when the upstream
+    /// has no referrers API (it answers 404).
+    pub async fn get_referrers(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<Document>, Error> {
+        let path = format!("/v2/{repo}/referrers/{digest}");
+        match self.send(Method::GET, repo, &path, None, What::Manifest).await {
+            Ok(resp) => self.read_document(resp).await.map(Some),
+            Err(Error::ManifestUnknown(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads a small body within the header timeout and the size bound.
@@ -445,6 +496,21 @@ fn map_status(resp: &Response, what: What) -> Error {
         )),
         s if s.is_server_error() => Error::UpstreamFailed(format!("upstream answered {s}")),
         s => Error::UpstreamFailed(format!("unexpected upstream status {s}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_header_next_page() {
+        assert_eq!(
+            next_last(r#"</v2/library/a/tags/list?last=v9&n=1000>; rel="next""#),
+            Some("v9".into())
+        );
+        assert_eq!(next_last(r#"</v2/a/tags/list?n=2>; rel="next""#), None);
+        assert_eq!(next_last("garbage"), None);
     }
 }
 

@@ -1,0 +1,375 @@
+//! Loading: the file (or the embedded defaults), then `REGMIRROR_*`
+//! environment variables, then flags. Errors name the key, where its value
+//! came from, and the value.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use url::Url;
+
+use super::{Config, EMBEDDED, ENV_PREFIX};
+
+/// The type of a key's value, to read it from an environment variable.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// Taken as it is.
+    Str,
+    /// A TOML value: a number, a boolean, or an inline array of tables.
+    Toml,
+}
+
+/// Every key, as a path; the environment variable is its upper snake case.
+const KEYS: &[(&str, Kind)] = &[
+    ("listen", Kind::Str),
+    ("data_dir", Kind::Str),
+    ("upstream.name", Kind::Str),
+    ("upstream.url", Kind::Str),
+    ("upstream.username", Kind::Str),
+    ("upstream.password", Kind::Str),
+    ("upstream.connect_timeout", Kind::Str),
+    ("upstream.timeout", Kind::Str),
+    ("upstream.read_timeout", Kind::Str),
+    ("offline", Kind::Toml),
+    ("cache.max_size", Kind::Str),
+    ("cache.high_watermark", Kind::Toml),
+    ("cache.low_watermark", Kind::Toml),
+    ("cache.blob_idle_ttl", Kind::Str),
+    ("cache.manifest_idle_ttl", Kind::Str),
+    ("cache.tag_ttl", Kind::Str),
+    ("cache.tag_ttl_rules", Kind::Toml),
+    ("upstream.credential_hosts", Kind::Toml),
+    ("upstream.tag_ttl", Kind::Str),
+    ("upstream.allow", Kind::Toml),
+    ("upstream.deny", Kind::Toml),
+    ("upstreams", Kind::Toml),
+    ("tls.cert", Kind::Str),
+    ("tls.key", Kind::Str),
+    ("auth.htpasswd", Kind::Str),
+    ("auth.realm", Kind::Str),
+    ("server.max_header_size", Kind::Str),
+    ("server.max_url_length", Kind::Toml),
+    ("server.max_connections", Kind::Toml),
+    ("server.header_read_timeout", Kind::Str),
+    ("server.idle_timeout", Kind::Str),
+];
+
+/// Environment variables that are not config keys but belong to the binary.
+const ENV_NOT_KEYS: &[&str] = &["REGMIRROR_CONFIG"];
+
+/// `cache.tag_ttl` → `REGMIRROR_CACHE_TAG_TTL`.
+pub fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+/// A configuration that cannot be used; the message names key and value.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+/// Overrides from command-line flags, the highest precedence.
+#[derive(Debug, Default, Clone)]
+pub struct Flags {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub upstream: Option<Url>,
+    pub offline: bool,
+}
+
+/// Loads the configuration: file (or the embedded defaults) < env < flags.
+pub fn load(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    flags: &Flags,
+) -> Result<Config, ConfigError> {
+    let (source, text) = match file {
+        Some(path) => (
+            path.display().to_string(),
+            std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read config file {}: {e}", path.display()))
+            })?,
+        ),
+        None => ("embedded mirror.toml".to_owned(), EMBEDDED.to_owned()),
+    };
+    let mut table: toml::Table = toml::from_str(&text)
+        .map_err(|e| ConfigError(format!("{source}: {}", e.to_string().trim_end())))?;
+    let from_env = overlay_env(&mut table, env)?;
+    let mut config: Config =
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let path = e.path().to_string();
+            let origin = from_env
+                .get(&path)
+                .map_or_else(|| source.clone(), |var| format!("environment {var}"));
+            ConfigError(format!("{origin}: key {path}: {}", e.inner()))
+        })?;
+    if let Some(l) = flags.listen {
+        config.listen = l;
+    }
+    if let Some(d) = &flags.data_dir {
+        config.data_dir = d.clone();
+    }
+    if let Some(u) = &flags.upstream {
+        config.upstream.url = u.clone();
+    }
+    if flags.offline {
+        config.offline = true;
+    }
+    config.cache.check().map_err(ConfigError)?;
+    config.check().map_err(ConfigError)?;
+    Ok(config)
+}
+
+/// Writes each `REGMIRROR_*` variable into the table; returns key → variable.
+fn overlay_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let known: BTreeMap<String, (&str, Kind)> = KEYS
+        .iter()
+        .map(|&(key, kind)| (env_name(key), (key, kind)))
+        .collect();
+    let mut applied = BTreeMap::new();
+    for (var, value) in env {
+        if !var.starts_with(ENV_PREFIX) || ENV_NOT_KEYS.contains(&var.as_str()) {
+            continue;
+        }
+        let Some(&(key, kind)) = known.get(&var) else {
+            return Err(ConfigError(format!(
+                "environment {var}: no such config key (known: {})",
+                known.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        };
+        let value = match kind {
+            Kind::Str => toml::Value::String(value),
+            Kind::Toml => parse_toml_value(&value).ok_or_else(|| {
+                ConfigError(format!(
+                    "environment {var}: {value:?} is not a valid value for {key}"
+                ))
+            })?,
+        };
+        insert_path(table, key, value);
+        applied.insert(key.to_owned(), var);
+    }
+    Ok(applied)
+}
+
+/// A TOML value written alone, e.g. `true`, `90` or `[{pattern = "*", ttl = "1m"}]`.
+fn parse_toml_value(s: &str) -> Option<toml::Value> {
+    let table: toml::Table = toml::from_str(&format!("v = {s}")).ok()?;
+    table.get("v").cloned()
+}
+
+fn insert_path(table: &mut toml::Table, key: &str, value: toml::Value) {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let Some(leaf) = parts.pop() else { return };
+    let mut cur = table;
+    for p in parts {
+        let entry = cur
+            .entry(p.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(t) = entry else { return };
+        cur = t;
+    }
+    cur.insert(leaf.to_owned(), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{ByteSize, CacheConfig};
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn embedded_file_is_the_default() {
+        let c = load(None, env(&[]), &Flags::default()).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn precedence_flag_env_file_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.toml");
+        std::fs::write(
+            &f,
+            "listen = \"127.0.0.1:1\"\n[cache]\ntag_ttl = \"1m\"\n[upstream]\nurl = \"http://a.example\"\n",
+        )
+        .unwrap();
+        let e = env(&[
+            ("REGMIRROR_LISTEN", "127.0.0.1:2"),
+            ("REGMIRROR_UPSTREAM_PASSWORD", "hunter2"),
+            ("PATH", "/bin"),
+        ]);
+        let flags = Flags {
+            upstream: Some(Url::parse("http://b.example").unwrap()),
+            ..Flags::default()
+        };
+        let c = load(Some(&f), e, &flags).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:2");
+        assert_eq!(c.cache.tag_ttl, Duration::from_secs(60));
+        assert_eq!(c.upstream.url.as_str(), "http://b.example/");
+        assert_eq!(c.upstream.password.as_ref().unwrap().expose(), "hunter2");
+        assert_eq!(c.upstream.timeout, Duration::from_secs(30));
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn every_key_can_come_from_the_environment() {
+        let values = [
+            ("listen", "127.0.0.1:9"),
+            ("data_dir", "/tmp/x"),
+            ("upstream.url", "https://r.example:8443"),
+            ("upstream.username", "u"),
+            ("upstream.password", "p"),
+            ("upstream.connect_timeout", "1s"),
+            ("upstream.timeout", "2s"),
+            ("upstream.read_timeout", "3s"),
+            ("offline", "true"),
+            ("cache.max_size", "1.5GiB"),
+            ("cache.high_watermark", "95"),
+            ("cache.low_watermark", "50"),
+            ("cache.blob_idle_ttl", "1d"),
+            ("cache.manifest_idle_ttl", "0s"),
+            ("cache.tag_ttl", "30d"),
+            (
+                "cache.tag_ttl_rules",
+                r#"[{pattern = "*:latest", ttl = "1m"}]"#,
+            ),
+            ("upstream.credential_hosts", r#"["auth.example"]"#),
+            ("upstream.name", "docker.io"),
+            ("upstream.tag_ttl", "2m"),
+            ("upstream.allow", r#"["library/*"]"#),
+            ("upstream.deny", r#"["library/bad"]"#),
+            (
+                "upstreams",
+                r#"[{name = "ghcr.io", url = "https://ghcr.io", tag_ttl = "1m"}]"#,
+            ),
+            ("tls.cert", "/c.pem"),
+            ("tls.key", "/k.pem"),
+            ("auth.htpasswd", "/h"),
+            ("auth.realm", "r"),
+            ("server.max_header_size", "16KiB"),
+            ("server.max_url_length", "4096"),
+            ("server.max_connections", "10"),
+            ("server.header_read_timeout", "5s"),
+            ("server.idle_timeout", "1m"),
+        ];
+        assert_eq!(values.len(), KEYS.len());
+        let e: Vec<_> = values
+            .iter()
+            .map(|(k, v)| (env_name(k), v.to_string()))
+            .collect();
+        let c = load(None, e, &Flags::default()).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.upstream.read_timeout, Duration::from_secs(3));
+        assert_eq!(c.cache.tag_ttl, Duration::from_secs(30 * 86400));
+        assert_eq!(c.upstream.username.as_deref(), Some("u"));
+        assert!(c.offline);
+        assert_eq!(c.cache.max_size, ByteSize(3 << 29));
+        assert_eq!(c.cache.budget().low, 3 << 28);
+        assert_eq!(CacheConfig::idle_ttl(c.cache.manifest_idle_ttl), None);
+        assert_eq!(c.cache.tag_rules()[0].ttl, Duration::from_secs(60));
+        assert_eq!(c.upstream.credential_hosts, vec!["auth.example".to_owned()]);
+        assert_eq!(c.tls.key, Some(PathBuf::from("/k.pem")));
+        assert_eq!(c.server.max_connections, 10);
+        assert_eq!(c.server.max_header_size, ByteSize(16384));
+        assert_eq!(c.upstream.tag_ttl, Some(Duration::from_secs(120)));
+        assert!(c.upstream.permits("library/alpine"));
+        assert!(!c.upstream.permits("library/bad"));
+        assert!(!c.upstream.permits("bitnami/redis"));
+        assert_eq!(c.upstreams[0].name, "ghcr.io");
+        assert_eq!(c.upstreams[0].url.as_str(), "https://ghcr.io/");
+        assert_eq!(c.upstreams[0].timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn upstream_names_are_hosts_and_unique() {
+        for (bad, why) in [
+            (r#"[{name = "docker.io", url = "https://x.example"}]"#, "two upstreams"),
+            (r#"[{url = "https://x.example"}]"#, "two upstreams"),
+            (r#"[{name = "Bad_Host", url = "https://x.example"}]"#, "not a registry host"),
+            (r#"[{name = "h.example:5000", url = "https://x.example"}]"#, "not a registry host"),
+        ] {
+            let e = load(None, env(&[("REGMIRROR_UPSTREAMS", bad)]), &Flags::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("upstreams[0].name") && e.contains(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("20GiB"), Ok(ByteSize(20 << 30)));
+        assert_eq!(ByteSize::parse("500 MB"), Ok(ByteSize(500_000_000)));
+        assert_eq!(ByteSize::parse("1024"), Ok(ByteSize(1024)));
+        assert_eq!(ByteSize::parse("1kib"), Ok(ByteSize(1024)));
+        for bad in ["", "GiB", "-1GiB", "1 parsec", "1e99TiB"] {
+            assert!(ByteSize::parse(bad).is_err(), "{bad}");
+        }
+        let e = load(
+            None,
+            env(&[("REGMIRROR_CACHE_MAX_SIZE", "lots")]),
+            &Flags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cache.max_size") && e.contains("lots"), "{e}");
+        let e = load(
+            None,
+            env(&[("REGMIRROR_CACHE_LOW_WATERMARK", "99")]),
+            &Flags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cache.low_watermark"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_key_origin_and_value() {
+        let e = load(
+            None,
+            env(&[("REGMIRROR_CACHE_TAG_TTL", "5x")]),
+            &Flags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cache.tag_ttl"), "{e}");
+        assert!(e.contains("REGMIRROR_CACHE_TAG_TTL"), "{e}");
+        assert!(e.contains("\"5x\""), "{e}");
+
+        let e = load(None, env(&[("REGMIRROR_NOPE", "1")]), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("REGMIRROR_NOPE"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.toml");
+        std::fs::write(&f, "[cache]\ntag_tl = \"1m\"\n").unwrap();
+        let e = load(Some(&f), env(&[]), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tag_tl"), "{e}");
+
+        std::fs::write(&f, "[upstream]\nurl = \"ftp://x\"\n").unwrap();
+        let e = load(Some(&f), env(&[]), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstream.url") && e.contains("ftp://x"), "{e}");
+
+        let missing = dir.path().join("missing.toml");
+        let e = load(Some(&missing), env(&[]), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+    }
+}

@@ -1,0 +1,417 @@
+//! Configuration: one serde struct with documented defaults, loaded from
+//! `mirror.toml` (embedded when no file is given), overridden by
+//! `REGMIRROR_*` environment variables, then by command-line flags.
+//!
+//! Errors name the key, where its value came from, and the value.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::policy::{self, Budget, TagTtlRule};
+
+mod load;
+mod size;
+
+pub use load::{env_name, load, ConfigError, Flags};
+pub use size::ByteSize;
+
+/// The commented default configuration shipped with the binary.
+pub const EMBEDDED: &str = include_str!("../../mirror.toml");
+
+/// Prefix of the environment variables that override keys.
+pub const ENV_PREFIX: &str = "REGMIRROR_";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the registry API listens on.
+    pub listen: SocketAddr,
+    /// Directory holding the cache (blobs, manifests, temp files).
+    pub data_dir: PathBuf,
+    /// The default registry mirrored: what dockerd's `registry-mirrors`
+    /// reaches, and any request that names no other upstream.
+    pub upstream: UpstreamConfig,
+    /// More registries, picked by containerd's `?ns=<name>` or a first path
+    /// segment equal to their `name` (`/v2/ghcr.io/org/image/...`).
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Never contact the upstream: serve what is cached, answer misses with
+    /// a clear error.
+    pub offline: bool,
+    /// Cache budget and freshness.
+    pub cache: CacheConfig,
+    /// HTTPS for the listener.
+    pub tls: TlsConfig,
+    /// Client authentication.
+    pub auth: AuthConfig,
+    /// Limits on what clients may send.
+    pub server: ServerConfig,
+}
+
+/// HTTPS: both files, or neither for plain HTTP.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate (chain allowed, leaf first).
+    pub cert: Option<PathBuf>,
+    /// PEM private key (RSA or ECDSA) of the certificate.
+    pub key: Option<PathBuf>,
+}
+
+/// Client authentication with HTTP Basic.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// htpasswd file of bcrypt users (`htpasswd -Bbn user password`);
+    /// unset: no authentication.
+    pub htpasswd: Option<PathBuf>,
+    /// The realm named in the `WWW-Authenticate` challenge.
+    pub realm: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            htpasswd: None,
+            realm: "regmirror".to_owned(),
+        }
+    }
+}
+
+/// Limits against slow, large or numerous requests.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Largest request head (request line and headers) accepted.
+    pub max_header_size: ByteSize,
+    /// Longest request URL (path and query) accepted.
+    pub max_url_length: usize,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time a client has to send its request headers (and finish a TLS handshake).
+    #[serde(with = "humantime_serde_compat")]
+    pub header_read_timeout: Duration,
+    /// A connection with no traffic for this long is closed.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_header_size: ByteSize(64 * 1024),
+            max_url_length: 8192,
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            data_dir: PathBuf::from("./data"),
+            upstream: UpstreamConfig::default(),
+            upstreams: Vec::new(),
+            offline: false,
+            cache: CacheConfig::default(),
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            server: ServerConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Every upstream, the default first.
+    pub fn all_upstreams(&self) -> impl Iterator<Item = &UpstreamConfig> {
+        std::iter::once(&self.upstream).chain(&self.upstreams)
+    }
+
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, u) in self.all_upstreams().enumerate() {
+            let key = if i == 0 {
+                "upstream.name".to_owned()
+            } else {
+                format!("upstreams[{}].name", i - 1)
+            };
+            if !valid_upstream_name(&u.name) {
+                return Err(format!(
+                    "key {key}: {:?} is not a registry host name (like \"ghcr.io\", no port)",
+                    u.name
+                ));
+            }
+            if !seen.insert(u.name.as_str()) {
+                return Err(format!(
+                    "key {key}: {:?} names two upstreams (give each [[upstreams]] entry its own name)",
+                    u.name
+                ));
+            }
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err("keys tls.cert and tls.key: give both files, or neither".into());
+        }
+        if self.server.max_connections == 0 {
+            return Err("key server.max_connections: must be at least 1".into());
+        }
+        if self.server.max_header_size.0 < 8192 {
+            return Err(format!(
+                "key server.max_header_size: {} bytes is below the 8 KiB minimum",
+                self.server.max_header_size.0
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where the mirror fetches from, and how patiently.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// The registry host clients name (`docker.io`, `ghcr.io`): matched
+    /// against `?ns=` and the first path segment.
+    pub name: String,
+    /// Base URL of the upstream registry (scheme and host, no path).
+    #[serde(deserialize_with = "de_url")]
+    pub url: Url,
+    /// User for the upstream's token realm; anonymous when unset.
+    pub username: Option<String>,
+    /// Password or access token for `username`.
+    pub password: Option<Secret>,
+    /// Time allowed to open a connection to the upstream.
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    /// Time allowed until the upstream answers with response headers.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Longest pause allowed between two chunks of an upstream body.
+    #[serde(with = "humantime_serde_compat")]
+    pub read_timeout: Duration,
+    /// Hosts besides the upstream's own that may receive the credentials
+    /// at a token realm (Docker Hub's `auth.docker.io` is always allowed
+    /// for `registry-1.docker.io`).
+    pub credential_hosts: Vec<String>,
+    /// This upstream's tag TTL, instead of `cache.tag_ttl`.
+    #[serde(with = "humantime_serde_compat::option")]
+    pub tag_ttl: Option<Duration>,
+    /// Repository globs that may be pulled (all when empty).
+    pub allow: Vec<String>,
+    /// Repository globs that may not be pulled (checked after `allow`).
+    pub deny: Vec<String>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            name: "docker.io".to_owned(),
+            url: docker_hub(),
+            username: None,
+            password: None,
+            connect_timeout: Duration::from_secs(10),
+            timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(60),
+            credential_hosts: Vec::new(),
+            tag_ttl: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// Whether `repo` may be pulled from this upstream.
+    pub fn permits(&self, repo: &str) -> bool {
+        let allowed =
+            self.allow.is_empty() || self.allow.iter().any(|p| policy::glob_match(p, repo));
+        allowed && !self.deny.iter().any(|p| policy::glob_match(p, repo))
+    }
+}
+
+/// A registry name usable as a path segment: `[a-z0-9]+([.-][a-z0-9]+)*`.
+fn valid_upstream_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split(['.', '-']).all(|part| {
+            !part.is_empty() && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        })
+}
+
+fn docker_hub() -> Url {
+    // A literal that always parses; `Url` has no const constructor.
+    Url::parse("https://registry-1.docker.io").unwrap_or_else(|_| unreachable!())
+}
+
+/// Cache budget and freshness policy.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Bytes the cache may take on disk, temp files of downloads included.
+    pub max_size: ByteSize,
+    /// Percent of `max_size` at which eviction starts.
+    pub high_watermark: u8,
+    /// Percent of `max_size` eviction brings the cache down to.
+    pub low_watermark: u8,
+    /// A blob nobody pulled for this long is evicted (`0s`: never).
+    #[serde(with = "humantime_serde_compat")]
+    pub blob_idle_ttl: Duration,
+    /// A manifest nobody pulled for this long is evicted (`0s`: never).
+    #[serde(with = "humantime_serde_compat")]
+    pub manifest_idle_ttl: Duration,
+    /// How long a tag → digest mapping is trusted before a HEAD revalidates it.
+    #[serde(with = "humantime_serde_compat")]
+    pub tag_ttl: Duration,
+    /// Per-pattern tag TTLs; the first matching rule wins over `tag_ttl`.
+    pub tag_ttl_rules: Vec<TagTtlRuleConfig>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_size: ByteSize(20 * 1024 * 1024 * 1024),
+            high_watermark: 90,
+            low_watermark: 80,
+            blob_idle_ttl: Duration::from_secs(30 * 86400),
+            manifest_idle_ttl: Duration::from_secs(30 * 86400),
+            tag_ttl: Duration::from_secs(5 * 60),
+            tag_ttl_rules: Vec::new(),
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The watermarks in bytes.
+    pub fn budget(&self) -> Budget {
+        Budget::new(self.max_size.0, self.high_watermark, self.low_watermark)
+    }
+
+    /// The tag TTL rules as policy sees them.
+    pub fn tag_rules(&self) -> Vec<TagTtlRule> {
+        self.tag_ttl_rules
+            .iter()
+            .map(|r| TagTtlRule {
+                pattern: r.pattern.clone(),
+                ttl: r.ttl,
+            })
+            .collect()
+    }
+
+    /// An idle TTL of zero means "never idle out".
+    pub fn idle_ttl(ttl: Duration) -> Option<Duration> {
+        (!ttl.is_zero()).then_some(ttl)
+    }
+
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.high_watermark == 0 || self.high_watermark > 100 {
+            return Err(format!(
+                "key cache.high_watermark: {} is not a percentage in 1..=100",
+                self.high_watermark
+            ));
+        }
+        if self.low_watermark > self.high_watermark {
+            return Err(format!(
+                "key cache.low_watermark: {} is above cache.high_watermark ({})",
+                self.low_watermark, self.high_watermark
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A `[[cache.tag_ttl_rules]]` entry: `pattern` is `repo-glob:tag-glob` or
+/// `repo-glob`, with `*` matching anything.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TagTtlRuleConfig {
+    pub pattern: String,
+    #[serde(with = "humantime_serde_compat")]
+    pub ttl: Duration,
+}
+
+/// A secret string: never printed by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// humantime durations (`"5m"`, `"30d"`) with errors that quote the value.
+pub(crate) mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+
+    fn parse(s: &str) -> Result<Duration, String> {
+        humantime::parse_duration(s).map_err(|e| {
+            format!("invalid duration {s:?} ({e}); write e.g. \"30s\", \"5m\", \"30d\"")
+        })
+    }
+
+    /// An optional duration: absent, or a humantime string.
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer};
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            match Option::<String>::deserialize(d)? {
+                None => Ok(None),
+                Some(s) => super::parse(&s).map(Some).map_err(serde::de::Error::custom),
+            }
+        }
+    }
+}
+
+fn de_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Url, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_upstream_url(&s).map_err(serde::de::Error::custom)
+}
+
+/// An upstream URL: http or https, a host, no path, query or credentials.
+pub fn parse_upstream_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("invalid URL {s:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(format!(
+            "invalid URL {s:?}: must be http:// or https:// with a host"
+        ));
+    }
+    if url.path() != "/" || url.query().is_some() || !url.username().is_empty() {
+        return Err(format!(
+            "invalid URL {s:?}: give scheme, host and port only (credentials go in upstream.username/password)"
+        ));
+    }
+    Ok(url)
+}
