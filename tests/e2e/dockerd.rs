@@ -1,6 +1,7 @@
 //! dockerd as users run it with `--registry-mirror`: a private daemon (vfs storage, no
 //! networking of its own) under a temporary directory, driven with `/usr/bin/docker`. On drop
 //! the daemon's whole process group is stopped and anything it left mounted is unmounted.
+//! Also its trust of an HTTPS registry: one `/etc/docker/certs.d/HOST:PORT` entry, removed on drop.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,7 +4,9 @@
 //! would check plus, from the upstream's access log, that the mirror served the pull.
 //!
 //! Run with `cargo test --test e2e` as root with docker-registry, skopeo, docker.io (dockerd),
-//! containerd and openssl installed; a missing tool fails the tests rather than skipping them.
+//! containerd, openssl and htpasswd (apache2-utils) installed; a missing tool fails the tests
+//! rather than skipping them. The TLS tests add (and remove) their own
+//! `/etc/docker/certs.d/127.0.0.1:PORT` entry, the one place dockerd reads registry CAs from.
 //!
 //! # Layout
 //! - `procs`: spawned processes (killed on drop), ports, running commands.

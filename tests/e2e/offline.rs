@@ -14,14 +14,18 @@ use crate::{assert_cached, assert_digest};
 /// The log line of a tag served from the cache after the upstream failed to revalidate it.
 const STALE: &str = "upstream unavailable; serving the tag from cache";
 
-/// What the upstream has answered so far (registry requests) and tokens the issuer gave out.
+/// How many requests the upstream registry (its access log, every line) and its token issuer
+/// have answered so far.
 fn upstream_requests(world: &World) -> (usize, usize) {
-    (world.upstream.served().len(), world.issuer.requests().len())
+    (
+        world.upstream.access_lines().len(),
+        world.issuer.requests().len(),
+    )
 }
 
 /// Asserts the upstream and the token issuer got no request since `before`, showing them.
 fn assert_no_upstream_requests(world: &World, before: (usize, usize), when: &str) {
-    let served = world.upstream.served();
+    let served = world.upstream.access_lines();
     let tokens = world.issuer.requests();
     assert!(
         served.len() == before.0 && tokens.len() == before.1,

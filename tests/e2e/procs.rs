@@ -40,7 +40,7 @@ pub fn require_tools(tools: &[&str]) {
     assert!(
         missing.is_empty(),
         "e2e tests need these tools, which are missing: {missing:?} \
-         (Debian packages: docker-registry skopeo docker.io containerd openssl)"
+         (Debian packages: docker-registry skopeo docker.io containerd openssl apache2-utils)"
     );
 }
 

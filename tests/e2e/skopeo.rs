@@ -1,5 +1,5 @@
-//! skopeo as users run it: a `registries.conf` naming the mirror for docker.io, copying to
-//! `dir:` outputs. Also the raw `skopeo` command the fixture pushes with. Each instance keeps
+//! skopeo as users run it: a `registries.conf` naming the mirror for docker.io (plain HTTP, or
+//! HTTPS with a cert dir and `skopeo login`), copying to `dir:` outputs. Also the raw `skopeo` command the fixture pushes with. Each instance keeps
 //! its policy, auth file and temporary files in its own directory.
 
 use std::path::{Path, PathBuf};

@@ -105,6 +105,15 @@ auth:
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Every line of the access log so far: one per request the upstream answered.
+    pub fn access_lines(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.access_log).unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Everything the upstream served so far, in order.
     pub fn served(&self) -> Vec<Served> {
         let text = std::fs::read_to_string(&self.access_log).unwrap_or_default();
