@@ -295,14 +295,27 @@ mod tests {
     #[test]
     fn upstream_names_are_hosts_and_unique() {
         for (bad, why) in [
-            (r#"[{name = "docker.io", url = "https://x.example"}]"#, "two upstreams"),
+            (
+                r#"[{name = "docker.io", url = "https://x.example"}]"#,
+                "two upstreams",
+            ),
             (r#"[{url = "https://x.example"}]"#, "two upstreams"),
-            (r#"[{name = "Bad_Host", url = "https://x.example"}]"#, "not a registry host"),
-            (r#"[{name = "h.example:5000", url = "https://x.example"}]"#, "not a registry host"),
+            (
+                r#"[{name = "Bad_Host", url = "https://x.example"}]"#,
+                "not a registry host",
+            ),
+            (
+                r#"[{name = "h.example:5000", url = "https://x.example"}]"#,
+                "not a registry host",
+            ),
         ] {
-            let e = load(None, env(&[("REGMIRROR_UPSTREAMS", bad)]), &Flags::default())
-                .unwrap_err()
-                .to_string();
+            let e = load(
+                None,
+                env(&[("REGMIRROR_UPSTREAMS", bad)]),
+                &Flags::default(),
+            )
+            .unwrap_err()
+            .to_string();
             assert!(e.contains("upstreams[0].name") && e.contains(why), "{e}");
         }
     }

@@ -240,7 +240,10 @@ fn valid_upstream_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name.split(['.', '-']).all(|part| {
-            !part.is_empty() && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         })
 }
 

@@ -13,8 +13,8 @@ use crate::error::Error;
 use crate::hashing::Hasher;
 use crate::range::{self, RangeRequest};
 use crate::reference::Digest;
-use crate::routing::Route;
 use crate::response::{self, Outcome, Reply, CONTENT_DIGEST};
+use crate::routing::Route;
 use crate::store::{BlobFile, ContentKey};
 use crate::upstream::What;
 

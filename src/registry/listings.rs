@@ -130,14 +130,22 @@ impl Registry {
             b = b.header(FILTERS_APPLIED, "artifactType");
         }
         let response = b
-            .body(if head { response::empty() } else { response::full(body) })
+            .body(if head {
+                response::empty()
+            } else {
+                response::full(body)
+            })
             .map_err(|e| Error::internal("building a response", e))?;
         Ok(Reply { response, outcome })
     }
 
     async fn fetch_referrers(&self, route: &Route, digest: &Digest) -> Result<Bytes, Error> {
         if !self.offline {
-            if let Some(doc) = self.upstream(route).get_referrers(&route.repo, digest).await? {
+            if let Some(doc) = self
+                .upstream(route)
+                .get_referrers(&route.repo, digest)
+                .await?
+            {
                 return Ok(doc.bytes);
             }
         }
@@ -198,7 +206,8 @@ fn json_reply(
 
 fn empty_index() -> Bytes {
     Bytes::from(
-        serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).to_string(),
+        serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []})
+            .to_string(),
     )
 }
 
@@ -209,12 +218,16 @@ fn is_index(bytes: &[u8]) -> bool {
 }
 
 /// Keeps only the descriptors of `artifact_type`; `true` when filtered.
-fn filter_by_artifact_type(index: &Bytes, artifact_type: Option<&str>) -> Result<(Bytes, bool), Error> {
+fn filter_by_artifact_type(
+    index: &Bytes,
+    artifact_type: Option<&str>,
+) -> Result<(Bytes, bool), Error> {
     let Some(wanted) = artifact_type else {
         return Ok((index.clone(), false));
     };
-    let mut v: serde_json::Value = serde_json::from_slice(index)
-        .map_err(|_| Error::UpstreamFailed("upstream sent a referrers index that is not JSON".into()))?;
+    let mut v: serde_json::Value = serde_json::from_slice(index).map_err(|_| {
+        Error::UpstreamFailed("upstream sent a referrers index that is not JSON".into())
+    })?;
     if let Some(list) = v.get_mut("manifests").and_then(|m| m.as_array_mut()) {
         list.retain(|d| d.get("artifactType").and_then(|a| a.as_str()) == Some(wanted));
     }
@@ -231,12 +244,18 @@ mod tests {
     fn pagination_edges() {
         assert_eq!(paginate(&ITEMS, None, None), (ITEMS.to_vec(), None));
         assert_eq!(paginate(&ITEMS, Some(2), None), (vec!["a", "b"], Some("b")));
-        assert_eq!(paginate(&ITEMS, Some(2), Some("b")), (vec!["c", "d"], Some("d")));
+        assert_eq!(
+            paginate(&ITEMS, Some(2), Some("b")),
+            (vec!["c", "d"], Some("d"))
+        );
         assert_eq!(paginate(&ITEMS, Some(2), Some("d")), (vec!["e"], None));
         assert_eq!(paginate(&ITEMS, Some(5), None), (ITEMS.to_vec(), None));
         assert_eq!(paginate(&ITEMS, Some(0), None), (vec![], None));
         assert_eq!(paginate(&ITEMS, None, Some("z")), (vec![], None));
-        assert_eq!(paginate(&ITEMS, None, Some("bb")), (vec!["c", "d", "e"], None));
+        assert_eq!(
+            paginate(&ITEMS, None, Some("bb")),
+            (vec!["c", "d", "e"], None)
+        );
         assert_eq!(paginate(&[], Some(3), None), (vec![], None));
     }
 
@@ -249,7 +268,10 @@ mod tests {
         assert!(filtered);
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["manifests"].as_array().unwrap().len(), 1);
-        assert_eq!(filter_by_artifact_type(&index, None).unwrap(), (index, false));
+        assert_eq!(
+            filter_by_artifact_type(&index, None).unwrap(),
+            (index, false)
+        );
         assert!(is_index(&empty_index()));
     }
 }

@@ -15,8 +15,8 @@ use crate::hashing::digest_of;
 use crate::manifest;
 use crate::policy::{tag_is_fresh, tag_ttl_for};
 use crate::reference::{Algorithm, Digest, Reference, Tag};
-use crate::routing::Route;
 use crate::response::{self, Outcome, Reply, CONTENT_DIGEST};
+use crate::routing::Route;
 use crate::store::{ContentKey, StoredManifest, TagEntry};
 use crate::upstream::{Document, What};
 
@@ -36,16 +36,13 @@ impl Registry {
         }
     }
 
-    async fn manifest_by_tag(
-        &self,
-        route: &Route,
-        tag: &Tag,
-        head: bool,
-    ) -> Result<Reply, Error> {
+    async fn manifest_by_tag(&self, route: &Route, tag: &Tag, head: bool) -> Result<Reply, Error> {
         let entry = match self.tag_target(route, tag).await? {
             Resolved::Entry(e) => e,
             // The upstream sent no digest on HEAD: the GET by tag was the answer.
-            Resolved::Fetched(digest, m) => return manifest_reply(&digest, &m, head, Outcome::Miss),
+            Resolved::Fetched(digest, m) => {
+                return manifest_reply(&digest, &m, head, Outcome::Miss)
+            }
         };
         // A HEAD needs no bytes: answer it from what the upstream's HEAD said.
         if head && !self.has_manifest(&entry.digest).await {
@@ -84,7 +81,9 @@ impl Registry {
             self.default_tag_ttl(route),
         );
         match known {
-            Some(e) if self.offline || tag_is_fresh(e.checked_at, now, ttl) => Ok(Resolved::Entry(e)),
+            Some(e) if self.offline || tag_is_fresh(e.checked_at, now, ttl) => {
+                Ok(Resolved::Entry(e))
+            }
             None if self.offline => Err(offline_miss(
                 What::Manifest,
                 &format!("{}:{tag}", route.key),
@@ -121,11 +120,17 @@ impl Registry {
         now: SystemTime,
     ) -> Result<Resolved, Error> {
         let reference = Reference::Tag(tag.clone());
-        let found = self.upstream(route).head_manifest(&route.repo, &reference).await?;
+        let found = self
+            .upstream(route)
+            .head_manifest(&route.repo, &reference)
+            .await?;
         let (digest, media_type, size) = match found.digest {
             Some(d) => (d, found.media_type, found.size),
             None => {
-                let doc = self.upstream(route).get_manifest(&route.repo, &reference).await?;
+                let doc = self
+                    .upstream(route)
+                    .get_manifest(&route.repo, &reference)
+                    .await?;
                 let digest = digest_of(Algorithm::Sha256, &doc.bytes);
                 let m = self.keep_manifest(route, &digest, doc).await?;
                 let entry = TagEntry {
@@ -172,7 +177,10 @@ impl Registry {
                         return Ok(Arc::new(m));
                     }
                     if self.offline {
-                        return Err(offline_miss(What::Manifest, &format!("{}@{digest}", route.key)));
+                        return Err(offline_miss(
+                            What::Manifest,
+                            &format!("{}@{digest}", route.key),
+                        ));
                     }
                     let doc = self
                         .upstream(route)

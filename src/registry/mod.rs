@@ -22,8 +22,8 @@ use crate::error::Error;
 use crate::evictor::{Evictor, Limits};
 use crate::policy::TagTtlRule;
 use crate::reference::{Digest, Reference, RepoName};
-use crate::routing::{Route, Router};
 use crate::response::{self, Outcome, Reply};
+use crate::routing::{Route, Router};
 use crate::store::{
     disk::DiskStore, local_index::LocalIndex, BlobStore, ContentKey, Index, StoredManifest,
 };

@@ -34,7 +34,12 @@ struct TagPage {
 
 /// The `last` parameter of a `Link: <...?last=x&n=y>; rel="next"` header.
 fn next_last(link: &str) -> Option<String> {
-    let target = link.split(';').next()?.trim().strip_prefix('<')?.strip_suffix('>')?;
+    let target = link
+        .split(';')
+        .next()?
+        .trim()
+        .strip_prefix('<')?
+        .strip_suffix('>')?;
     let query = target.split_once('?')?.1;
     url::form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == "last")
@@ -175,14 +180,23 @@ impl Upstream {
             let mut path = format!("/v2/{repo}/tags/list?n={TAG_PAGE}");
             if let Some(l) = &last {
                 path.push_str("&last=");
-                path.push_str(&url::form_urlencoded::byte_serialize(l.as_bytes()).collect::<String>());
+                path.push_str(
+                    &url::form_urlencoded::byte_serialize(l.as_bytes()).collect::<String>(),
+                );
             }
-            let resp = self.send(Method::GET, repo, &path, None, What::Tags).await?;
+            let resp = self
+                .send(Method::GET, repo, &path, None, What::Tags)
+                .await?;
             let doc = self.read_document(resp).await?;
             let page: TagPage = serde_json::from_slice(&doc.bytes).map_err(|_| {
                 Error::UpstreamFailed("upstream sent a tag list that is not JSON".into())
             })?;
-            tags.extend(page.tags.unwrap_or_default().iter().filter_map(|t| Tag::parse(t).ok()));
+            tags.extend(
+                page.tags
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|t| Tag::parse(t).ok()),
+            );
             last = doc
                 .headers
                 .get(header::LINK)
@@ -205,7 +219,10 @@ impl Upstream {
         digest: &Digest,
     ) -> Result<Option<Document>, Error> {
         let path = format!("/v2/{repo}/referrers/{digest}");
-        match self.send(Method::GET, repo, &path, None, What::Manifest).await {
+        match self
+            .send(Method::GET, repo, &path, None, What::Manifest)
+            .await
+        {
             Ok(resp) => self.read_document(resp).await.map(Some),
             Err(Error::ManifestUnknown(_)) => Ok(None),
             Err(e) => Err(e),

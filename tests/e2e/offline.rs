@@ -107,7 +107,8 @@ async fn cached_images_pull_with_upstream_stopped() {
     pull_with_fresh_daemons(&world, "stale", &images).await;
     let log = world.mirror().own_log();
     for img in images {
-        let repo = format!("repo={}", img.name);
+        // The log names the repository with its registry: docker.io/library/small.
+        let repo = format!("/{} ", img.name);
         assert!(
             log.lines().any(|l| l.contains(STALE) && l.contains(&repo)),
             "with the tag TTL expired and the upstream down, the mirror should have logged \
