@@ -516,6 +516,18 @@ fn map_status(resp: &Response, what: What) -> Error {
     }
 }
 
+/// A transport failure, without the URL (a CDN URL carries a signature).
+pub fn transport_error(e: reqwest::Error) -> Error {
+    let e = e.without_url();
+    if e.is_timeout() {
+        Error::UpstreamTimeout(format!("upstream timed out: {e}"))
+    } else if e.is_connect() {
+        Error::UpstreamUnreachable(format!("cannot connect to the upstream: {e}"))
+    } else {
+        Error::UpstreamFailed(format!("upstream connection failed: {e}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,17 +540,5 @@ mod tests {
         );
         assert_eq!(next_last(r#"</v2/a/tags/list?n=2>; rel="next""#), None);
         assert_eq!(next_last("garbage"), None);
-    }
-}
-
-/// A transport failure, without the URL (a CDN URL carries a signature).
-pub fn transport_error(e: reqwest::Error) -> Error {
-    let e = e.without_url();
-    if e.is_timeout() {
-        Error::UpstreamTimeout(format!("upstream timed out: {e}"))
-    } else if e.is_connect() {
-        Error::UpstreamUnreachable(format!("cannot connect to the upstream: {e}"))
-    } else {
-        Error::UpstreamFailed(format!("upstream connection failed: {e}"))
     }
 }
