@@ -1,6 +1,8 @@
 //! Closes connections that carry no traffic for a while: a wrapper around
 //! the socket whose reads fail with `TimedOut` once neither a read nor a
-//! write has moved a byte for the idle timeout.
+//! write has moved a byte for the idle timeout. A connection that has sent
+//! nothing yet gets a shorter first deadline (the header read timeout), so a
+//! silent client does not hold a connection slot for the whole idle time.
 
 use std::future::Future;
 use std::io;
@@ -18,11 +20,12 @@ pub struct IdleTimeout<T> {
 }
 
 impl<T> IdleTimeout<T> {
-    pub fn new(inner: T, timeout: Duration) -> Self {
+    /// `first` bounds the wait for the first byte, `timeout` every silence after.
+    pub fn new(inner: T, first: Duration, timeout: Duration) -> Self {
         Self {
             inner,
             timeout,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
+            deadline: Box::pin(tokio::time::sleep(first.min(timeout))),
         }
     }
 
@@ -102,7 +105,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn traffic_keeps_it_open_and_silence_closes_it() {
         let (a, mut b) = tokio::io::duplex(64);
-        let mut conn = IdleTimeout::new(a, Duration::from_secs(10));
+        let mut conn = IdleTimeout::new(a, Duration::from_secs(9), Duration::from_secs(10));
         let writer = tokio::spawn(async move {
             for msg in [b"hi", b"yo"] {
                 tokio::time::sleep(Duration::from_secs(8)).await;
@@ -121,5 +124,16 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), Duration::from_secs(10));
         drop(writer);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_gets_the_first_deadline() {
+        let (a, _b) = tokio::io::duplex(64);
+        let mut conn = IdleTimeout::new(a, Duration::from_secs(2), Duration::from_secs(120));
+        let started = Instant::now();
+        let mut buf = [0u8; 4];
+        let err = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
     }
 }

@@ -117,7 +117,6 @@ pub async fn run(
         tokio::spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
-            let stream = IdleTimeout::new(stream, limits.idle_timeout);
             match tls {
                 None => serve_connection(stream, frontend, &limits, peer, watcher).await,
                 Some(tls) => {
@@ -163,6 +162,8 @@ async fn serve_connection<S>(
         let frontend = frontend.clone();
         async move { Ok::<_, Infallible>(frontend.handle(req).await) }
     });
+    // Above TLS, so the first deadline covers the first request after a handshake.
+    let stream = IdleTimeout::new(stream, limits.header_read_timeout, limits.idle_timeout);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let max_header = usize::try_from(limits.max_header_size.0).unwrap_or(usize::MAX);
     builder
