@@ -29,6 +29,8 @@ pub mod evictor;
 pub mod hashing;
 pub mod idle;
 pub mod manifest;
+pub mod metrics;
+pub mod ops;
 pub mod policy;
 pub mod range;
 pub mod reference;
