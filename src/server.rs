@@ -40,6 +40,9 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// The response header naming the cache outcome (hit, miss, coalesced, pass).
+pub const X_CACHE: &str = "X-Cache";
+
 /// How long a shutdown waits for requests in flight to finish.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -226,7 +229,16 @@ impl Frontend {
         let mut label = "other";
         let result = self.answer(&req, &mut label).await;
         let (response, outcome) = match result {
-            Ok(reply) => (reply.response, reply.outcome),
+            Ok(mut reply) => {
+                if reply.outcome != Outcome::None {
+                    // Tells clients (and `regmirror prefetch`) where bytes came from.
+                    reply.response.headers_mut().insert(
+                        X_CACHE,
+                        http::HeaderValue::from_static(reply.outcome.as_str()),
+                    );
+                }
+                (reply.response, reply.outcome)
+            }
             Err(e) => {
                 let status = e.wire().status;
                 if status.is_server_error() {
