@@ -2,6 +2,7 @@
 //! dropped, so it carries the bytes really sent and whether the body was cut.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -9,6 +10,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
+use crate::metrics::Metrics;
 use crate::response::{Body, BoxError, Outcome};
 
 /// What the log line says besides the body's fate.
@@ -22,6 +24,7 @@ pub struct RequestInfo {
     /// once that many bytes went out, so reaching it means complete.
     pub length: Option<u64>,
     pub started: Instant,
+    pub metrics: Arc<Metrics>,
 }
 
 /// A response body that logs its request when it ends.
@@ -90,6 +93,7 @@ impl Drop for LoggedBody {
             "client-gone"
         };
         let i = &self.info;
+        i.metrics.client_bytes(i.outcome.as_str(), self.bytes);
         tracing::info!(
             target: "regmirror::access",
             method = %i.method,

@@ -17,6 +17,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::error::Error;
 use crate::hashing::Hasher;
+use crate::metrics::Metrics;
 use crate::reference::Digest;
 use crate::store::{BlobFile, BlobStore, ContentKey, Index, Spool};
 use crate::upstream::transport_error;
@@ -90,6 +91,7 @@ pub struct Downloads {
     space_changed: Arc<Notify>,
     /// Digests whose cached file is known intact; a commit adds to it.
     verified: moka::future::Cache<Digest, ()>,
+    metrics: Arc<Metrics>,
     active: Mutex<HashMap<Digest, Arc<Download>>>,
 }
 
@@ -100,6 +102,7 @@ impl Downloads {
         keep_limit: u64,
         space_changed: Arc<Notify>,
         verified: moka::future::Cache<Digest, ()>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             store,
@@ -107,6 +110,7 @@ impl Downloads {
             keep_limit,
             space_changed,
             verified,
+            metrics,
             active: Mutex::new(HashMap::new()),
         }
     }
@@ -242,6 +246,7 @@ impl Downloads {
                     "upstream sent more bytes than announced for {digest}"
                 )));
             }
+            self.metrics.upstream_bytes(chunk.len() as u64);
             hasher.update(&chunk);
             write_at(&spool.file, chunk, written)
                 .await

@@ -33,6 +33,18 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// A short name for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Endpoint::Ping => "ping",
+            Endpoint::Manifest { .. } => "manifest",
+            Endpoint::Blob { .. } => "blob",
+            Endpoint::TagsList { .. } => "tags",
+            Endpoint::Referrers { .. } => "referrers",
+            Endpoint::Catalog { .. } => "catalog",
+        }
+    }
+
     /// The repository the request is about, if any.
     pub fn name(&self) -> Option<&RepoName> {
         match self {

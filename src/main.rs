@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use regmirror::config::{self, Flags};
+use regmirror::imageref::ImageRef;
+use regmirror::prefetch::{Platforms, Target};
 
 /// A pull-through caching mirror for container registries.
 ///
@@ -54,6 +56,48 @@ enum Command {
     Ls(CacheArgs),
     /// Show what the cache takes on disk against its budget.
     Du(CacheArgs),
+    /// Fill the cache with images before they are needed.
+    ///
+    /// Pulls each image through the mirror serving the data dir (or through
+    /// one started here on it when none runs), the same way a client pulls.
+    Prefetch {
+        /// Images: alpine:3.19, docker.io/library/alpine:3.19, ghcr.io/org/app@sha256:...
+        images: Vec<String>,
+        /// A file with one image per line (# comments allowed).
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
+        /// The platform to fetch from multi-arch images.
+        #[arg(long, default_value = "linux/amd64", conflicts_with = "all_platforms")]
+        platform: String,
+        /// Fetch every platform of multi-arch images.
+        #[arg(long)]
+        all_platforms: bool,
+        /// A running mirror to pull through (default: the one of the config).
+        #[arg(long, value_name = "URL")]
+        mirror: Option<String>,
+        /// USER:PASSWORD for a mirror with [auth].
+        #[arg(long, value_name = "USER:PASSWORD")]
+        user: Option<String>,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Write cached images to an OCI image layout archive (for skopeo's
+    /// oci-archive: transport, or `regmirror import` at an air-gapped site).
+    Export {
+        images: Vec<String>,
+        /// The archive to write.
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Load an archive written by `regmirror export` into the cache of a
+    /// stopped mirror; a damaged archive is refused whole.
+    Import {
+        bundle: PathBuf,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
 }
 
 /// Where the cache is, for the cache commands.
@@ -97,10 +141,15 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // The server logs every request; the other commands only what goes wrong.
+    let default_level = match cli.command {
+        Command::Serve { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -165,6 +214,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Prefetch {
+            images,
+            from_file,
+            platform,
+            all_platforms,
+            mirror,
+            user,
+            cache,
+        } => {
+            let config = cache.load()?;
+            let images = image_list(&images, from_file.as_deref())?;
+            let platforms = if all_platforms {
+                Platforms::All
+            } else {
+                Platforms::One(platform)
+            };
+            prefetch(config, images, platforms, mirror, user)
+        }
+        Command::Export {
+            images,
+            output,
+            cache,
+        } => {
+            let config = cache.load()?;
+            let images = image_list(&images, None)?;
+            let warnings = block_on(regmirror::bundle::export(&config, &images, &output))?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            println!("wrote {} images to {}", images.len(), output.display());
+            Ok(())
+        }
+        Command::Import { bundle, cache } => {
+            let config = cache.load()?;
+            let report = block_on(regmirror::bundle::import(&config, &bundle))?;
+            for image in &report.images {
+                println!("imported {image}");
+            }
+            println!("{} blobs, {}", report.blobs, bytes(report.bytes));
+            Ok(())
+        }
         Command::Du(args) => {
             let config = args.load()?;
             let u = block_on(regmirror::admin::usage(&config))?;
@@ -189,6 +279,117 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The images named on the command line and in `--from-file`.
+fn image_list(args: &[String], file: Option<&std::path::Path>) -> anyhow::Result<Vec<ImageRef>> {
+    let mut names: Vec<String> = args.to_vec();
+    if let Some(f) = file {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        names.extend(
+            text.lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim())
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    if names.is_empty() {
+        anyhow::bail!("no image given");
+    }
+    names
+        .iter()
+        .map(|n| ImageRef::parse(n).map_err(|e| anyhow::anyhow!("{n}: {e}")))
+        .collect()
+}
+
+fn prefetch(
+    config: config::Config,
+    images: Vec<ImageRef>,
+    platforms: Platforms,
+    mirror: Option<String>,
+    user: Option<String>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let basic = user.map(|u| match u.split_once(':') {
+            Some((a, b)) => (a.to_owned(), b.to_owned()),
+            None => (u, String::new()),
+        });
+        let running = regmirror::store::disk::DiskStore::open(&config.data_dir)?
+            .try_lock()?
+            .is_none();
+        let mut local = None;
+        let base = match mirror {
+            Some(m) => m.trim_end_matches('/').to_owned(),
+            None if running => {
+                let scheme = if config.tls.cert.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                let mut addr = config.listen;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                format!("{scheme}://{addr}")
+            }
+            None => {
+                // No mirror serves the data dir: run one here, for this command.
+                let mut own = config.clone();
+                own.tls = Default::default();
+                own.auth = Default::default();
+                own.metrics = Default::default();
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                let task = tokio::spawn(regmirror::server::run(listener, own, async {
+                    let _ = rx.await;
+                }));
+                local = Some((tx, task));
+                format!("http://{addr}")
+            }
+        };
+        let target = Target {
+            base,
+            client: reqwest::Client::builder().build()?,
+            basic,
+            default_registry: config.upstream.name.clone(),
+        };
+        let (mut fetched, mut cached, mut failed) = (0u64, 0u64, Vec::new());
+        for image in &images {
+            match target.prefetch(image, &platforms).await {
+                Ok(r) => {
+                    println!(
+                        "{image}: {} blobs, {} fetched, {} already cached",
+                        r.blobs,
+                        bytes(r.fetched),
+                        bytes(r.cached)
+                    );
+                    fetched += r.fetched;
+                    cached += r.cached;
+                }
+                Err(e) => {
+                    eprintln!("{image}: FAILED: {e}");
+                    failed.push(image.to_string());
+                }
+            }
+        }
+        println!(
+            "{} images: {} fetched from upstream, {} already cached",
+            images.len(),
+            bytes(fetched),
+            bytes(cached)
+        );
+        if let Some((tx, task)) = local {
+            let _ = tx.send(());
+            task.await??;
+        }
+        if !failed.is_empty() {
+            anyhow::bail!("prefetch failed for {}", failed.join(", "));
+        }
+        Ok(())
+    })
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = std::io::Result<T>>) -> anyhow::Result<T> {

@@ -22,6 +22,7 @@ use crate::config::{Config, ServerConfig};
 use crate::endpoint;
 use crate::error::Error;
 use crate::idle::IdleTimeout;
+use crate::ops::{self, OpsEndpoint};
 use crate::registry::Registry;
 use crate::response::{self, Outcome};
 use crate::tls::{Tls, TlsError};
@@ -39,6 +40,9 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// The response header naming the cache outcome (hit, miss, coalesced, pass).
+pub const X_CACHE: &str = "X-Cache";
+
 /// How long a shutdown waits for requests in flight to finish.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -47,6 +51,8 @@ struct Frontend {
     registry: Arc<Registry>,
     auth: Option<Arc<Authenticator>>,
     max_url_length: usize,
+    /// Serves only the operator endpoints (the metrics listener).
+    ops_only: bool,
 }
 
 /// Serves the registry API on `listener` until `shutdown` completes.
@@ -77,8 +83,20 @@ pub async fn run(
         registry: registry.clone(),
         auth,
         max_url_length: config.server.max_url_length,
+        ops_only: false,
     });
     let limits = Arc::new(config.server.clone());
+    if let Some(addr) = config.metrics.listen {
+        let ops_listener = TcpListener::bind(addr).await?;
+        tracing::info!(addr = %ops_listener.local_addr()?, "operator endpoints listening");
+        let ops = Arc::new(Frontend {
+            registry: registry.clone(),
+            auth: None,
+            max_url_length: config.server.max_url_length,
+            ops_only: true,
+        });
+        background.push(tokio::spawn(serve_ops(ops_listener, ops, limits.clone())));
+    }
     let permits = Arc::new(Semaphore::new(config.server.max_connections));
     let graceful = GracefulShutdown::new();
     tracing::info!(
@@ -149,6 +167,24 @@ pub async fn run(
     Ok(())
 }
 
+/// The operator listener: plain HTTP, no auth, operator endpoints only.
+async fn serve_ops(listener: TcpListener, frontend: Arc<Frontend>, limits: Arc<ServerConfig>) {
+    // Kept for the life of the loop: a dropped one would end connections.
+    let graceful = GracefulShutdown::new();
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let (frontend, limits) = (frontend.clone(), limits.clone());
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let stream = IdleTimeout::new(stream, limits.idle_timeout);
+            serve_connection(stream, frontend, &limits, peer, watcher).await;
+        });
+    }
+}
+
 async fn serve_connection<S>(
     stream: S,
     frontend: Arc<Frontend>,
@@ -191,17 +227,38 @@ impl Frontend {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let head = method == http::Method::HEAD;
-        let result = self.answer(&req).await;
+        let mut label = "other";
+        let result = self.answer(&req, &mut label).await;
         let (response, outcome) = match result {
-            Ok(reply) => (reply.response, reply.outcome),
+            Ok(mut reply) => {
+                if reply.outcome != Outcome::None {
+                    // Tells clients (and `regmirror prefetch`) where bytes came from.
+                    reply.response.headers_mut().insert(
+                        X_CACHE,
+                        http::HeaderValue::from_static(reply.outcome.as_str()),
+                    );
+                }
+                (reply.response, reply.outcome)
+            }
             Err(e) => {
-                if e.wire().status.is_server_error() {
+                let status = e.wire().status;
+                if status.is_server_error() {
                     tracing::warn!(%method, path = %bounded(&path), error = %e, "request failed");
+                    self.registry
+                        .metrics
+                        .error(status.as_u16(), &path, e.to_string());
                 }
                 (response::error(&e, head), Outcome::None)
             }
         };
         let status = response.status();
+        let cache_kind = match label {
+            "manifest" | "blob" => Some(label),
+            _ => None,
+        };
+        self.registry
+            .metrics
+            .request(label, status.as_u16(), cache_kind, outcome.as_str());
         let length = if head {
             Some(0)
         } else {
@@ -221,12 +278,17 @@ impl Frontend {
                     outcome,
                     length,
                     started,
+                    metrics: self.registry.metrics.clone(),
                 },
             )
         })
     }
 
-    async fn answer(&self, req: &Request<Incoming>) -> Result<response::Reply, Error> {
+    async fn answer(
+        &self,
+        req: &Request<Incoming>,
+        label: &mut &'static str,
+    ) -> Result<response::Reply, Error> {
         let uri_len = req.uri().path().len() + req.uri().query().map_or(0, |q| q.len() + 1);
         if uri_len > self.max_url_length {
             return Err(Error::UriTooLong(format!(
@@ -234,14 +296,27 @@ impl Frontend {
                 self.max_url_length
             )));
         }
+        let ops = OpsEndpoint::parse(req.uri().path());
         if let Some(auth) = &self.auth {
-            let value = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok());
-            auth.check(value).await?;
+            if ops.is_none_or(OpsEndpoint::needs_auth) {
+                let value = req
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok());
+                auth.check(value).await?;
+            }
+        }
+        if self.ops_only && ops.is_none() {
+            return Err(Error::NotFound(
+                "this listener serves /metrics, /healthz, /readyz and /_/status".into(),
+            ));
+        }
+        if let Some(which) = ops {
+            *label = which.label();
+            return ops::answer(&self.registry, which, req.method() == http::Method::HEAD).await;
         }
         let api = endpoint::parse(req.method(), req.uri().path(), req.uri().query())?;
+        *label = api.endpoint.label();
         self.registry.handle(&api, req.headers()).await
     }
 }

@@ -52,6 +52,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("server.max_connections", Kind::Toml),
     ("server.header_read_timeout", Kind::Str),
     ("server.idle_timeout", Kind::Str),
+    ("metrics.listen", Kind::Str),
 ];
 
 /// Environment variables that are not config keys but belong to the binary.
@@ -263,6 +264,7 @@ mod tests {
             ("server.max_connections", "10"),
             ("server.header_read_timeout", "5s"),
             ("server.idle_timeout", "1m"),
+            ("metrics.listen", "127.0.0.1:9090"),
         ];
         assert_eq!(values.len(), KEYS.len());
         let e: Vec<_> = values

@@ -51,6 +51,17 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Limits on what clients may send.
     pub server: ServerConfig,
+    /// Where the operator endpoints are served besides the main listener.
+    pub metrics: MetricsConfig,
+}
+
+/// The operator endpoints (`/metrics`, `/healthz`, `/readyz`, `/_/status`)
+/// are on the main listener (metrics and status behind `auth` when it is
+/// on); `listen` adds a listener of their own, without auth, for scrapers.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: Option<SocketAddr>,
 }
 
 /// HTTPS: both files, or neither for plain HTTP.
@@ -125,6 +136,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             server: ServerConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

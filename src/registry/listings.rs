@@ -3,8 +3,6 @@
 //! cached repositories, and referrers (the upstream's API, or the
 //! `sha256-<hex>` tag schema where it has none).
 
-use std::sync::atomic::Ordering;
-
 use bytes::Bytes;
 use http::{header, StatusCode};
 
@@ -64,7 +62,7 @@ impl Registry {
             Err(e) if e.is_upstream_outage() => match kept().await {
                 Some(tags) => {
                     tracing::warn!(repo = %route.key, error = %e, "upstream unavailable; serving the tag list from cache");
-                    self.counters.stale_serves.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.stale_serve();
                     Ok((tags, Outcome::Hit))
                 }
                 None => Err(e),

@@ -37,7 +37,11 @@ impl Registry {
     }
 
     async fn manifest_by_tag(&self, route: &Route, tag: &Tag, head: bool) -> Result<Reply, Error> {
-        let entry = match self.tag_target(route, tag).await? {
+        let target = self.tag_target(route, tag).await?;
+        // Every client resolves the tag once per pull (dockerd and containerd
+        // with a HEAD, skopeo with a GET): that is what counts as a pull.
+        self.metrics.pulled(&format!("{}:{tag}", route.key));
+        let entry = match target {
             Resolved::Entry(e) => e,
             // The upstream sent no digest on HEAD: the GET by tag was the answer.
             Resolved::Fetched(digest, m) => {
@@ -97,7 +101,7 @@ impl Registry {
                 Err(e) => match stale {
                     Some(old) if e.is_upstream_outage() && self.has_manifest(&old.digest).await => {
                         tracing::warn!(repo = %route.key, %tag, digest = %old.digest, error = %e, "upstream unavailable; serving the tag from cache");
-                        self.counters.stale_serves.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.stale_serve();
                         Ok(Resolved::Entry(old))
                     }
                     _ => Err(e),

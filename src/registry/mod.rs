@@ -7,7 +7,6 @@ mod blobs;
 mod listings;
 mod manifests;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -20,10 +19,12 @@ use crate::download::Downloads;
 use crate::endpoint::{ApiRequest, Endpoint};
 use crate::error::Error;
 use crate::evictor::{Evictor, Limits};
+use crate::metrics::Metrics;
 use crate::policy::TagTtlRule;
 use crate::reference::{Digest, Reference, RepoName};
 use crate::response::{self, Outcome, Reply};
 use crate::routing::{Route, Router};
+use crate::store::Kind;
 use crate::store::{
     disk::DiskStore, local_index::LocalIndex, BlobStore, ContentKey, Index, StoredManifest,
 };
@@ -39,13 +40,6 @@ const RESCAN_EVERY: u32 = 60;
 const OCI_NAMESPACE: &str = "OCI-Namespace";
 /// Name of the index snapshot in the data dir.
 pub const INDEX_FILE: &str = "index.json";
-
-/// Events worth counting (exposed as metrics later).
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub stale_serves: AtomicU64,
-    pub evictions: AtomicU64,
-}
 
 /// One configured upstream: its client and its policy.
 struct Slot {
@@ -73,7 +67,8 @@ pub struct Registry {
     tag_ttl: Duration,
     tag_rules: Vec<TagTtlRule>,
     offline: bool,
-    pub counters: Counters,
+    pub metrics: Arc<Metrics>,
+    max_size: u64,
     /// The data dir's lock, held while this registry lives.
     _lock: Option<std::fs::File>,
 }
@@ -122,10 +117,11 @@ impl Registry {
         store: Arc<dyn BlobStore>,
         index: Arc<dyn Index>,
     ) -> Result<Self, Error> {
+        let metrics = Arc::new(Metrics::new());
         let mut upstreams = Vec::new();
         for u in config.all_upstreams() {
             upstreams.push(Slot {
-                client: Arc::new(Upstream::new(u)?),
+                client: Arc::new(Upstream::new(u, metrics.clone())?),
                 config: u.clone(),
             });
         }
@@ -139,6 +135,7 @@ impl Registry {
                 config.cache.max_size.0,
                 space_changed.clone(),
                 verified.clone(),
+                metrics.clone(),
             )),
             evictor: Evictor::new(store.clone(), index.clone(), limits(&config.cache)),
             space_changed,
@@ -160,7 +157,8 @@ impl Registry {
             tag_ttl: config.cache.tag_ttl,
             tag_rules: config.cache.tag_rules(),
             offline: config.offline,
-            counters: Counters::default(),
+            metrics,
+            max_size: config.cache.max_size.0,
             _lock: None,
         })
     }
@@ -249,6 +247,8 @@ impl Registry {
     /// [`UPKEEP_EVERY`], and at once when a download changed disk use.
     pub async fn maintain(self: Arc<Self>) {
         let mut runs: u32 = 0;
+        // At once: a smaller budget than last time takes effect at start.
+        self.evict_now().await;
         loop {
             tokio::select! {
                 () = self.space_changed.notified() => {}
@@ -275,11 +275,36 @@ impl Registry {
                     self.manifests.invalidate(&key.digest).await;
                     self.verified.invalidate(&key.digest).await;
                 }
-                self.counters
-                    .evictions
-                    .fetch_add(report.evicted.len() as u64, Ordering::Relaxed);
+                for (_, size, reason) in &report.evicted {
+                    self.metrics.eviction(reason.as_str(), *size);
+                }
+                let (mut blobs, mut manifests) = (0, 0);
+                for (key, _) in self.index.contents().await {
+                    match key.kind {
+                        Kind::Blob => blobs += 1,
+                        Kind::Manifest => manifests += 1,
+                    }
+                }
+                self.metrics
+                    .cache_size(report.usage_after, blobs, manifests);
             }
             Err(e) => tracing::warn!(error = %e, "eviction failed"),
+        }
+    }
+
+    /// The cache's byte budget.
+    pub fn max_size(&self) -> u64 {
+        self.max_size
+    }
+
+    /// Whether the mirror can serve: the data dir takes a write.
+    pub async fn ready(&self) -> Result<(), String> {
+        match self.store.spool().await {
+            Ok(spool) => {
+                drop(spool);
+                Ok(())
+            }
+            Err(e) => Err(format!("the cache cannot be written: {e}")),
         }
     }
 

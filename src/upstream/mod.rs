@@ -5,7 +5,7 @@
 pub mod challenge;
 pub mod token;
 
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -16,6 +16,7 @@ use url::Url;
 use crate::config::{Secret, UpstreamConfig};
 use crate::error::Error;
 use crate::manifest::ACCEPT_ALL;
+use crate::metrics::{parse_ratelimit, Metrics};
 use crate::reference::{Digest, Reference, RepoName, Tag};
 use challenge::Challenge;
 use token::{Token, TokenCache, TokenKey, TokenResponse};
@@ -74,6 +75,9 @@ pub struct Document {
 
 /// The upstream registry.
 pub struct Upstream {
+    /// Its configured name, for metrics.
+    name: String,
+    metrics: Arc<Metrics>,
     base: Url,
     http: reqwest::Client,
     username: Option<String>,
@@ -96,7 +100,7 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Result<Self, Error> {
+    pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Self, Error> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(config.connect_timeout)
@@ -104,6 +108,8 @@ impl Upstream {
             .build()
             .map_err(|e| Error::internal("building the upstream HTTP client", e))?;
         Ok(Self {
+            name: config.name.clone(),
+            metrics,
             base: config.url.clone(),
             http,
             username: config.username.clone(),
@@ -331,14 +337,31 @@ impl Upstream {
         }
     }
 
+    /// Sends within the header timeout, and records the answer.
     async fn execute(&self, req: RequestBuilder) -> Result<Response, Error> {
-        match tokio::time::timeout(self.timeout, req.send()).await {
+        let req = req
+            .build()
+            .map_err(|e| Error::internal("building an upstream request", e.without_url()))?;
+        let method = req.method().clone();
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(self.timeout, self.http.execute(req)).await {
             Err(_) => Err(Error::UpstreamTimeout(format!(
                 "no response from the upstream within {}",
                 humantime::format_duration(self.timeout)
             ))),
             Ok(r) => r.map_err(transport_error),
+        };
+        match &result {
+            Ok(resp) => self.metrics.upstream_answer(
+                &self.name,
+                method.as_str(),
+                resp.status().as_u16(),
+                started.elapsed(),
+                header_str(resp.headers(), "ratelimit-remaining").and_then(parse_ratelimit),
+            ),
+            Err(e) => self.metrics.upstream_failure(&self.name, &e.to_string()),
         }
+        result
     }
 
     /// Works out credentials for a 401: a bearer token for the challenge's
@@ -378,7 +401,7 @@ impl Upstream {
         }
     }
 
-    async fn token(&self, key: &TokenKey) -> Result<std::sync::Arc<Token>, Error> {
+    async fn token(&self, key: &TokenKey) -> Result<Arc<Token>, Error> {
         self.tokens
             .get_or_fetch(key.clone(), self.fetch_token(key))
             .await
@@ -412,6 +435,7 @@ impl Upstream {
                 );
             }
         }
+        self.metrics.token_fetch(&self.name);
         let resp = self.execute(req).await?;
         let status = resp.status();
         if !status.is_success() {

@@ -1,0 +1,414 @@
+//! Air-gap bundles: `export` writes cached images as an OCI image layout
+//! archive (what `skopeo copy oci-archive:bundle.tar:TAG` reads); `import`
+//! loads one into a stopped mirror's cache, verifying every digest before
+//! anything is committed, so a damaged bundle leaves the cache as it was.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde_json::json;
+
+use crate::config::Config;
+use crate::hashing::Hasher;
+use crate::imageref::ImageRef;
+use crate::manifest::{self, OCI_INDEX};
+use crate::reference::{Digest, Reference, RepoName, Tag};
+use crate::registry::INDEX_FILE;
+use crate::routing::Router;
+use crate::store::disk::DiskStore;
+use crate::store::local_index::LocalIndex;
+use crate::store::{BlobStore, ContentKey, Index, Spool, StoredManifest, TagEntry};
+
+/// The annotation naming the image (`<registry>/<repo>:<tag>`) a bundle
+/// entry came from, so `import` can recreate the tag.
+pub const IMAGE_ANNOTATION: &str = "io.regmirror.image";
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+fn err(msg: impl Into<String>) -> io::Error {
+    io::Error::other(msg.into())
+}
+
+fn router(config: &Config) -> Router {
+    Router::new(config.all_upstreams().map(|u| u.name.clone()).collect())
+}
+
+/// One image to put in a bundle.
+struct Entry {
+    key: RepoName,
+    tag: Tag,
+    digest: Digest,
+    manifest: StoredManifest,
+}
+
+/// Writes `images` from the cache under `config.data_dir` to `out` as an OCI
+/// layout tar. Child manifests of an index that are not cached (platforms
+/// never pulled) are left out with a warning; everything else must be cached.
+pub async fn export(config: &Config, images: &[ImageRef], out: &Path) -> io::Result<Vec<String>> {
+    let disk = DiskStore::open(&config.data_dir)?;
+    let index = LocalIndex::load(&config.data_dir.join(INDEX_FILE), disk.scan().await?);
+    let router = router(config);
+    let mut entries = Vec::new();
+    let mut seen_tags = HashSet::new();
+    for image in images {
+        let route = router
+            .route(&image.routed_name(), None)
+            .map_err(|e| err(format!("{image}: {e}")))?;
+        let (tag, digest) = match &image.reference {
+            Reference::Tag(t) => {
+                let entry = index.tag(&route.key, t).await.ok_or_else(|| {
+                    err(format!(
+                        "{image}: not in the cache (pull or prefetch it first)"
+                    ))
+                })?;
+                (t.clone(), entry.digest)
+            }
+            Reference::Digest(d) => {
+                let tag = Tag::parse(&format!("{}-{}", d.algorithm().as_str(), &d.hex()[..12]))
+                    .map_err(|e| err(e.to_string()))?;
+                (tag, d.clone())
+            }
+        };
+        if !seen_tags.insert(tag.clone()) {
+            return Err(err(format!(
+                "two images share the tag {tag}; oci-archive names images by tag alone, so export them to separate bundles"
+            )));
+        }
+        let manifest = disk
+            .get_manifest(&digest)
+            .await?
+            .ok_or_else(|| err(format!("{image}: manifest {digest} is not in the cache")))?;
+        entries.push(Entry {
+            key: route.key,
+            tag,
+            digest,
+            manifest,
+        });
+    }
+    let mut warnings = Vec::new();
+    let mut blobs: BTreeMap<Digest, Kind> = BTreeMap::new();
+    for e in &entries {
+        collect(&disk, &e.digest, &e.manifest, &mut blobs, &mut warnings).await?;
+    }
+    let file = std::fs::File::create(out).map_err(|x| err(format!("{}: {x}", out.display())))?;
+    let mut tar = tar::Builder::new(io::BufWriter::new(file));
+    append(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let descriptors: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            json!({
+                "mediaType": e.manifest.media_type,
+                "digest": e.digest.to_string(),
+                "size": e.manifest.bytes.len(),
+                "annotations": {
+                    REF_NAME: e.tag.as_str(),
+                    IMAGE_ANNOTATION: format!("{}:{}", e.key, e.tag),
+                }
+            })
+        })
+        .collect();
+    let index_json =
+        json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}).to_string();
+    append(&mut tar, "index.json", index_json.as_bytes())?;
+    for (digest, kind) in &blobs {
+        let path = format!("blobs/{}/{}", digest.algorithm().as_str(), digest.hex());
+        match kind {
+            Kind::Manifest(bytes) => append(&mut tar, &path, bytes)?,
+            Kind::Blob => {
+                let blob = disk
+                    .open_blob(digest)
+                    .await?
+                    .ok_or_else(|| err(format!("blob {digest} vanished from the cache")))?;
+                let mut header = tar::Header::new_gnu();
+                header.set_size(blob.size);
+                header.set_mode(0o644);
+                header.set_cksum();
+                tar.append_data(
+                    &mut header,
+                    &path,
+                    PositionalReader {
+                        file: blob.file,
+                        pos: 0,
+                    },
+                )?;
+            }
+        }
+    }
+    tar.into_inner()?.flush()?;
+    Ok(warnings)
+}
+
+enum Kind {
+    Manifest(bytes::Bytes),
+    Blob,
+}
+
+/// Everything `digest`'s manifest needs, recursively.
+async fn collect(
+    disk: &DiskStore,
+    digest: &Digest,
+    m: &StoredManifest,
+    out: &mut BTreeMap<Digest, Kind>,
+    warnings: &mut Vec<String>,
+) -> io::Result<()> {
+    out.insert(digest.clone(), Kind::Manifest(m.bytes.clone()));
+    let v: serde_json::Value =
+        serde_json::from_slice(&m.bytes).map_err(|e| err(format!("{digest}: {e}")))?;
+    if let Some(children) = v.get("manifests").and_then(|x| x.as_array()) {
+        for c in children {
+            let Some(d) = c
+                .get("digest")
+                .and_then(|d| d.as_str())
+                .and_then(|d| Digest::parse(d).ok())
+            else {
+                continue;
+            };
+            match disk.get_manifest(&d).await? {
+                Some(child) => Box::pin(collect(disk, &d, &child, out, warnings)).await?,
+                None => warnings.push(format!(
+                    "{digest}: child manifest {d} is not cached; left out"
+                )),
+            }
+        }
+        return Ok(());
+    }
+    for d in manifest::references(&m.bytes) {
+        if disk.open_blob(&d).await?.is_none() {
+            return Err(err(format!(
+                "{digest}: blob {d} is not cached (prefetch the image first)"
+            )));
+        }
+        out.entry(d).or_insert(Kind::Blob);
+    }
+    Ok(())
+}
+
+fn append<W: Write>(tar: &mut tar::Builder<W>, path: &str, data: &[u8]) -> io::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append_data(&mut header, path, data)
+}
+
+struct PositionalReader {
+    file: Arc<std::fs::File>,
+    pos: u64,
+}
+
+impl Read for PositionalReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// What `import` loaded.
+#[derive(Debug, Default)]
+pub struct ImportReport {
+    pub images: Vec<String>,
+    pub blobs: usize,
+    pub bytes: u64,
+}
+
+/// Loads a bundle into the cache of a stopped mirror. Every file is hashed
+/// against its name first; only when all match and every image is complete
+/// is anything committed.
+pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> {
+    let disk = DiskStore::open(&config.data_dir)?;
+    let _lock = disk.try_lock()?.ok_or_else(|| {
+        err(format!(
+            "{} is in use by a running mirror; stop it to import",
+            config.data_dir.display()
+        ))
+    })?;
+    let index = LocalIndex::load(&config.data_dir.join(INDEX_FILE), disk.scan().await?);
+    let file =
+        std::fs::File::open(bundle).map_err(|e| err(format!("{}: {e}", bundle.display())))?;
+    let mut archive = tar::Archive::new(io::BufReader::new(file));
+    let mut staged: HashMap<Digest, (Spool, u64)> = HashMap::new();
+    let mut index_json: Option<serde_json::Value> = None;
+    for entry in archive.entries()? {
+        let mut entry = entry.map_err(|e| err(format!("damaged bundle: {e}")))?;
+        let path = entry
+            .path()?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_owned();
+        if path == "index.json" {
+            let mut raw = Vec::new();
+            entry.read_to_end(&mut raw)?;
+            index_json =
+                Some(serde_json::from_slice(&raw).map_err(|e| err(format!("index.json: {e}")))?);
+            continue;
+        }
+        let Some(rest) = path.strip_prefix("blobs/") else {
+            continue;
+        };
+        let Some((alg, hex)) = rest.split_once('/') else {
+            continue;
+        };
+        let digest = Digest::parse(&format!("{alg}:{hex}"))
+            .map_err(|_| err(format!("damaged bundle: {path} is not a digest")))?;
+        let spool = disk.spool().await?;
+        let mut hasher = Hasher::new(digest.algorithm());
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = entry
+                .read(&mut buf)
+                .map_err(|e| err(format!("damaged bundle: {path}: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            spool.file.write_all_at(&buf[..n], size)?;
+            size += n as u64;
+        }
+        let got = hasher.finish();
+        if got != digest {
+            return Err(err(format!(
+                "damaged bundle: {path} hashes to {got}; nothing was imported"
+            )));
+        }
+        staged.insert(digest, (spool, size));
+    }
+    let index_json =
+        index_json.ok_or_else(|| err("damaged bundle: no index.json; nothing was imported"))?;
+    let read = |d: &Digest| -> io::Result<Vec<u8>> {
+        let (spool, size) = staged.get(d).ok_or_else(|| {
+            err(format!(
+                "damaged bundle: {d} is missing; nothing was imported"
+            ))
+        })?;
+        let mut buf = vec![0u8; *size as usize];
+        spool.file.read_exact_at(&mut buf, 0)?;
+        Ok(buf)
+    };
+    // Check every image is complete, and learn which files are manifests.
+    let mut manifests: Vec<(Digest, String, Vec<u8>)> = Vec::new();
+    let mut tags: Vec<(RepoName, Tag, Digest, String)> = Vec::new();
+    let mut holds: HashMap<RepoName, Vec<Digest>> = HashMap::new();
+    let descriptors = index_json
+        .get("manifests")
+        .and_then(|m| m.as_array())
+        .cloned()
+        .unwrap_or_default();
+    for desc in descriptors {
+        let digest = desc
+            .get("digest")
+            .and_then(|d| d.as_str())
+            .and_then(|d| Digest::parse(d).ok())
+            .ok_or_else(|| {
+                err("damaged bundle: index.json has a descriptor without a valid digest")
+            })?;
+        let media_type = desc
+            .get("mediaType")
+            .and_then(|m| m.as_str())
+            .unwrap_or(manifest::OCI_MANIFEST)
+            .to_owned();
+        let image = desc
+            .pointer(&format!("/annotations/{}", IMAGE_ANNOTATION.replace('/', "~1")))
+            .and_then(|a| a.as_str())
+            .ok_or_else(|| err(format!("{digest}: no {IMAGE_ANNOTATION} annotation (bundles from regmirror export have one)")))?;
+        let (key, tag) = image
+            .rsplit_once(':')
+            .and_then(|(k, t)| Some((RepoName::parse(k).ok()?, Tag::parse(t).ok()?)))
+            .ok_or_else(|| {
+                err(format!(
+                    "{digest}: bad {IMAGE_ANNOTATION} annotation {image:?}"
+                ))
+            })?;
+        let bytes = read(&digest)?;
+        let mut held = vec![digest.clone()];
+        let v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| err(format!("{digest}: {e}")))?;
+        let mut stack = vec![(digest.clone(), media_type.clone(), bytes, v)];
+        while let Some((d, mt, b, v)) = stack.pop() {
+            if let Some(children) = v.get("manifests").and_then(|x| x.as_array()) {
+                for c in children {
+                    let Some(cd) = c
+                        .get("digest")
+                        .and_then(|x| x.as_str())
+                        .and_then(|x| Digest::parse(x).ok())
+                    else {
+                        continue;
+                    };
+                    held.push(cd.clone());
+                    if !staged.contains_key(&cd) {
+                        continue; // a platform left out at export
+                    }
+                    let cb = read(&cd)?;
+                    let cmt = c
+                        .get("mediaType")
+                        .and_then(|x| x.as_str())
+                        .unwrap_or(manifest::OCI_MANIFEST)
+                        .to_owned();
+                    let cv = serde_json::from_slice(&cb).map_err(|e| err(format!("{cd}: {e}")))?;
+                    stack.push((cd, cmt, cb, cv));
+                }
+            } else {
+                for r in manifest::references(&b) {
+                    if !staged.contains_key(&r) {
+                        return Err(err(format!(
+                            "damaged bundle: {d} needs {r}, which is missing; nothing was imported"
+                        )));
+                    }
+                    held.push(r);
+                }
+            }
+            manifests.push((d, mt, b));
+        }
+        tags.push((key.clone(), tag, digest, media_type));
+        holds.entry(key).or_default().extend(held);
+    }
+    // Commit: manifests to the manifest store, everything else as blobs.
+    let now = SystemTime::now();
+    let manifest_digests: HashSet<Digest> = manifests.iter().map(|(d, _, _)| d.clone()).collect();
+    let mut report = ImportReport::default();
+    for (d, media_type, bytes) in manifests {
+        let m = StoredManifest {
+            media_type,
+            bytes: bytes.into(),
+        };
+        let size = disk.put_manifest(&d, &m).await?;
+        index.touch(&ContentKey::manifest(&d), size, now).await;
+    }
+    for (d, (spool, size)) in staged {
+        if manifest_digests.contains(&d) {
+            continue;
+        }
+        disk.commit_blob(spool, &d).await?;
+        index.touch(&ContentKey::blob(&d), size, now).await;
+        report.blobs += 1;
+        report.bytes += size;
+    }
+    for (key, tag, digest, media_type) in tags {
+        let size = disk
+            .get_manifest(&digest)
+            .await?
+            .map(|m| m.bytes.len() as u64);
+        index
+            .set_tag(
+                &key,
+                &tag,
+                TagEntry {
+                    digest,
+                    media_type: Some(media_type),
+                    size,
+                    checked_at: now,
+                },
+            )
+            .await;
+        report.images.push(format!("{key}:{tag}"));
+    }
+    for (key, digests) in holds {
+        index.add_holds(&key, digests).await;
+    }
+    index.flush_now()?;
+    Ok(report)
+}

@@ -1,0 +1,454 @@
+//! What the mirror counts, for Prometheus (`/metrics`, OpenMetrics text) and
+//! the status page. Mechanism only: the parts that observe something call
+//! the recording methods; nothing here decides anything.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry as PromRegistry;
+
+/// How many recent errors the status page shows.
+const RECENT_ERRORS: usize = 20;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    endpoint: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    kind: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamStatusLabels {
+    upstream: String,
+    method: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+/// An error a client saw, for the status page.
+#[derive(Debug, Clone)]
+pub struct RecentError {
+    pub at: SystemTime,
+    pub status: u16,
+    pub path: String,
+    pub message: String,
+}
+
+/// What is known of an upstream's health.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamHealth {
+    pub last_success: Option<SystemTime>,
+    pub last_failure: Option<(SystemTime, String)>,
+}
+
+/// Every metric of one mirror process.
+pub struct Metrics {
+    registry: PromRegistry,
+    requests: Family<RequestLabels, Counter>,
+    cache: Family<CacheLabels, Counter>,
+    client_bytes: Family<OutcomeLabels, Counter>,
+    upstream_bytes: Counter,
+    upstream_requests: Family<UpstreamStatusLabels, Counter>,
+    upstream_errors: Family<UpstreamLabels, Counter>,
+    upstream_seconds: Family<UpstreamLabels, Histogram>,
+    token_fetches: Family<UpstreamLabels, Counter>,
+    ratelimit_remaining: Family<UpstreamLabels, Gauge>,
+    evictions: Family<ReasonLabels, Counter>,
+    evicted_bytes: Family<ReasonLabels, Counter>,
+    cache_bytes: Gauge,
+    cache_entries: Family<KindLabels, Gauge>,
+    stale_serves: Counter,
+    // For the status page (not all of it fits Prometheus' model).
+    hits: AtomicU64,
+    lookups: AtomicU64,
+    bytes_from_cache: AtomicU64,
+    pulls: Mutex<HashMap<String, u64>>,
+    upstream_health: Mutex<HashMap<String, UpstreamHealth>>,
+    recent_errors: Mutex<VecDeque<RecentError>>,
+}
+
+fn upstream_seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut m = Self {
+            registry: PromRegistry::with_prefix("regmirror"),
+            requests: Family::default(),
+            cache: Family::default(),
+            client_bytes: Family::default(),
+            upstream_bytes: Counter::default(),
+            upstream_requests: Family::default(),
+            upstream_errors: Family::default(),
+            upstream_seconds: Family::new_with_constructor(upstream_seconds_histogram),
+            token_fetches: Family::default(),
+            ratelimit_remaining: Family::default(),
+            evictions: Family::default(),
+            evicted_bytes: Family::default(),
+            cache_bytes: Gauge::default(),
+            cache_entries: Family::default(),
+            stale_serves: Counter::default(),
+            hits: AtomicU64::new(0),
+            lookups: AtomicU64::new(0),
+            bytes_from_cache: AtomicU64::new(0),
+            pulls: Mutex::new(HashMap::new()),
+            upstream_health: Mutex::new(HashMap::new()),
+            recent_errors: Mutex::new(VecDeque::new()),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "http_requests",
+            "Requests answered, by endpoint and status",
+            m.requests.clone(),
+        );
+        r.register(
+            "cache_requests",
+            "Manifest and blob requests by cache outcome (hit, miss, coalesced, pass)",
+            m.cache.clone(),
+        );
+        r.register(
+            "client_bytes",
+            "Body bytes sent to clients, by cache outcome",
+            m.client_bytes.clone(),
+        );
+        r.register(
+            "upstream_bytes",
+            "Blob bytes downloaded from upstreams",
+            m.upstream_bytes.clone(),
+        );
+        r.register(
+            "upstream_requests",
+            "Requests sent to upstreams, by method and status",
+            m.upstream_requests.clone(),
+        );
+        r.register(
+            "upstream_errors",
+            "Upstream requests that failed without a status (connect, timeout, reset)",
+            m.upstream_errors.clone(),
+        );
+        r.register(
+            "upstream_request_seconds",
+            "Time until an upstream answered with headers",
+            m.upstream_seconds.clone(),
+        );
+        r.register(
+            "token_fetches",
+            "Bearer tokens fetched from upstream token realms",
+            m.token_fetches.clone(),
+        );
+        r.register(
+            "upstream_ratelimit_remaining",
+            "The last ratelimit-remaining an upstream reported (Docker Hub pulls left)",
+            m.ratelimit_remaining.clone(),
+        );
+        r.register(
+            "evictions",
+            "Items evicted from the cache, by reason",
+            m.evictions.clone(),
+        );
+        r.register(
+            "evicted_bytes",
+            "Bytes evicted from the cache, by reason",
+            m.evicted_bytes.clone(),
+        );
+        r.register(
+            "cache_bytes",
+            "Bytes the cache takes on disk, downloads included",
+            m.cache_bytes.clone(),
+        );
+        r.register(
+            "cache_entries",
+            "Items in the cache, by kind",
+            m.cache_entries.clone(),
+        );
+        r.register(
+            "stale_serves",
+            "Tags and tag lists served from cache because the upstream failed",
+            m.stale_serves.clone(),
+        );
+        m
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// One answered request.
+    pub fn request(
+        &self,
+        endpoint: &'static str,
+        status: u16,
+        kind: Option<&'static str>,
+        outcome: &'static str,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels { endpoint, status })
+            .inc();
+        if let Some(kind) = kind {
+            if status < 400 {
+                self.cache
+                    .get_or_create(&CacheLabels { kind, outcome })
+                    .inc();
+                self.lookups.fetch_add(1, Ordering::Relaxed);
+                if outcome == "hit" {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Body bytes sent to a client.
+    pub fn client_bytes(&self, outcome: &'static str, bytes: u64) {
+        self.client_bytes
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc_by(bytes);
+        if outcome == "hit" {
+            self.bytes_from_cache.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// A manifest pulled by tag, for the most-pulled list.
+    pub fn pulled(&self, image: &str) {
+        *lock(&self.pulls).entry(image.to_owned()).or_default() += 1;
+    }
+
+    pub fn upstream_bytes(&self, bytes: u64) {
+        self.upstream_bytes.inc_by(bytes);
+    }
+
+    /// An upstream answered `status` after `elapsed`.
+    pub fn upstream_answer(
+        &self,
+        upstream: &str,
+        method: &str,
+        status: u16,
+        elapsed: Duration,
+        ratelimit_remaining: Option<i64>,
+    ) {
+        self.upstream_requests
+            .get_or_create(&UpstreamStatusLabels {
+                upstream: upstream.to_owned(),
+                method: method.to_owned(),
+                status: status.to_string(),
+            })
+            .inc();
+        let label = UpstreamLabels {
+            upstream: upstream.to_owned(),
+        };
+        self.upstream_seconds
+            .get_or_create(&label)
+            .observe(elapsed.as_secs_f64());
+        if let Some(r) = ratelimit_remaining {
+            self.ratelimit_remaining.get_or_create(&label).set(r);
+        }
+        let mut health = lock(&self.upstream_health);
+        let h = health.entry(upstream.to_owned()).or_default();
+        if status >= 500 || status == 429 {
+            h.last_failure = Some((SystemTime::now(), format!("answered {status}")));
+        } else {
+            h.last_success = Some(SystemTime::now());
+        }
+    }
+
+    /// An upstream request failed without an answer.
+    pub fn upstream_failure(&self, upstream: &str, what: &str) {
+        self.upstream_errors
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .inc();
+        lock(&self.upstream_health)
+            .entry(upstream.to_owned())
+            .or_default()
+            .last_failure = Some((SystemTime::now(), what.to_owned()));
+    }
+
+    pub fn token_fetch(&self, upstream: &str) {
+        self.token_fetches
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn eviction(&self, reason: &'static str, bytes: u64) {
+        self.evictions.get_or_create(&ReasonLabels { reason }).inc();
+        self.evicted_bytes
+            .get_or_create(&ReasonLabels { reason })
+            .inc_by(bytes);
+    }
+
+    /// What the cache holds now.
+    pub fn cache_size(&self, bytes: u64, blobs: u64, manifests: u64) {
+        self.cache_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.cache_entries
+            .get_or_create(&KindLabels { kind: "blob" })
+            .set(i64::try_from(blobs).unwrap_or(i64::MAX));
+        self.cache_entries
+            .get_or_create(&KindLabels { kind: "manifest" })
+            .set(i64::try_from(manifests).unwrap_or(i64::MAX));
+    }
+
+    pub fn stale_serve(&self) {
+        self.stale_serves.inc();
+    }
+
+    /// An error a client saw (4xx are the client's; only 5xx are kept).
+    pub fn error(&self, status: u16, path: &str, message: String) {
+        if status < 500 {
+            return;
+        }
+        let mut recent = lock(&self.recent_errors);
+        if recent.len() == RECENT_ERRORS {
+            recent.pop_front();
+        }
+        recent.push_back(RecentError {
+            at: SystemTime::now(),
+            status,
+            path: path.chars().take(200).collect(),
+            message,
+        });
+    }
+
+    /// What the status page shows.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut top: Vec<(String, u64)> = lock(&self.pulls)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        top.truncate(10);
+        let mut upstreams: Vec<(String, UpstreamHealth)> = lock(&self.upstream_health)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        upstreams.sort_by(|a, b| a.0.cmp(&b.0));
+        Snapshot {
+            hits: self.hits.load(Ordering::Relaxed),
+            lookups: self.lookups.load(Ordering::Relaxed),
+            bytes_from_cache: self.bytes_from_cache.load(Ordering::Relaxed),
+            cache_bytes: u64::try_from(self.cache_bytes.get()).unwrap_or(0),
+            top_pulled: top,
+            upstreams,
+            recent_errors: lock(&self.recent_errors).iter().rev().cloned().collect(),
+        }
+    }
+}
+
+/// A consistent-enough copy of what the status page shows.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub hits: u64,
+    pub lookups: u64,
+    pub bytes_from_cache: u64,
+    pub cache_bytes: u64,
+    pub top_pulled: Vec<(String, u64)>,
+    pub upstreams: Vec<(String, UpstreamHealth)>,
+    pub recent_errors: Vec<RecentError>,
+}
+
+/// The `ratelimit-remaining` header: `100;w=21600` → 100.
+pub fn parse_ratelimit(value: &str) -> Option<i64> {
+    value.split(';').next()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_appear_in_the_exposition() {
+        let m = Metrics::new();
+        m.request("blob", 200, Some("blob"), "hit");
+        m.request("blob", 200, Some("blob"), "miss");
+        m.client_bytes("hit", 10);
+        m.upstream_answer("docker.io", "GET", 200, Duration::from_millis(20), Some(99));
+        m.eviction("size", 5);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"regmirror_cache_requests_total{kind="blob",outcome="hit"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"regmirror_client_bytes_total{outcome="hit"} 10"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"regmirror_upstream_ratelimit_remaining{upstream="docker.io"} 99"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"regmirror_evictions_total{reason="size"} 1"#),
+            "{text}"
+        );
+        let s = m.snapshot();
+        assert_eq!((s.hits, s.lookups, s.bytes_from_cache), (1, 2, 10));
+    }
+
+    #[test]
+    fn ratelimit_header() {
+        assert_eq!(parse_ratelimit("100;w=21600"), Some(100));
+        assert_eq!(parse_ratelimit("7"), Some(7));
+        assert_eq!(parse_ratelimit("x"), None);
+    }
+
+    #[test]
+    fn only_server_errors_are_kept_and_at_most_twenty() {
+        let m = Metrics::new();
+        m.error(404, "/v2/x", "not found".into());
+        for i in 0..25 {
+            m.error(502, "/v2/y", format!("e{i}"));
+        }
+        let s = m.snapshot();
+        assert_eq!(s.recent_errors.len(), 20);
+        assert_eq!(s.recent_errors[0].message, "e24");
+    }
+}

@@ -1,0 +1,275 @@
+//! The operator's endpoints beside the registry API: `/metrics`
+//! (OpenMetrics text), `/healthz` (the process answers), `/readyz` (the cache
+//! takes writes) and `/_/status` (a small HTML page). Read-only.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{header, StatusCode};
+
+use crate::error::Error;
+use crate::metrics::Snapshot;
+use crate::registry::Registry;
+use crate::response::{self, Outcome, Reply};
+
+/// An operator endpoint, by path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpsEndpoint {
+    Metrics,
+    Health,
+    Ready,
+    Status,
+}
+
+impl OpsEndpoint {
+    pub fn parse(path: &str) -> Option<Self> {
+        match path {
+            "/metrics" => Some(Self::Metrics),
+            "/healthz" => Some(Self::Health),
+            "/readyz" => Some(Self::Ready),
+            "/_/status" | "/_/status/" => Some(Self::Status),
+            _ => None,
+        }
+    }
+
+    /// Probes must work without credentials; the rest shows what is pulled.
+    pub fn needs_auth(self) -> bool {
+        matches!(self, Self::Metrics | Self::Status)
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Metrics => "metrics",
+            Self::Health => "healthz",
+            Self::Ready => "readyz",
+            Self::Status => "status",
+        }
+    }
+}
+
+/// Answers an operator endpoint.
+pub async fn answer(registry: &Registry, which: OpsEndpoint, head: bool) -> Result<Reply, Error> {
+    let (status, content_type, body) = match which {
+        OpsEndpoint::Metrics => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            registry.metrics.encode(),
+        ),
+        OpsEndpoint::Health => (
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            "ok\n".to_owned(),
+        ),
+        OpsEndpoint::Ready => match registry.ready().await {
+            Ok(()) => (
+                StatusCode::OK,
+                "text/plain; charset=utf-8",
+                "ready\n".to_owned(),
+            ),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                format!("not ready: {why}\n"),
+            ),
+        },
+        OpsEndpoint::Status => (
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            status_page(
+                &registry.metrics.snapshot(),
+                registry.max_size(),
+                SystemTime::now(),
+            ),
+        ),
+    };
+    let response = response::builder(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CONTENT_LENGTH, body.len())
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(if head {
+            response::empty()
+        } else {
+            response::full(Bytes::from(body))
+        })
+        .map_err(|e| Error::internal("building a response", e))?;
+    Ok(Reply {
+        response,
+        outcome: Outcome::None,
+    })
+}
+
+/// Escapes text for HTML.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn ago(t: SystemTime, now: SystemTime) -> String {
+    match now.duration_since(t) {
+        Ok(d) => format!(
+            "{} ago",
+            humantime::format_duration(std::time::Duration::from_secs(d.as_secs()))
+        ),
+        Err(_) => "just now".to_owned(),
+    }
+}
+
+/// The status page: a pure function of a metrics snapshot and the budget.
+pub fn status_page(s: &Snapshot, max_size: u64, now: SystemTime) -> String {
+    let used_pct = if max_size == 0 {
+        0.0
+    } else {
+        100.0 * s.cache_bytes as f64 / max_size as f64
+    };
+    let hit_ratio = if s.lookups == 0 {
+        "–".to_owned()
+    } else {
+        format!("{:.1}%", 100.0 * s.hits as f64 / s.lookups as f64)
+    };
+    let mut top = String::new();
+    for (image, pulls) in &s.top_pulled {
+        top.push_str(&format!(
+            "<tr><td>{}</td><td class=n>{pulls}</td></tr>",
+            esc(image)
+        ));
+    }
+    if top.is_empty() {
+        top.push_str("<tr><td colspan=2 class=none>no pulls yet</td></tr>");
+    }
+    let mut ups = String::new();
+    for (name, h) in &s.upstreams {
+        let healthy = match (&h.last_success, &h.last_failure) {
+            (_, None) => true,
+            (Some(ok), Some((bad, _))) => ok > bad,
+            (None, Some(_)) => false,
+        };
+        let last_ok = h
+            .last_success
+            .map_or_else(|| "never".to_owned(), |t| ago(t, now));
+        let last_bad = h.last_failure.as_ref().map_or_else(
+            || "–".to_owned(),
+            |(t, why)| format!("{} ({})", ago(*t, now), esc(why)),
+        );
+        ups.push_str(&format!(
+            "<tr><td>{}</td><td class={}>{}</td><td>{last_ok}</td><td>{last_bad}</td></tr>",
+            esc(name),
+            if healthy { "ok" } else { "bad" },
+            if healthy { "healthy" } else { "failing" },
+        ));
+    }
+    if ups.is_empty() {
+        ups.push_str("<tr><td colspan=4 class=none>not contacted yet</td></tr>");
+    }
+    let mut errors = String::new();
+    for e in &s.recent_errors {
+        errors.push_str(&format!(
+            "<tr><td>{}</td><td class=n>{}</td><td>{}</td><td>{}</td></tr>",
+            ago(e.at, now),
+            e.status,
+            esc(&e.path),
+            esc(&e.message)
+        ));
+    }
+    if errors.is_empty() {
+        errors.push_str("<tr><td colspan=4 class=none>none</td></tr>");
+    }
+    format!(
+        r#"<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>regmirror status</title>
+<meta name=viewport content="width=device-width, initial-scale=1">
+<style>
+body{{font:15px/1.4 system-ui,sans-serif;margin:2em auto;max-width:60em;color:#222;padding:0 1em}}
+h1{{font-size:1.4em}} h2{{font-size:1.1em;margin-top:1.6em}}
+.cards{{display:flex;gap:1em;flex-wrap:wrap}}
+.card{{border:1px solid #ddd;border-radius:6px;padding:.8em 1.2em;min-width:10em}}
+.card b{{display:block;font-size:1.5em}}
+.bar{{background:#eee;border-radius:4px;height:.8em;margin-top:.4em}}
+.bar span{{display:block;height:100%;border-radius:4px;background:#3a7}}
+table{{border-collapse:collapse;width:100%}} td,th{{text-align:left;padding:.3em .6em;border-bottom:1px solid #eee}}
+.n{{text-align:right}} .ok{{color:#2a6}} .bad{{color:#c33}} .none{{color:#888}}
+</style></head><body>
+<h1>regmirror</h1>
+<div class=cards>
+<div class=card id=usage>cache use<b>{used} of {budget}</b><div class=bar><span style="width:{bar:.1}%"></span></div>{used_pct:.1}%</div>
+<div class=card id=hits>hit ratio<b>{hit_ratio}</b>{hits} hits of {lookups} lookups</div>
+<div class=card id=saved>served from cache<b>{saved}</b>not fetched from upstream</div>
+</div>
+<h2>Most pulled images</h2>
+<table id=top><tr><th>image</th><th class=n>pulls</th></tr>{top}</table>
+<h2>Upstreams</h2>
+<table id=upstreams><tr><th>registry</th><th>state</th><th>last success</th><th>last failure</th></tr>{ups}</table>
+<h2>Recent errors</h2>
+<table id=errors><tr><th>when</th><th class=n>status</th><th>path</th><th>error</th></tr>{errors}</table>
+</body></html>
+"#,
+        used = human(s.cache_bytes),
+        budget = human(max_size),
+        bar = used_pct.min(100.0),
+        hits = s.hits,
+        lookups = s.lookups,
+        saved = human(s.bytes_from_cache),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{RecentError, UpstreamHealth};
+
+    #[test]
+    fn page_shows_the_numbers_and_escapes_input() {
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let s = Snapshot {
+            hits: 3,
+            lookups: 4,
+            bytes_from_cache: 2048,
+            cache_bytes: 512 * 1024 * 1024,
+            top_pulled: vec![("docker.io/library/alpine:3.19".into(), 7)],
+            upstreams: vec![(
+                "docker.io".into(),
+                UpstreamHealth {
+                    last_success: Some(now),
+                    last_failure: None,
+                },
+            )],
+            recent_errors: vec![RecentError {
+                at: now,
+                status: 502,
+                path: "/v2/<script>".into(),
+                message: "upstream answered 503".into(),
+            }],
+        };
+        let html = status_page(&s, 1024 * 1024 * 1024, now);
+        assert!(html.contains("512.0 MiB of 1.0 GiB"), "{html}");
+        assert!(html.contains("75.0%"));
+        assert!(html.contains("docker.io/library/alpine:3.19</td><td class=n>7"));
+        assert!(html.contains("/v2/&lt;script&gt;"));
+        assert!(!html.contains("<script>"));
+        assert!(html.contains("healthy"));
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(OpsEndpoint::parse("/metrics"), Some(OpsEndpoint::Metrics));
+        assert_eq!(OpsEndpoint::parse("/_/status"), Some(OpsEndpoint::Status));
+        assert_eq!(OpsEndpoint::parse("/v2/"), None);
+        assert!(!OpsEndpoint::Health.needs_auth());
+    }
+}

@@ -1,0 +1,211 @@
+//! `regmirror prefetch`: fills the cache by pulling through a mirror over
+//! HTTP, so it takes exactly the code paths of a client's pull. The mirror is
+//! the one serving the data dir, or one started in-process on it for the
+//! occasion. Reports bytes fetched and bytes already cached per image.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use http::header;
+use serde::Deserialize;
+
+use crate::imageref::ImageRef;
+use crate::manifest::ACCEPT_ALL;
+use crate::reference::Digest;
+use crate::server::X_CACHE;
+
+/// Which platforms of a multi-arch image to fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Platforms {
+    All,
+    /// `os/architecture[/variant]`.
+    One(String),
+}
+
+/// What prefetching one image did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageReport {
+    pub blobs: usize,
+    /// Bytes the mirror fetched from the upstream for this image.
+    pub fetched: u64,
+    /// Bytes it already had.
+    pub cached: u64,
+}
+
+/// Where to pull through, and as whom.
+pub struct Target {
+    /// `http://127.0.0.1:5000`, no trailing slash.
+    pub base: String,
+    pub client: reqwest::Client,
+    /// `user:password` for a mirror with `[auth]`.
+    pub basic: Option<(String, String)>,
+    /// The mirror's default upstream name (`docker.io`).
+    pub default_registry: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Shape {
+    #[serde(default)]
+    manifests: Vec<Child>,
+    config: Option<Blob>,
+    #[serde(default)]
+    layers: Vec<Blob>,
+}
+
+#[derive(Deserialize)]
+struct Child {
+    digest: String,
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    os: String,
+    architecture: String,
+    variant: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Blob {
+    digest: String,
+}
+
+impl Platform {
+    fn matches(&self, wanted: &str) -> bool {
+        let mut parts = wanted.split('/');
+        let (os, arch, variant) = (parts.next(), parts.next(), parts.next());
+        Some(self.os.as_str()) == os
+            && Some(self.architecture.as_str()) == arch
+            && (variant.is_none() || variant == self.variant.as_deref())
+    }
+}
+
+impl Target {
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        let req = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .header(header::ACCEPT, ACCEPT_ALL);
+        match &self.basic {
+            Some((u, p)) => req.basic_auth(u, Some(p)),
+            None => req,
+        }
+    }
+
+    async fn fetch(&self, path: &str) -> Result<reqwest::Response, String> {
+        let resp = self
+            .get(path)
+            .send()
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            return Err(format!("GET {path}: {status} {}", body.trim()));
+        }
+        Ok(resp)
+    }
+
+    /// Pulls one image through the mirror, reading and discarding the bytes.
+    pub async fn prefetch(
+        &self,
+        image: &ImageRef,
+        platforms: &Platforms,
+    ) -> Result<ImageReport, String> {
+        let base = image.path(&self.default_registry);
+        let top = self
+            .fetch(&format!("{base}/manifests/{}", image.reference))
+            .await?
+            .bytes()
+            .await
+            .map_err(|e| format!("{image}: {e}"))?;
+        let shape: Shape = serde_json::from_slice(&top)
+            .map_err(|e| format!("{image}: manifest is not JSON: {e}"))?;
+        let mut manifests = Vec::new();
+        if shape.manifests.is_empty() {
+            manifests.push(shape);
+        } else {
+            let chosen: Vec<&Child> = shape
+                .manifests
+                .iter()
+                .filter(|c| match platforms {
+                    Platforms::All => true,
+                    Platforms::One(p) => c.platform.as_ref().is_some_and(|pl| pl.matches(p)),
+                })
+                .collect();
+            if chosen.is_empty() {
+                return Err(format!("{image}: no manifest for platform {platforms:?}"));
+            }
+            for child in chosen {
+                let digest = Digest::parse(&child.digest).map_err(|e| format!("{image}: {e}"))?;
+                let bytes = self
+                    .fetch(&format!("{base}/manifests/{digest}"))
+                    .await?
+                    .bytes()
+                    .await
+                    .map_err(|e| format!("{image}: {e}"))?;
+                manifests.push(
+                    serde_json::from_slice(&bytes)
+                        .map_err(|e| format!("{image}: {digest} is not JSON: {e}"))?,
+                );
+            }
+        }
+        let mut report = ImageReport::default();
+        for m in manifests {
+            for blob in m.config.iter().chain(&m.layers) {
+                let digest = Digest::parse(&blob.digest).map_err(|e| format!("{image}: {e}"))?;
+                let (bytes, hit) = self
+                    .drain(&format!("{base}/blobs/{digest}"), &digest)
+                    .await?;
+                report.blobs += 1;
+                if hit {
+                    report.cached += bytes;
+                } else {
+                    report.fetched += bytes;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Reads a blob to its end: (bytes, whether the mirror had it).
+    async fn drain(&self, path: &str, digest: &Digest) -> Result<(u64, bool), String> {
+        let resp = self.fetch(path).await?;
+        let hit = resp
+            .headers()
+            .get(X_CACHE)
+            .is_some_and(|v| v.as_bytes() == b"hit");
+        let bar = progress_bar(resp.content_length(), digest);
+        let mut stream = resp.bytes_stream();
+        let mut n = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| format!("{digest}: the mirror cut the body: {e}"))?;
+            n += chunk.len() as u64;
+            if let Some(b) = &bar {
+                b.set_position(n);
+            }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        Ok((n, hit))
+    }
+}
+
+/// A progress bar on a terminal; nothing otherwise (the caller prints lines).
+fn progress_bar(len: Option<u64>, digest: &Digest) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(len.unwrap_or(0));
+    let style = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(digest.hex().chars().take(12).collect::<String>());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Some(bar)
+}
