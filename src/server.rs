@@ -179,7 +179,6 @@ async fn serve_ops(listener: TcpListener, frontend: Arc<Frontend>, limits: Arc<S
         let (frontend, limits) = (frontend.clone(), limits.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let stream = IdleTimeout::new(stream, limits.idle_timeout);
             serve_connection(stream, frontend, &limits, peer, watcher).await;
         });
     }
