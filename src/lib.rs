@@ -43,4 +43,5 @@ pub mod routing;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod units;
 pub mod upstream;

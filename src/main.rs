@@ -8,7 +8,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use regmirror::config::{self, Flags};
 use regmirror::imageref::ImageRef;
-use regmirror::prefetch::{Platforms, Target};
+use regmirror::prefetch::{Platforms, Session};
+use regmirror::units::human_bytes;
 
 /// A pull-through caching mirror for container registries.
 ///
@@ -184,10 +185,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "removed {} temp files; evicted {} items, {} freed; {} -> {} on disk (budget {})",
                 report.temp_files_removed,
                 report.eviction.evicted.len(),
-                bytes(report.eviction.freed()),
-                bytes(report.eviction.usage_before),
-                bytes(report.eviction.usage_after),
-                bytes(config.cache.max_size.0),
+                human_bytes(report.eviction.freed()),
+                human_bytes(report.eviction.usage_before),
+                human_bytes(report.eviction.usage_after),
+                human_bytes(config.cache.max_size.0),
             );
             Ok(())
         }
@@ -209,7 +210,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     r.repo,
                     r.tag,
                     digest,
-                    bytes(r.size)
+                    human_bytes(r.size)
                 );
             }
             Ok(())
@@ -252,7 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for image in &report.images {
                 println!("imported {image}");
             }
-            println!("{} blobs, {}", report.blobs, bytes(report.bytes));
+            println!("{} blobs, {}", report.blobs, human_bytes(report.bytes));
             Ok(())
         }
         Command::Du(args) => {
@@ -262,18 +263,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "blobs      {:>8} items {:>12}",
                 u.blobs,
-                bytes(u.blob_bytes)
+                human_bytes(u.blob_bytes)
             );
             println!(
                 "manifests  {:>8} items {:>12}",
                 u.manifests,
-                bytes(u.manifest_bytes)
+                human_bytes(u.manifest_bytes)
             );
-            println!("downloads  {:>20}", bytes(u.temp_bytes));
+            println!("downloads  {:>20}", human_bytes(u.temp_bytes));
             println!(
                 "total      {:>20} of {} ({:.1}%)",
-                bytes(total),
-                bytes(u.max_size),
+                human_bytes(total),
+                human_bytes(u.max_size),
                 100.0 * total as f64 / u.max_size.max(1) as f64
             );
             Ok(())
@@ -312,59 +313,18 @@ fn prefetch(
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let basic = user.map(|u| match u.split_once(':') {
-            Some((a, b)) => (a.to_owned(), b.to_owned()),
-            None => (u, String::new()),
-        });
-        let running = regmirror::store::disk::DiskStore::open(&config.data_dir)?
-            .try_lock()?
-            .is_none();
-        let mut local = None;
-        let base = match mirror {
-            Some(m) => m.trim_end_matches('/').to_owned(),
-            None if running => {
-                let scheme = if config.tls.cert.is_some() {
-                    "https"
-                } else {
-                    "http"
-                };
-                let mut addr = config.listen;
-                if addr.ip().is_unspecified() {
-                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-                }
-                format!("{scheme}://{addr}")
-            }
-            None => {
-                // No mirror serves the data dir: run one here, for this command.
-                let mut own = config.clone();
-                own.tls = Default::default();
-                own.auth = Default::default();
-                own.metrics = Default::default();
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                let addr = listener.local_addr()?;
-                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-                let task = tokio::spawn(regmirror::server::run(listener, own, async {
-                    let _ = rx.await;
-                }));
-                local = Some((tx, task));
-                format!("http://{addr}")
-            }
-        };
-        let target = Target {
-            base,
-            client: reqwest::Client::builder().build()?,
-            basic,
-            default_registry: config.upstream.name.clone(),
-        };
+        let session = Session::open(&config, mirror, user)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let (mut fetched, mut cached, mut failed) = (0u64, 0u64, Vec::new());
         for image in &images {
-            match target.prefetch(image, &platforms).await {
+            match session.target.prefetch(image, &platforms).await {
                 Ok(r) => {
                     println!(
                         "{image}: {} blobs, {} fetched, {} already cached",
                         r.blobs,
-                        bytes(r.fetched),
-                        bytes(r.cached)
+                        human_bytes(r.fetched),
+                        human_bytes(r.cached)
                     );
                     fetched += r.fetched;
                     cached += r.cached;
@@ -378,13 +338,10 @@ fn prefetch(
         println!(
             "{} images: {} fetched from upstream, {} already cached",
             images.len(),
-            bytes(fetched),
-            bytes(cached)
+            human_bytes(fetched),
+            human_bytes(cached)
         );
-        if let Some((tx, task)) = local {
-            let _ = tx.send(());
-            task.await??;
-        }
+        session.close().await.map_err(|e| anyhow::anyhow!("{e}"))?;
         if !failed.is_empty() {
             anyhow::bail!("prefetch failed for {}", failed.join(", "));
         }
@@ -395,22 +352,6 @@ fn prefetch(
 fn block_on<T>(f: impl std::future::Future<Output = std::io::Result<T>>) -> anyhow::Result<T> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     Ok(runtime.block_on(f)?)
-}
-
-/// Bytes in binary units, for people.
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }
 
 fn serve(config: config::Config) -> anyhow::Result<()> {

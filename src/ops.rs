@@ -11,6 +11,7 @@ use crate::error::Error;
 use crate::metrics::Snapshot;
 use crate::registry::Registry;
 use crate::response::{self, Outcome, Reply};
+use crate::units::human_bytes;
 
 /// An operator endpoint, by path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,21 +105,6 @@ fn esc(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
-}
-
-fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }
 
 fn ago(t: SystemTime, now: SystemTime) -> String {
@@ -219,12 +205,12 @@ table{{border-collapse:collapse;width:100%}} td,th{{text-align:left;padding:.3em
 <table id=errors><tr><th>when</th><th class=n>status</th><th>path</th><th>error</th></tr>{errors}</table>
 </body></html>
 "#,
-        used = human(s.cache_bytes),
-        budget = human(max_size),
+        used = human_bytes(s.cache_bytes),
+        budget = human_bytes(max_size),
         bar = used_pct.min(100.0),
         hits = s.hits,
         lookups = s.lookups,
-        saved = human(s.bytes_from_cache),
+        saved = human_bytes(s.bytes_from_cache),
     )
 }
 

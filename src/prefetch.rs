@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use http::header;
 use serde::Deserialize;
 
+use crate::config::Config;
 use crate::imageref::ImageRef;
 use crate::manifest::ACCEPT_ALL;
 use crate::reference::Digest;
@@ -42,6 +43,87 @@ pub struct Target {
     pub basic: Option<(String, String)>,
     /// The mirror's default upstream name (`docker.io`).
     pub default_registry: String,
+}
+
+/// A mirror to pull through for one command: the one given, the one serving
+/// the data dir, or one started here on the data dir (stopped by `close`).
+pub struct Session {
+    pub target: Target,
+    local: Option<LocalMirror>,
+}
+
+/// A mirror started for one command: how to stop it, and its task.
+type LocalMirror = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), crate::server::ServeError>>,
+);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Session {
+    /// `user` is `USER:PASSWORD` for a mirror with `[auth]`.
+    pub async fn open(
+        config: &Config,
+        mirror: Option<String>,
+        user: Option<String>,
+    ) -> Result<Self, BoxError> {
+        let basic = user.map(|u| match u.split_once(':') {
+            Some((a, b)) => (a.to_owned(), b.to_owned()),
+            None => (u, String::new()),
+        });
+        let running = crate::store::disk::DiskStore::open(&config.data_dir)?
+            .try_lock()?
+            .is_none();
+        let mut local = None;
+        let base = match mirror {
+            Some(m) => m.trim_end_matches('/').to_owned(),
+            None if running => {
+                let scheme = if config.tls.cert.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                let mut addr = config.listen;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                format!("{scheme}://{addr}")
+            }
+            None => {
+                // No mirror serves the data dir: run one here, on loopback.
+                let mut own = config.clone();
+                own.tls = Default::default();
+                own.auth = Default::default();
+                own.metrics = Default::default();
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                let task = tokio::spawn(crate::server::run(listener, own, async {
+                    let _ = rx.await;
+                }));
+                local = Some((tx, task));
+                format!("http://{addr}")
+            }
+        };
+        Ok(Self {
+            target: Target {
+                base,
+                client: reqwest::Client::builder().build()?,
+                basic,
+                default_registry: config.upstream.name.clone(),
+            },
+            local,
+        })
+    }
+
+    /// Stops the mirror started here, which flushes its index.
+    pub async fn close(self) -> Result<(), BoxError> {
+        if let Some((tx, task)) = self.local {
+            let _ = tx.send(());
+            task.await??;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Deserialize)]
