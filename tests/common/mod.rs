@@ -4,8 +4,11 @@
 //! test images in [`images`].
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cache;
 pub mod fake_upstream;
+pub mod front;
 pub mod images;
+pub mod referrers_api;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

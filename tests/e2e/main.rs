@@ -14,11 +14,12 @@
 //! - `oci`, `fixture`: the test images, generated and pushed once per build of this code.
 //! - `mirror`: the regmirror under test.
 //! - `skopeo`, `dockerd`, `containerd`: the clients.
-//! - `world`: one test's issuer + upstream + mirror in a temporary directory.
+//! - `world`: one test's issuer + upstream(s) + mirror in a temporary directory.
+//! - `push`: pushing blobs and manifests to a writable upstream (a second registry's content).
 //! - `certs`: certificates and htpasswd files as operators make them; pinned HTTPS clients.
 //!
 //! Tests live here (pulls through a mirror) and in `offline` (upstream stopped, restarts,
-//! `--offline`) and `tls` (HTTPS, users, reloads).
+//! `--offline`), `tls` (HTTPS, users, reloads) and `multi` (two registries through one mirror).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod certs;
@@ -27,9 +28,11 @@ mod dockerd;
 mod fixture;
 mod issuer;
 mod mirror;
+mod multi;
 mod oci;
 mod offline;
 mod procs;
+mod push;
 mod skopeo;
 mod tls;
 mod upstream;

@@ -56,6 +56,16 @@ impl Skopeo {
         skopeo
     }
 
+    /// skopeo with `conf` as its registries.conf (e.g. several registries, each with a mirror).
+    pub fn with_registries_conf(dir: &Path, conf: &str) -> Skopeo {
+        let mut skopeo = Skopeo::plain(dir);
+        let path = dir.join("registries.conf");
+        std::fs::write(&path, conf).expect("write registries.conf");
+        skopeo.registries_conf = Some(path);
+        skopeo.insecure_sources = false;
+        skopeo
+    }
+
     /// skopeo whose registries.conf sends docker.io pulls to the HTTPS mirror at `mirror`
     /// (host:port, no `insecure`), trusting the PEM certificate `ca` as its CA.
     pub fn with_tls_mirror(dir: &Path, mirror: &str, ca: &Path) -> Skopeo {

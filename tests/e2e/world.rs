@@ -1,6 +1,7 @@
 //! One test's world: a temporary directory, a token issuer, an upstream docker-registry
-//! serving the fixture images (with fresh counters), and optionally a cold mirror in front of
-//! it. Dropping it stops everything, mirror first.
+//! serving the fixture images (with fresh counters), optionally a second, writable
+//! docker-registry on empty storage (for tests with several registries), and optionally a
+//! cold mirror in front of them. Dropping it stops everything, mirror first.
 
 use std::path::{Path, PathBuf};
 
@@ -13,9 +14,12 @@ pub struct World {
     // Fields drop in this order (after `drop` below): the mirror before the upstream it
     // talks to, files last.
     pub mirror: Option<Mirror>,
+    /// See [`World::start_second_upstream`].
+    pub second: Option<Upstream>,
     pub upstream: Upstream,
     pub issuer: Issuer,
     pub fixture: &'static Fixture,
+    keys: KeyPair,
     tmp: tempfile::TempDir,
 }
 
@@ -95,11 +99,38 @@ impl World {
         .await;
         World {
             mirror: None,
+            second: None,
             upstream,
             issuer,
             fixture,
+            keys,
             tmp,
         }
+    }
+
+    /// Starts a second docker-registry beside `upstream`: writable, on empty storage of its
+    /// own, trusting the same token issuer. Tests push their content to it
+    /// ([`crate::push::Pusher`]) before starting the mirror.
+    pub async fn start_second_upstream(&mut self) -> &Upstream {
+        assert!(
+            self.second.is_none(),
+            "this world already has a second upstream"
+        );
+        let upstream = Upstream::start(
+            &self.dir("up2"),
+            &self.dir("up2-storage"),
+            &self.issuer,
+            &self.keys,
+            true,
+        )
+        .await;
+        self.second.insert(upstream)
+    }
+
+    pub fn second(&self) -> &Upstream {
+        self.second
+            .as_ref()
+            .expect("this world has no second upstream")
     }
 
     pub fn mirror(&self) -> &Mirror {

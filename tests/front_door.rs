@@ -1,0 +1,591 @@
+//! The front door with users and limits: HTTP Basic against htpasswd bcrypt users (the
+//! challenge, a pull of many layers, reloads, startup errors), each `server` limit (URL
+//! length, head size, connections, header read and idle timeouts), and which token realms
+//! may receive the upstream credentials (never logs or error bodies).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::front::{
+    after, basic, captured_logs, closed_within, exchange, htpasswd_line, read_response,
+    read_until_closed, send_raw, startup_config, startup_error, Front, Reply,
+};
+use common::images::sha256_digest;
+use common::{assert_error, header, random_bytes, start_mirror, FakeUpstream};
+use regmirror::config::Secret;
+use regmirror::server::ServeError;
+use reqwest::header::HeaderValue;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+
+const REPO: &str = "library/alpine";
+const REALM: &str = "test mirror";
+const PING: &[u8] = b"GET /v2/ HTTP/1.1\r\nHost: m\r\n\r\n";
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Writes `lines` to `path` atomically (a reader never sees half a file).
+fn write_users(path: &Path, lines: &[String]) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, lines.join("\n") + "\n").unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn auth_mirror(fake: &FakeUpstream, htpasswd: &Path) -> Front {
+    let path = htpasswd.to_path_buf();
+    Front::start(&fake.url(), move |c| {
+        c.auth.htpasswd = Some(path);
+        c.auth.realm = REALM.into();
+    })
+    .await
+}
+
+/// `method url` with `authorization`.
+async fn send_as(c: &reqwest::Client, method: &str, url: &str, auth: &str) -> reqwest::Response {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let req = c.request(method, url).header("authorization", auth);
+    req.send().await.unwrap()
+}
+
+/// The status of `GET url` as `user`.
+async fn status_as(c: &reqwest::Client, url: &str, user: &str, password: &str) -> u16 {
+    let auth = basic(user, password);
+    send_as(c, "GET", url, &auth).await.status().as_u16()
+}
+
+/// htpasswd lines for (user, password) pairs.
+fn lines(users: &[(&str, &str)]) -> Vec<String> {
+    users.iter().map(|(u, p)| htpasswd_line(u, p)).collect()
+}
+
+#[tokio::test]
+async fn requests_without_valid_credentials_get_the_basic_challenge() {
+    let fake = FakeUpstream::start().await;
+    fake.add_image(REPO, "3.19", vec![random_bytes(500, 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("htpasswd");
+    write_users(&users, &[htpasswd_line("moby", "gordon")]);
+    let m = auth_mirror(&fake, &users).await;
+    let enc = |s: &[u8]| format!("Basic {}", base64::prelude::BASE64_STANDARD.encode(s));
+    let bad: [(&str, Option<String>); 14] = [
+        ("no credentials", None),
+        ("wrong password", Some(enc(b"moby:wrong"))),
+        ("password prefix", Some(enc(b"moby:gordo"))),
+        ("empty password", Some(enc(b"moby:"))),
+        ("unknown user", Some(enc(b"nobody:gordon"))),
+        ("user in another case", Some(enc(b"Moby:gordon"))),
+        ("bare scheme", Some("Basic".into())),
+        ("not base64", Some("Basic !!!".into())),
+        ("no colon", Some(enc(b"mobygordon"))),
+        ("trailing junk", Some(enc(b"moby:gordon") + "x")),
+        (
+            "bearer",
+            Some(enc(b"moby:gordon").replace("Basic", "Bearer")),
+        ),
+        ("digest", Some("Digest username=\"moby\"".into())),
+        ("not UTF-8 inside", Some(enc(b"moby:\xff\xfe"))),
+        ("huge", Some(format!("Basic {}", "QUFB".repeat(5000)))),
+    ];
+    let obs_text = HeaderValue::from_bytes(b"Basic \xff\xfe").unwrap();
+    let bad = bad
+        .into_iter()
+        .map(|(what, v)| (what, v.map(|v| HeaderValue::from_str(&v).unwrap())))
+        .chain([("obs-text bytes", Some(obs_text))]);
+    let c = client();
+    let manifest = m.http(&format!("/v2/{REPO}/manifests/3.19"));
+    for (what, value) in bad {
+        for (method, url) in [
+            (reqwest::Method::GET, m.http("/v2/")),
+            (reqwest::Method::HEAD, m.http("/v2/")),
+            (reqwest::Method::GET, manifest.clone()),
+            (reqwest::Method::GET, m.http("/v2/Bad..Name/manifests/-x")),
+        ] {
+            let mut req = c.request(method.clone(), &url);
+            if let Some(v) = &value {
+                req = req.header("authorization", v.clone());
+            }
+            let r = req.send().await.unwrap();
+            let ctx = format!("{what}: {method} {url}");
+            assert_eq!(
+                header(&r, "www-authenticate"),
+                format!("Basic realm=\"{REALM}\""),
+                "{ctx}"
+            );
+            assert_eq!(
+                header(&r, "docker-distribution-api-version"),
+                "registry/2.0",
+                "{ctx}"
+            );
+            if method == reqwest::Method::HEAD {
+                assert_eq!(r.status(), 401, "{ctx}");
+                assert!(r.bytes().await.unwrap().is_empty(), "{ctx}: HEAD body");
+            } else {
+                assert_error(r, 401, Some("UNAUTHORIZED")).await;
+            }
+        }
+    }
+    assert!(
+        fake.requests().is_empty(),
+        "forwarded: {:?}",
+        fake.requests()
+    );
+}
+
+#[tokio::test]
+async fn right_credentials_pass_on_ping_and_on_a_pull_of_thirty_layers() {
+    let fake = FakeUpstream::start().await;
+    let layers = (0..30).map(|i| random_bytes(3000 + 97 * i, 200 + i as u64));
+    let img = fake.add_image(REPO, "3.19", layers.collect());
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("htpasswd");
+    // The operator's tool when it is there (`htpasswd -B`), else the same line from the crate.
+    let moby = std::process::Command::new("htpasswd")
+        .args(["-Bbn", "-C", "4", "moby", "gordon"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8(o.stdout).unwrap().trim().to_owned())
+        .unwrap_or_else(|| htpasswd_line("moby", "gordon"));
+    let lines = [
+        "# users".to_owned(),
+        String::new(),
+        moby,
+        htpasswd_line("carol", "pa:ss:word"),
+    ];
+    // CRLF line ends, as an editor on another system leaves them.
+    std::fs::write(&users, lines.join("\r\n")).unwrap();
+    let m = auth_mirror(&fake, &users).await;
+    let c = client();
+    assert_eq!(status_as(&c, &m.http("/v2/"), "moby", "gordon").await, 200);
+    assert_eq!(
+        status_as(&c, &m.http("/v2/"), "carol", "pa:ss:word").await,
+        200
+    );
+    let good = basic("moby", "gordon");
+    let lower = good.replacen("Basic", "basic", 1);
+    assert_eq!(
+        send_as(&c, "GET", &m.http("/v2/"), &lower).await.status(),
+        200
+    );
+
+    let started = std::time::Instant::now();
+    let url = m.http(&format!("/v2/{REPO}/manifests/3.19"));
+    let r = send_as(&c, "HEAD", &url, &good).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "docker-content-digest"), img.manifest_digest);
+    let url = m.http(&format!("/v2/{REPO}/manifests/{}", img.manifest_digest));
+    let r = send_as(&c, "GET", &url, &good).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), img.manifest);
+    // Every blob on its own connection, all at once, as a client pulling layers does.
+    let gets = img.blobs().into_iter().map(|(digest, bytes)| {
+        let url = m.http(&format!("/v2/{REPO}/blobs/{digest}"));
+        let auth = good.clone();
+        async move {
+            let r = send_as(&client(), "GET", &url, &auth).await;
+            assert_eq!(r.status(), 200, "{digest}");
+            let body = r.bytes().await.unwrap();
+            assert_eq!(sha256_digest(&body), digest);
+            assert_eq!(body, bytes);
+        }
+    });
+    futures_util::future::join_all(gets).await;
+    let took = started.elapsed();
+    eprintln!("the manifest and 31 blobs, authenticated, in {took:?}");
+    assert_eq!(fake.blob_gets(&img.layer_digests[29]), 1);
+    // The clients' credentials are the mirror's business: never passed upstream.
+    for seen in fake.requests() {
+        let auth = seen.authorization.unwrap_or_default();
+        assert!(
+            auth.is_empty() || auth.starts_with("Bearer "),
+            "upstream got {auth}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn htpasswd_changes_apply_without_a_restart_and_a_broken_file_keeps_the_users() {
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("htpasswd");
+    write_users(&users, &lines(&[("alice", "a1"), ("bob", "b")]));
+    let m = auth_mirror(&fake, &users).await;
+    let c = client();
+    let ping = m.http("/v2/");
+    assert_eq!(status_as(&c, &ping, "alice", "a1").await, 200);
+    assert_eq!(status_as(&c, &ping, "bob", "b").await, 200);
+    assert_eq!(status_as(&c, &ping, "carol", "c").await, 401);
+
+    // Carol added, bob removed, alice's password changed (bob and alice's old password
+    // were verified a moment ago, so this also shows the remembered checks do not outlive it).
+    write_users(&users, &lines(&[("alice", "a2"), ("carol", "c")]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let last = loop {
+        let got = vec![
+            status_as(&c, &ping, "alice", "a2").await,
+            status_as(&c, &ping, "alice", "a1").await,
+            status_as(&c, &ping, "bob", "b").await,
+            status_as(&c, &ping, "carol", "c").await,
+        ];
+        if got == [200, 401, 401, 200] || std::time::Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        last,
+        [200, 401, 401, 200],
+        "alice new, alice old, bob, carol"
+    );
+
+    // A line that is not bcrypt: logged, and the users stay as they were. Two and a half
+    // poll periods give the watcher every chance to (wrongly) apply it.
+    write_users(
+        &users,
+        &["alice:plaintext".to_owned(), htpasswd_line("eve", "e")],
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(status_as(&c, &ping, "carol", "c").await, 200);
+    assert_eq!(status_as(&c, &ping, "alice", "a2").await, 200);
+    assert_eq!(status_as(&c, &ping, "eve", "e").await, 401);
+
+    // And the watcher still works after the failed reload.
+    write_users(&users, &[htpasswd_line("dave", "d")]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while status_as(&c, &ping, "dave", "d").await != 200 {
+        assert!(std::time::Instant::now() < deadline, "dave never accepted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status_as(&c, &ping, "carol", "c").await, 401);
+}
+
+#[tokio::test]
+async fn htpasswd_lines_that_are_not_bcrypt_stop_startup_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = htpasswd_line("moby", "gordon");
+    let cases = [
+        (
+            format!("{good}\nbob:{{SHA}}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n"),
+            "line 2",
+            "bob",
+        ),
+        (
+            "moby:$apr1$kpBAkp9u$K0Ht7wHGwY1K/ng1iZxW5/\n".to_owned(),
+            "line 1",
+            "moby",
+        ),
+        ("moby:rqXexS6ZhobKA\n".to_owned(), "line 1", "moby"),
+        (
+            format!("# users\n\n{good}\nplain:gordon\n"),
+            "line 4",
+            "plain",
+        ),
+        (format!("{good}\njustaname\n"), "line 2", ""),
+        (format!("{good}\n:{}\n", &good[5..]), "line 2", ""),
+    ];
+    for (i, (text, line, user)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("htpasswd-{i}"));
+        std::fs::write(&path, text).unwrap();
+        let mut config = startup_config(&dir.path().join(format!("data-{i}")));
+        config.auth.htpasswd = Some(path.clone());
+        let e = startup_error(config).await;
+        let msg = e.to_string();
+        assert!(matches!(e, ServeError::Htpasswd(_)), "{msg}");
+        assert!(msg.contains(*line), "{text:?}: {msg}");
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains(user), "{msg}");
+    }
+    let missing = dir.path().join("no-such-htpasswd");
+    let mut config = startup_config(&dir.path().join("data-missing"));
+    config.auth.htpasswd = Some(missing.clone());
+    let msg = startup_error(config).await.to_string();
+    assert!(msg.contains(&missing.display().to_string()), "{msg}");
+}
+
+#[tokio::test]
+async fn urls_longer_than_max_url_length_are_414_with_a_registry_error() {
+    let fake = FakeUpstream::start().await;
+    for limit in [1024usize, 8192] {
+        let m = start_mirror(&fake.url(), |c| c.server.max_url_length = limit).await;
+        // Path and query count: "/v2/" + "?" + query.
+        let at = format!("/v2/?{}", "q".repeat(limit - 5));
+        assert_eq!(at.len(), limit);
+        assert_eq!(
+            m.get(&at).await.unwrap().status(),
+            200,
+            "{limit}: at the limit"
+        );
+        let over = format!("/v2/?{}", "q".repeat(limit - 4));
+        let v = assert_error(m.get(&over).await.unwrap(), 414, Some("NAME_INVALID")).await;
+        assert!(v["errors"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&limit.to_string()));
+        let long_path = format!("/v2/{REPO}/manifests/{}", "t".repeat(limit));
+        assert_error(m.get(&long_path).await.unwrap(), 414, None).await;
+        let r = m.head(&long_path).await.unwrap();
+        assert_eq!(r.status(), 414);
+        assert!(r.bytes().await.unwrap().is_empty());
+    }
+    assert!(
+        fake.requests().is_empty(),
+        "forwarded: {:?}",
+        fake.requests()
+    );
+}
+
+#[tokio::test]
+async fn request_heads_over_max_header_size_get_431_and_the_connection_closes() {
+    let fake = FakeUpstream::start().await;
+    let m = Front::start(&fake.url(), |c| c.server.max_header_size.0 = 8192).await;
+    let head = |extra: String| format!("GET /v2/ HTTP/1.1\r\nHost: m\r\n{extra}\r\n");
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let long_url = format!("GET /v2/?{} HTTP/1.1\r\nHost: m\r\n\r\n", "q".repeat(8300));
+    for (what, req) in [
+        (
+            "one 9 KB header",
+            head(format!("X-Big: {}\r\n", "b".repeat(9000))),
+        ),
+        ("150 headers", head(many)),
+        ("8 KB URL", long_url),
+    ] {
+        let mut s = TcpStream::connect(m.addr).await.unwrap();
+        let _ = s.write_all(req.as_bytes()).await;
+        let (raw, open) = read_until_closed(&mut s, after(10)).await;
+        let text = String::from_utf8_lossy(&raw);
+        // hyper answers a head past its buffer (or past 100 headers) itself, then closes.
+        assert!(text.starts_with("HTTP/1.1 431 "), "{what}: {text:?}");
+        assert!(!open, "{what}: the connection stayed open after 431");
+    }
+    // Just under the limit is served.
+    let fits = head(format!(
+        "X-Big: {}\r\nConnection: close\r\n",
+        "b".repeat(7000)
+    ));
+    let r = exchange(m.addr, fits.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(r.status(), Some(200), "{r:?}");
+}
+
+#[tokio::test]
+async fn past_max_connections_a_new_connection_waits_until_one_closes() {
+    let fake = FakeUpstream::start().await;
+    let m = Front::start(&fake.url(), |c| c.server.max_connections = 2).await;
+    let limit = Duration::from_secs(10);
+    let mut a = send_raw(m.addr, PING).await;
+    assert_eq!(read_response(&mut a, limit).await.0, 200);
+    let mut b = send_raw(m.addr, PING).await;
+    assert_eq!(read_response(&mut b, limit).await.0, 200);
+
+    // The kernel completes the third handshake (backlog), but the mirror does not take it.
+    let mut third = send_raw(m.addr, PING).await;
+    let (early, open) = read_until_closed(&mut third, after(2)).await;
+    assert!(
+        early.is_empty() && open,
+        "answered past the limit: {early:?}"
+    );
+    // The two admitted ones are still served meanwhile.
+    a.write_all(PING).await.unwrap();
+    assert_eq!(read_response(&mut a, limit).await.0, 200);
+
+    drop(a);
+    let (status, _) = read_response(&mut third, limit).await;
+    assert_eq!(status, 200, "served once one closed");
+    b.write_all(PING).await.unwrap();
+    assert_eq!(read_response(&mut b, limit).await.0, 200);
+}
+
+#[tokio::test]
+async fn request_heads_not_finished_within_header_read_timeout_are_cut_off() {
+    let fake = FakeUpstream::start().await;
+    let m = Front::start(&fake.url(), |c| {
+        c.server.header_read_timeout = Duration::from_secs(1);
+        c.server.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    // Half a head, then silence.
+    let mut s = send_raw(m.addr, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n").await;
+    let started = std::time::Instant::now();
+    let (raw, open) = read_until_closed(&mut s, after(5)).await;
+    assert!(!open, "half a request head kept the connection for 5 s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "closed too early"
+    );
+    assert!(
+        raw.is_empty(),
+        "hyper sends nothing on a header timeout: {raw:?}"
+    );
+
+    // A slowloris: a header line every 200 ms keeps traffic flowing but never ends the head.
+    let s = send_raw(m.addr, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n").await;
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        for i in 0..40 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if wr
+                .write_all(format!("X-{i}: y\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut sink = [0u8; 256];
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        while tokio::io::AsyncReadExt::read(&mut rd, &mut sink)
+            .await
+            .is_ok_and(|n| n > 0)
+        {}
+    })
+    .await;
+    assert!(cut.is_ok(), "a trickled head kept the connection for 5 s");
+    writer.abort();
+
+    // A whole request within the timeout is served.
+    let whole = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let r = exchange(m.addr, whole, Duration::from_secs(10)).await;
+    assert_eq!(r.status(), Some(200));
+}
+
+/// A client that connects and never sends a byte has not sent its request head in time
+/// either: it must not hold one of `max_connections` for the whole `idle_timeout`.
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_cut_off_after_header_read_timeout() {
+    let fake = FakeUpstream::start().await;
+    let m = Front::start(&fake.url(), |c| {
+        c.server.header_read_timeout = Duration::from_secs(1);
+        c.server.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut s = TcpStream::connect(m.addr).await.unwrap();
+    let closed = closed_within(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        closed.is_some(),
+        "a silent connection was still open after 5 s (header_read_timeout 1 s)"
+    );
+}
+
+#[tokio::test]
+async fn connections_without_traffic_for_idle_timeout_are_closed() {
+    let fake = FakeUpstream::start().await;
+    let size = 24 * 1024 * 1024;
+    let blob = random_bytes(size, 9);
+    let digest = fake.add_blob(REPO, blob.clone());
+    let m = Front::start(&fake.url(), |c| {
+        c.server.idle_timeout = Duration::from_secs(1);
+        c.server.header_read_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let limit = Duration::from_secs(10);
+
+    // Traffic every 400 ms keeps one connection open well past the timeout.
+    let mut s = send_raw(m.addr, b"").await;
+    for _ in 0..8 {
+        s.write_all(PING).await.unwrap();
+        assert_eq!(read_response(&mut s, limit).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    // Then silence closes it.
+    let closed = closed_within(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        closed.is_some(),
+        "an idle keep-alive connection stayed open for 5 s"
+    );
+
+    // A client that stops reading a large body is as idle as one that sends nothing.
+    let url = m.http(&format!("/v2/{REPO}/blobs/{digest}"));
+    let cached = client()
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(cached.len(), size);
+    let req = format!("GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: m\r\n\r\n");
+    let mut s = send_raw(m.addr, req.as_bytes()).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (raw, open) = read_until_closed(&mut s, after(20)).await;
+    assert!(!open, "the stalled reader's connection is still open");
+    let got = Reply::Status(200, raw).body().len();
+    assert!(
+        got < size,
+        "stalled 4 s (idle_timeout 1 s), still got all {size} bytes"
+    );
+}
+
+#[tokio::test]
+async fn upstream_credentials_go_only_to_allowed_token_hosts_and_never_into_logs() {
+    const USER: &str = "mirror-bot";
+    const PASSWORD: &str = "dckr_pat_S3cr3t-Never-Logged";
+    let logs = captured_logs();
+    let fake = FakeUpstream::start().await;
+    fake.add_image(REPO, "1", vec![random_bytes(700, 11)]);
+    // The fake's challenge names its realm as http://127.0.0.1:PORT/token; reaching the
+    // upstream as localhost puts that realm on another host string.
+    let as_localhost = fake.url().replace("127.0.0.1", "localhost");
+    let creds = |c: &mut regmirror::config::Config| {
+        c.upstream.username = Some(USER.into());
+        c.upstream.password = Some(Secret::new(PASSWORD));
+    };
+    let (local, both) = (vec!["127.0.0.1"], vec!["EXAMPLE.org", "127.0.0.1"]);
+    let cases = [
+        ("realm on another host", &as_localhost, vec![], false),
+        ("that host allowed", &as_localhost, local, true),
+        ("among other hosts", &as_localhost, both, true),
+        ("realm on the upstream's host", &fake.url(), vec![], true),
+    ];
+    for (what, upstream, hosts, sent) in cases {
+        fake.reset_counts();
+        let m = start_mirror(upstream, |c| {
+            creds(c);
+            c.upstream.credential_hosts = hosts.iter().map(|h| h.to_string()).collect();
+        })
+        .await;
+        m.get_ok(&format!("/v2/{REPO}/manifests/1")).await;
+        let fetches = fake.token_fetches();
+        assert!(!fetches.is_empty(), "{what}: no token fetched");
+        for f in &fetches {
+            let expected = sent.then(|| (USER.to_owned(), PASSWORD.to_owned()));
+            assert_eq!(f.basic, expected, "{what}");
+        }
+    }
+
+    // The realm refuses these credentials: the client learns it, not the password.
+    fake.set(|f| f.credentials = Some((USER.into(), "another".into())));
+    fake.add_image(REPO, "2", vec![random_bytes(700, 12)]);
+    let m = start_mirror(&fake.url(), creds).await;
+    let r = m.get(&format!("/v2/{REPO}/manifests/2")).await.unwrap();
+    let status = r.status();
+    let body = r.text().await.unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(!body.contains(PASSWORD), "{body}");
+
+    let mut config = common::test_config(Path::new("/nonexistent"), &fake.url());
+    creds(&mut config);
+    let debug = format!("{config:?}");
+    assert!(!debug.contains(PASSWORD) && debug.contains("<redacted>"));
+
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        logs.contains("another host"),
+        "the capture saw the mirror's warnings"
+    );
+    let b64 = base64::prelude::BASE64_STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    assert!(
+        !logs.contains(PASSWORD) && !logs.contains(&b64),
+        "credentials in the log"
+    );
+}
