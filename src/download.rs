@@ -167,7 +167,7 @@ impl Downloads {
             let end = match outcome {
                 Ok(size) => this.keep(spool, &digest, size).await,
                 Err(e) => {
-                    drop(spool);
+                    spool.discard();
                     tracing::warn!(%digest, error = %e, "blob download failed; nothing cached");
                     Progress::Failed(e)
                 }

@@ -99,12 +99,13 @@ impl LocalIndex {
         let mut st = self.state();
         let present: HashSet<&ContentKey> = found.iter().map(|f| &f.key).collect();
         st.contents.retain(|k, _| present.contains(k));
+        // A known item keeps its recorded size: a file whose size changed on
+        // disk is then caught as damaged before it is served.
         for f in &found {
-            let entry = st.contents.entry(f.key.clone()).or_insert(ContentEntry {
+            st.contents.entry(f.key.clone()).or_insert(ContentEntry {
                 size: f.size,
                 last_access: f.modified,
             });
-            entry.size = f.size;
         }
         drop(st);
         self.changed();

@@ -51,6 +51,13 @@ impl Spool {
     pub(crate) fn disarm(&mut self) {
         self.committed = true;
     }
+
+    /// Drops a failed download: truncated first, so its space is free at
+    /// once even while a reader still has the file open (on a full disk the
+    /// next download must not fail for space a dead one holds).
+    pub fn discard(self) {
+        let _ = self.file.set_len(0);
+    }
 }
 
 impl Drop for Spool {
