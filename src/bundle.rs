@@ -27,6 +27,8 @@ use crate::store::{BlobStore, ContentKey, Index, Spool, StoredManifest, TagEntry
 /// entry came from, so `import` can recreate the tag.
 pub const IMAGE_ANNOTATION: &str = "io.regmirror.image";
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// Marks an index `export` made around a Docker-format manifest.
+pub const WRAPPER_ANNOTATION: &str = "io.regmirror.wrapper";
 
 fn err(msg: impl Into<String>) -> io::Error {
     io::Error::other(msg.into())
@@ -96,20 +98,43 @@ pub async fn export(config: &Config, images: &[ImageRef], out: &Path) -> io::Res
     let file = std::fs::File::create(out).map_err(|x| err(format!("{}: {x}", out.display())))?;
     let mut tar = tar::Builder::new(io::BufWriter::new(file));
     append(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    let descriptors: Vec<_> = entries
-        .iter()
-        .map(|e| {
-            json!({
-                "mediaType": e.manifest.media_type,
-                "digest": e.digest.to_string(),
-                "size": e.manifest.bytes.len(),
-                "annotations": {
-                    REF_NAME: e.tag.as_str(),
-                    IMAGE_ANNOTATION: format!("{}:{}", e.key, e.tag),
-                }
-            })
-        })
-        .collect();
+    // skopeo finds a tag in index.json only on OCI manifests and indexes; a
+    // Docker-format image is listed through a one-entry OCI index (marked, so
+    // `import` tags the Docker manifest itself and keeps upstream's digest).
+    let mut descriptors = Vec::new();
+    for e in &entries {
+        let mut annotations = json!({
+            REF_NAME: e.tag.as_str(),
+            IMAGE_ANNOTATION: format!("{}:{}", e.key, e.tag),
+        });
+        let own = json!({
+            "mediaType": e.manifest.media_type,
+            "digest": e.digest.to_string(),
+            "size": e.manifest.bytes.len(),
+        });
+        if e.manifest.media_type.starts_with("application/vnd.oci.") {
+            let mut d = own;
+            d["annotations"] = annotations;
+            descriptors.push(d);
+            continue;
+        }
+        let mut child = own;
+        if let Some(platform) = platform_of(&disk, &e.manifest).await? {
+            child["platform"] = platform;
+        }
+        let wrapper = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [child]})
+            .to_string()
+            .into_bytes();
+        let wrapper_digest = crate::hashing::digest_of(e.digest.algorithm(), &wrapper);
+        annotations[WRAPPER_ANNOTATION] = json!("true");
+        descriptors.push(json!({
+            "mediaType": OCI_INDEX,
+            "digest": wrapper_digest.to_string(),
+            "size": wrapper.len(),
+            "annotations": annotations,
+        }));
+        blobs.insert(wrapper_digest, Kind::Manifest(wrapper.into()));
+    }
     let index_json =
         json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}).to_string();
     append(&mut tar, "index.json", index_json.as_bytes())?;
@@ -144,6 +169,35 @@ pub async fn export(config: &Config, images: &[ImageRef], out: &Path) -> io::Res
 enum Kind {
     Manifest(bytes::Bytes),
     Blob,
+}
+
+/// The `platform` of an image manifest, read from its cached config blob.
+async fn platform_of(
+    disk: &DiskStore,
+    m: &StoredManifest,
+) -> io::Result<Option<serde_json::Value>> {
+    let v: serde_json::Value = serde_json::from_slice(&m.bytes).map_err(|e| err(e.to_string()))?;
+    let Some(config) = v
+        .pointer("/config/digest")
+        .and_then(|d| d.as_str())
+        .and_then(|d| Digest::parse(d).ok())
+    else {
+        return Ok(None);
+    };
+    let Some(blob) = disk.open_blob(&config).await? else {
+        return Ok(None);
+    };
+    let mut raw = vec![0u8; usize::try_from(blob.size.min(1 << 20)).unwrap_or(0)];
+    blob.file.read_exact_at(&mut raw, 0)?;
+    let c: serde_json::Value = serde_json::from_slice(&raw).unwrap_or_default();
+    let (Some(os), Some(arch)) = (c.get("os"), c.get("architecture")) else {
+        return Ok(None);
+    };
+    let mut p = json!({"os": os, "architecture": arch});
+    if let Some(variant) = c.get("variant") {
+        p["variant"] = variant.clone();
+    }
+    Ok(Some(p))
 }
 
 /// Everything `digest`'s manifest needs, recursively.
@@ -323,6 +377,31 @@ pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> 
                     "{digest}: bad {IMAGE_ANNOTATION} annotation {image:?}"
                 ))
             })?;
+        // A wrapper `export` made: the image is its one child.
+        let wrapped = desc
+            .pointer(&format!(
+                "/annotations/{}",
+                WRAPPER_ANNOTATION.replace('/', "~1")
+            ))
+            .is_some_and(|a| a == "true");
+        let (digest, media_type) = if wrapped {
+            let w: serde_json::Value = serde_json::from_slice(&read(&digest)?)
+                .map_err(|e| err(format!("{digest}: {e}")))?;
+            let child = w.pointer("/manifests/0").cloned().unwrap_or_default();
+            let d = child
+                .get("digest")
+                .and_then(|d| d.as_str())
+                .and_then(|d| Digest::parse(d).ok())
+                .ok_or_else(|| err(format!("damaged bundle: wrapper {digest} has no child")))?;
+            let mt = child
+                .get("mediaType")
+                .and_then(|m| m.as_str())
+                .unwrap_or(manifest::OCI_MANIFEST)
+                .to_owned();
+            (d, mt)
+        } else {
+            (digest, media_type)
+        };
         let bytes = read(&digest)?;
         let mut held = vec![digest.clone()];
         let v: serde_json::Value =

@@ -137,6 +137,16 @@ impl Metrics {
             upstream_health: Mutex::new(HashMap::new()),
             recent_errors: Mutex::new(VecDeque::new()),
         };
+        // Every series an alert may watch exists from the start, at zero.
+        for kind in ["manifest", "blob"] {
+            for outcome in ["hit", "miss", "coalesced", "pass"] {
+                drop(m.cache.get_or_create(&CacheLabels { kind, outcome }));
+            }
+        }
+        for reason in ["idle", "size"] {
+            drop(m.evictions.get_or_create(&ReasonLabels { reason }));
+            drop(m.evicted_bytes.get_or_create(&ReasonLabels { reason }));
+        }
         let r = &mut m.registry;
         r.register(
             "http_requests",

@@ -76,6 +76,7 @@ pub async fn run(
     if let Some(t) = &tls {
         background.push(tokio::spawn(t.clone().watch()));
     }
+    background.push(tokio::spawn(on_hangup(tls.clone())));
     if let Some(a) = &auth {
         background.push(tokio::spawn(a.clone().watch()));
     }
@@ -165,6 +166,28 @@ pub async fn run(
         tracing::warn!(error = %e, "cannot write the index snapshot");
     }
     Ok(())
+}
+
+/// SIGHUP reloads the certificate; without TLS it is logged and ignored
+/// (its default action would end the process, and `systemctl reload` sends it).
+async fn on_hangup(tls: Option<Arc<Tls>>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match &tls {
+                Some(t) => t.reload_logged("SIGHUP"),
+                None => {
+                    tracing::info!("SIGHUP: no TLS configured; the htpasswd file reloads by itself")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(tls);
 }
 
 /// The operator listener: plain HTTP, no auth, operator endpoints only.

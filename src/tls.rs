@@ -117,7 +117,7 @@ impl Tls {
         true
     }
 
-    fn reload_logged(&self, why: &str) {
+    pub fn reload_logged(&self, why: &str) {
         match self.reload() {
             Ok(()) => tracing::info!(cert = %self.cert.display(), why, "TLS certificate reloaded"),
             Err(e) => {
@@ -126,29 +126,13 @@ impl Tls {
         }
     }
 
-    /// Reloads when the files change or SIGHUP arrives, until the process ends.
+    /// Reloads when the files change, until the process ends (SIGHUP is
+    /// handled by the server, which calls [`Tls::reload_logged`]).
     pub async fn watch(self: Arc<Self>) {
-        #[cfg(unix)]
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
-            #[cfg(unix)]
-            let hangup = async {
-                match &mut hup {
-                    Some(s) => {
-                        s.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            #[cfg(not(unix))]
-            let hangup = std::future::pending::<()>();
-            tokio::select! {
-                () = hangup => self.reload_logged("SIGHUP"),
-                () = tokio::time::sleep(WATCH_EVERY) => {
-                    if self.changed() {
-                        self.reload_logged("files changed");
-                    }
-                }
+            tokio::time::sleep(WATCH_EVERY).await;
+            if self.changed() {
+                self.reload_logged("files changed");
             }
         }
     }

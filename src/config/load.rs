@@ -58,6 +58,14 @@ const KEYS: &[(&str, Kind)] = &[
 /// Environment variables that are not config keys but belong to the binary.
 const ENV_NOT_KEYS: &[&str] = &["REGMIRROR_CONFIG"];
 
+/// Kubernetes puts `REGMIRROR_SERVICE_HOST`, `REGMIRROR_PORT_5000_TCP` and
+/// the like into every pod of a namespace with a Service named `regmirror`.
+/// No config key starts with `service` or `port`, so these are never keys.
+fn is_service_link(var: &str) -> bool {
+    let rest = &var[ENV_PREFIX.len()..];
+    rest.starts_with("SERVICE_") || rest == "PORT" || rest.starts_with("PORT_")
+}
+
 /// `cache.tag_ttl` → `REGMIRROR_CACHE_TAG_TTL`.
 pub fn env_name(key: &str) -> String {
     format!("{ENV_PREFIX}{}", key.replace('.', "_").to_ascii_uppercase())
@@ -131,7 +139,10 @@ fn overlay_env(
         .collect();
     let mut applied = BTreeMap::new();
     for (var, value) in env {
-        if !var.starts_with(ENV_PREFIX) || ENV_NOT_KEYS.contains(&var.as_str()) {
+        if !var.starts_with(ENV_PREFIX)
+            || ENV_NOT_KEYS.contains(&var.as_str())
+            || is_service_link(&var)
+        {
             continue;
         }
         let Some(&(key, kind)) = known.get(&var) else {
@@ -362,6 +373,12 @@ mod tests {
         assert!(e.contains("REGMIRROR_CACHE_TAG_TTL"), "{e}");
         assert!(e.contains("\"5x\""), "{e}");
 
+        let k8s = env(&[
+            ("REGMIRROR_SERVICE_HOST", "10.0.0.1"),
+            ("REGMIRROR_PORT", "tcp://10.0.0.1:5000"),
+            ("REGMIRROR_PORT_5000_TCP_ADDR", "10.0.0.1"),
+        ]);
+        assert!(load(None, k8s, &Flags::default()).is_ok());
         let e = load(None, env(&[("REGMIRROR_NOPE", "1")]), &Flags::default())
             .unwrap_err()
             .to_string();
