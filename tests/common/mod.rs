@@ -8,6 +8,7 @@ pub mod cache;
 pub mod fake_upstream;
 pub mod front;
 pub mod images;
+pub mod observe;
 pub mod referrers_api;
 
 use std::path::{Path, PathBuf};

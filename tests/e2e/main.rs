@@ -22,6 +22,7 @@
 //! `--offline`), `tls` (HTTPS, users, reloads) and `multi` (two registries through one mirror).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod airgap;
 mod certs;
 mod containerd;
 mod dockerd;
