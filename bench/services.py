@@ -1,0 +1,328 @@
+"""The processes the benchmark runs on 127.0.0.1: the token issuer, the upstream
+(docker-registry with token auth and an access log), the two mirrors (docker-registry in proxy
+mode, regmirror) and nginx. Each binds a free port, is waited for until it answers, and is
+stopped by its own pid; `Procs.stop_all` stops whatever is still running. It measures nothing.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+USER, PASSWORD = "bench", "bench-password"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url, timeout=2):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+class Proc:
+    """A child process with its output in files, stopped by pid."""
+
+    def __init__(self, name, argv, directory, env=None, stdout_name="stdout.log"):
+        self.name = name
+        os.makedirs(directory, exist_ok=True)
+        self.stdout_path = os.path.join(directory, stdout_name)
+        self.stderr_path = os.path.join(directory, "stderr.log")
+        with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
+            self.popen = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                          env=env, cwd=directory)
+        self.pid = self.popen.pid
+
+    def alive(self):
+        return self.popen.poll() is None
+
+    def stop(self, sig=signal.SIGTERM, grace=10):
+        if self.alive():
+            try:
+                os.kill(self.pid, sig)
+                self.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait()
+            except ProcessLookupError:
+                pass
+
+    def tail(self, lines=30):
+        out = []
+        for path in (self.stdout_path, self.stderr_path):
+            try:
+                with open(path, errors="replace") as f:
+                    out.append(f"--- {path} ---\n" + "".join(f.readlines()[-lines:]))
+            except OSError:
+                pass
+        return "\n".join(out)
+
+
+class Procs:
+    """Everything started, so it can all be stopped at the end whatever happened."""
+
+    def __init__(self):
+        self.running = []
+
+    def start(self, *args, **kwargs):
+        proc = Proc(*args, **kwargs)
+        self.running.append(proc)
+        return proc
+
+    def stop(self, proc):
+        proc.stop()
+        if proc in self.running:
+            self.running.remove(proc)
+
+    def stop_all(self):
+        for proc in reversed(self.running):
+            proc.stop()
+        self.running.clear()
+
+
+def wait_until(what, proc, check, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{what} exited with {proc.popen.returncode}\n{proc.tail()}")
+        if check():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not come up in {timeout}s\n{proc.tail()}")
+
+
+def start_on_free_port(procs, what, spawn, ready, attempts=3):
+    """Starts `spawn(port)` until it stays up on a free port (another process may take the
+    port between our probe and its bind) and `ready(port)` holds."""
+    last = None
+    for _ in range(attempts):
+        port = free_port()
+        proc = spawn(port)
+        try:
+            wait_until(what, proc, lambda: ready(port))
+            return port, proc
+        except RuntimeError as e:
+            last = e
+            procs.stop(proc)
+    raise last
+
+
+class Issuer:
+    def __init__(self, procs, directory, key, cert):
+        port_file = os.path.join(directory, "issuer.port")
+        if os.path.exists(port_file):
+            os.remove(port_file)
+        self.proc = procs.start("issuer", [sys.executable, os.path.join(HERE, "issuer.py"),
+                                           "--key", key, "--cert", cert, "--port-file", port_file,
+                                           "--user", USER, "--password", PASSWORD],
+                                os.path.join(directory, "issuer"))
+        wait_until("token issuer", self.proc, lambda: os.path.exists(port_file))
+        with open(port_file) as f:
+            self.port = int(f.read())
+        self.realm = f"http://127.0.0.1:{self.port}/token"
+
+    def tokens(self):
+        """Tokens issued so far."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_stats", timeout=5) as r:
+            return json.load(r)["tokens"]
+
+    def token(self, scope):
+        """A token for the harness's own requests (counted like any other)."""
+        import base64
+        from urllib.parse import urlencode
+        from issuer import SERVICE
+        req = urllib.request.Request(
+            self.realm + "?" + urlencode({"service": SERVICE, "scope": scope}),
+            headers={"Authorization": "Basic " +
+                     base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)["token"]
+
+
+class Upstream:
+    """docker-registry with token auth; its stdout is the access log (combined format)."""
+
+    def __init__(self, procs, directory, storage, issuer, cert, writable=False):
+        from issuer import ISSUER, SERVICE
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        self.access_log = os.path.join(directory, "access.log")
+
+        def spawn(port):
+            config = os.path.join(directory, "registry.yml")
+            with open(config, "w") as f:
+                f.write(f"""version: 0.1
+log:
+  level: warn
+  formatter: text
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: {storage}
+  delete:
+    enabled: false
+  maintenance:
+    uploadpurging:
+      enabled: false
+    readonly:
+      enabled: {'false' if writable else 'true'}
+http:
+  addr: 127.0.0.1:{port}
+  secret: regmirror-bench-upstream
+auth:
+  token:
+    realm: {issuer.realm}
+    service: {SERVICE}
+    issuer: {ISSUER}
+    rootcertbundle: {cert}
+""")
+            return procs.start("upstream", ["docker-registry", "serve", config], directory,
+                               stdout_name="access.log")
+
+        self.port, self.proc = start_on_free_port(
+            procs, "upstream docker-registry", spawn,
+            lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 401)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def served(self):
+        """(method, path, status, bytes) of every request answered so far."""
+        out = []
+        try:
+            with open(self.access_log, errors="replace") as f:
+                lines = f.readlines()
+        except OSError:
+            return out
+        for line in lines:
+            try:
+                _, rest = line.split('"', 1)
+                request, after = rest.split('"', 1)
+                method, target = request.split(" ")[:2]
+                status, size = after.split()[:2]
+                out.append((method, target.split("?")[0], int(status),
+                            0 if size == "-" else int(size)))
+            except ValueError:
+                continue
+        return out
+
+
+class DistributionProxy:
+    """docker-registry in pull-through proxy mode: distribution's own mirror, with the same
+    upstream credentials as regmirror. Logs as it does by default (info, access log on)."""
+
+    name = "distribution proxy"
+
+    def __init__(self, procs, directory, upstream):
+        self.directory = directory
+        os.makedirs(os.path.join(directory, "storage"), exist_ok=True)
+
+        def spawn(port):
+            config = os.path.join(directory, "registry.yml")
+            with open(config, "w") as f:
+                f.write(f"""version: 0.1
+log:
+  level: info
+  formatter: text
+storage:
+  filesystem:
+    rootdirectory: {os.path.join(directory, 'storage')}
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{port}
+  secret: regmirror-bench-proxy
+proxy:
+  remoteurl: {upstream.url}
+  username: {USER}
+  password: {PASSWORD}
+""")
+            return procs.start("distribution proxy", ["docker-registry", "serve", config],
+                               directory)
+
+        self.port, self.proc = start_on_free_port(
+            procs, "distribution proxy", spawn,
+            lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 200)
+        self.pid = self.proc.pid
+
+
+class Regmirror:
+    """regmirror with an empty data dir, its default settings, and the upstream credentials."""
+
+    name = "regmirror"
+
+    def __init__(self, procs, directory, upstream, binary):
+        self.directory = directory
+        data = os.path.join(directory, "data")
+        os.makedirs(data, exist_ok=True)
+        env = dict(os.environ, REGMIRROR_UPSTREAM_USERNAME=USER,
+                   REGMIRROR_UPSTREAM_PASSWORD=PASSWORD)
+        env.setdefault("RUST_LOG", "info")
+
+        def spawn(port):
+            return procs.start("regmirror", [binary, "serve", "--listen", f"127.0.0.1:{port}",
+                                             "--data-dir", data, "--upstream", upstream.url],
+                               directory, env=env)
+
+        self.port, self.proc = start_on_free_port(
+            procs, "regmirror", spawn,
+            lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 200)
+        self.pid = self.proc.pid
+
+
+class Nginx:
+    """nginx with sendfile serving the big blob file at /blob and the manifest bytes at
+    /manifest (with the manifest's media type): the ceiling for both mirrors."""
+
+    name = "nginx sendfile"
+
+    def __init__(self, procs, directory, blob_file, manifest_file, manifest_type):
+        os.makedirs(os.path.join(directory, "logs"), exist_ok=True)
+        user = "user root;\n" if os.geteuid() == 0 else ""
+
+        def spawn(port):
+            conf = os.path.join(directory, "nginx.conf")
+            with open(conf, "w") as f:
+                f.write(f"""{user}daemon off;
+worker_processes auto;
+pid {directory}/nginx.pid;
+error_log {directory}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 1000000;
+  client_body_temp_path {directory}/body;
+  proxy_temp_path {directory}/proxy;
+  fastcgi_temp_path {directory}/fastcgi;
+  uwsgi_temp_path {directory}/uwsgi;
+  scgi_temp_path {directory}/scgi;
+  types {{ }}
+  server {{
+    listen 127.0.0.1:{port};
+    location = /blob {{ alias {blob_file}; default_type application/octet-stream; }}
+    location = /manifest {{ alias {manifest_file}; default_type {manifest_type}; }}
+  }}
+}}
+""")
+            return procs.start("nginx", ["nginx", "-p", directory + "/", "-e",
+                                         f"{directory}/logs/error.log", "-c", conf], directory)
+
+        self.port, self.proc = start_on_free_port(
+            procs, "nginx", spawn,
+            lambda p: http_status(f"http://127.0.0.1:{p}/manifest") == 200)
+        self.pid = self.proc.pid

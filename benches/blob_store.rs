@@ -1,0 +1,143 @@
+//! The disk blob store (`regmirror::store::disk::DiskStore`) on the paths a blob takes: a
+//! download's spool written and committed (fsync, rename, directory fsync), and a cached blob
+//! opened and read back in the 256 KiB positional reads the mirror serves with, both as plain
+//! reads and, as the server does, one `spawn_blocking` per read. 64 MiB blobs in a temp dir
+//! under `target/`; quick by default: `cargo bench --bench blob_store`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use regmirror::hashing::digest_of;
+use regmirror::reference::Algorithm;
+use regmirror::store::disk::DiskStore;
+use regmirror::store::BlobStore;
+
+const WRITE_PIECE: usize = 1 << 20;
+const READ_PIECE: usize = 256 * 1024;
+
+/// 64 MiB under `cargo bench`; 1 MiB when `cargo test` runs each bench once, unoptimized.
+fn size() -> usize {
+    if std::env::args().any(|a| a == "--bench") {
+        64 << 20
+    } else {
+        1 << 20
+    }
+}
+
+fn noise(len: usize) -> Vec<u8> {
+    let mut state: u64 = 0x0b10_b570_4e00_0001;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A temp dir on the same filesystem as the build (not a tmpfs `/tmp`), so fsync is real.
+fn scratch() -> tempfile::TempDir {
+    let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
+    std::fs::create_dir_all(&base).expect("create target/");
+    tempfile::Builder::new()
+        .prefix("bench-blob-store-")
+        .tempdir_in(base)
+        .expect("temp dir")
+}
+
+fn blob_store(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = scratch();
+    let store = DiskStore::open(dir.path()).expect("open store");
+    let size = size();
+    let mib = size >> 20;
+    let data = Arc::new(noise(size));
+    let digest = digest_of(Algorithm::Sha256, &data);
+
+    let mut group = c.benchmark_group("blob_store");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(5))
+        .throughput(Throughput::Bytes(size as u64));
+
+    // Every iteration commits the same digest again: the rename replaces the previous file.
+    group.bench_function(format!("spool_write_commit/{mib}MiB"), |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let spool = store.spool().await.expect("spool");
+                let file = Arc::clone(&spool.file);
+                let bytes = Arc::clone(&data);
+                tokio::task::spawn_blocking(move || {
+                    for (i, piece) in bytes.chunks(WRITE_PIECE).enumerate() {
+                        file.write_all_at(piece, (i * WRITE_PIECE) as u64)?;
+                    }
+                    Ok::<_, std::io::Error>(())
+                })
+                .await
+                .expect("join")
+                .expect("write spool");
+                store.commit_blob(spool, &digest).await.expect("commit");
+            })
+        })
+    });
+
+    group.bench_function(format!("open_read_sync/{mib}MiB"), |b| {
+        let mut buf = vec![0u8; READ_PIECE];
+        b.iter(|| {
+            let blob = rt
+                .block_on(store.open_blob(&digest))
+                .expect("open")
+                .expect("cached");
+            let mut pos = 0u64;
+            while pos < blob.size {
+                let n = blob.file.read_at(&mut buf, pos).expect("read");
+                assert!(n > 0, "blob shorter than its size");
+                pos += n as u64;
+            }
+            black_box(pos)
+        })
+    });
+
+    group.bench_function(format!("open_read_spawn_blocking/{mib}MiB"), |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let blob = store
+                    .open_blob(&digest)
+                    .await
+                    .expect("open")
+                    .expect("cached");
+                let mut pos = 0u64;
+                while pos < blob.size {
+                    let file = Arc::clone(&blob.file);
+                    let len = (blob.size - pos).min(READ_PIECE as u64) as usize;
+                    let chunk = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; len];
+                        file.read_exact_at(&mut buf, pos).map(|()| buf)
+                    })
+                    .await
+                    .expect("join")
+                    .expect("read");
+                    pos += black_box(chunk).len() as u64;
+                }
+                pos
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, blob_store);
+criterion_main!(benches);
