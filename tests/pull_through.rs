@@ -592,3 +592,34 @@ async fn multi_arch_index_fetches_only_the_requested_child() {
         assert_eq!(fake.blob_gets(&d), 0, "nothing of arm64 fetched");
     }
 }
+
+/// cosign stores signatures and attestations under `sha256-<hex>.sig` and
+/// `.att` tags of the signed image's repository: they must pull like any tag.
+#[tokio::test]
+async fn cosign_signature_and_attestation_tags_pull_like_any_tag() {
+    let fake = FakeUpstream::start().await;
+    let image = fake.add_image("library/alpine", "3.19", vec![random_bytes(4096, 11)]);
+    let hex = image
+        .manifest_digest
+        .trim_start_matches("sha256:")
+        .to_owned();
+    let sig = fake.add_image(
+        "library/alpine",
+        &format!("sha256-{hex}.sig"),
+        vec![random_bytes(300, 12)],
+    );
+    let att = fake.add_image(
+        "library/alpine",
+        &format!("sha256-{hex}.att"),
+        vec![random_bytes(300, 13)],
+    );
+    let mirror = mirror_of(&fake).await;
+    for (tag, info) in [("sig", &sig), ("att", &att)] {
+        let path = format!("/v2/library/alpine/manifests/sha256-{hex}.{tag}");
+        let body = mirror.get_ok(&path).await;
+        assert_eq!(body, info.manifest, "{tag} manifest bytes");
+        assert_eq!(sha256_digest(&body), info.manifest_digest);
+        let layer = mirror.blob("library/alpine", &info.layer_digests[0]).await;
+        assert_eq!(layer, info.layers[0], "{tag} payload");
+    }
+}
