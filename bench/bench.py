@@ -76,7 +76,9 @@ class Results:
         ("cold_tokens", "cold pull: token fetches at the issuer"),
         ("warm_wall", "warm pull of the same set: wall time"),
         ("warm_requests", "warm pull: requests at the upstream"),
+        ("single_wall", "one client alone × the same cold {big} blob: wall time"),
         ("herd_wall", "herd, {herd} clients × one cold {big} blob: wall time"),
+        ("herd_ratio", "herd wall time ÷ one client's"),
         ("herd_bytes", "herd: bytes served by the upstream"),
         ("herd_ok", "herd: bodies complete with the right digest"),
         ("herd_rss", "herd: peak RSS of the mirror (VmHWM)"),
@@ -177,6 +179,23 @@ def measure_mirror(kind, ctx, results):
         shutil.rmtree(os.path.join(base, "pulls"), ignore_errors=True)
 
     prewarm(fx["storage"])
+    log(f"{column}: starting again (empty cache) for one client alone")
+    single = None
+    mirror = cls(procs, os.path.join(base, "single"), upstream, *ctx["mirror_args"][kind])
+    try:
+        single, ok, errors = clients.herd(mirror.port, big_path, big["digest"], big["size"], 1)
+        if ok != 1:
+            raise RuntimeError("single body wrong: " + "; ".join(errors[:4]))
+        results.set("single_wall", column, f"{single:.2f} s")
+        log(f"{column}: one client {single:.2f}s")
+    except Exception as e:
+        single = None
+        results.fail(["single_wall"], column, "one client", e)
+    finally:
+        procs.stop(mirror.proc)
+        shutil.rmtree(os.path.join(base, "single"), ignore_errors=True)
+
+    prewarm(fx["storage"])
     log(f"{column}: starting again (empty cache) for the herd of {ctx['herd']}")
     mirror = cls(procs, os.path.join(base, "herd"), upstream, *ctx["mirror_args"][kind])
     try:
@@ -189,6 +208,8 @@ def measure_mirror(kind, ctx, results):
         gets = [s for s in seen["served"]
                 if s[0] == "GET" and "/blobs/" in s[1] and 200 <= s[2] < 300]
         results.set("herd_wall", column, f"{wall:.2f} s")
+        if single:
+            results.set("herd_ratio", column, f"{wall / single:.1f}×")
         results.set("herd_bytes", column, f"{human_bytes(seen['bytes'])} "
                                           f"({len(gets)} blob GET{'s' if len(gets) != 1 else ''})")
         results.set("herd_ok", column, f"{ok}/{ctx['herd']}")
@@ -198,7 +219,8 @@ def measure_mirror(kind, ctx, results):
         if ok != ctx["herd"]:
             raise RuntimeError("herd bodies wrong: " + "; ".join(errors[:4]))
     except Exception as e:
-        results.fail(["herd_wall", "herd_bytes", "herd_ok", "herd_rss"], column, "herd", e)
+        results.fail(["herd_wall", "herd_ratio", "herd_bytes", "herd_ok", "herd_rss"], column,
+                     "herd", e)
     finally:
         procs.stop(mirror.proc)
         shutil.rmtree(os.path.join(base, "herd"), ignore_errors=True)
