@@ -27,18 +27,7 @@ struct Expected {
 
 /// Bytes as the status page writes them.
 fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
+    regmirror::units::human_bytes(n)
 }
 
 /// A mirror that pulled `team/app:v1` twice (a miss, then hits) and `team/app:v2` once, saw
