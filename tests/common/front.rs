@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::test_config;
+use super::{spawn_server, test_config};
 
 /// A running mirror on 127.0.0.1 (HTTP or HTTPS, with or without users).
 pub struct Front {
@@ -35,16 +35,7 @@ impl Front {
     /// once the mirror accepts connections; panics with the startup error if `run` fails.
     pub async fn start(upstream: &str, tweak: impl FnOnce(&mut Config)) -> Front {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let mut config = test_config(tmp.path(), upstream);
-        tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind mirror");
-        let addr = listener.local_addr().expect("mirror addr");
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(regmirror::server::run(listener, config, async {
-            let _ = rx.await;
-        }));
+        let (addr, tx, task) = spawn_server(test_config(tmp.path(), upstream), tweak).await;
         let mut front = Front {
             addr,
             data_dir: tmp.path().to_path_buf(),

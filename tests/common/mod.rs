@@ -11,6 +11,7 @@ pub mod images;
 pub mod observe;
 pub mod referrers_api;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -64,6 +65,27 @@ pub fn with_credentials(config: &mut Config) {
     config.upstream.password = Some(Secret::new("pw"));
 }
 
+/// The stop signal and task of a mirror started in-process.
+pub type ServerTask = (
+    SocketAddr,
+    oneshot::Sender<()>,
+    JoinHandle<Result<(), regmirror::server::ServeError>>,
+);
+
+/// Runs `server::run` with `config` (adjusted by `tweak`) on a port-0 listener.
+pub async fn spawn_server(mut config: Config, tweak: impl FnOnce(&mut Config)) -> ServerTask {
+    tweak(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind mirror");
+    let addr = listener.local_addr().expect("mirror addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(regmirror::server::run(listener, config, async {
+        let _ = rx.await;
+    }));
+    (addr, tx, task)
+}
+
 impl MirrorHandle {
     /// Starts a mirror over an existing data dir (e.g. one a stopped mirror left).
     pub async fn start_in(
@@ -71,16 +93,7 @@ impl MirrorHandle {
         upstream: &str,
         tweak: impl FnOnce(&mut Config),
     ) -> MirrorHandle {
-        let mut config = test_config(tmp.path(), upstream);
-        tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind mirror");
-        let addr = listener.local_addr().expect("mirror addr");
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(regmirror::server::run(listener, config, async {
-            let _ = rx.await;
-        }));
+        let (addr, tx, task) = spawn_server(test_config(tmp.path(), upstream), tweak).await;
         let client = reqwest::Client::builder()
             .no_proxy()
             // A mirror that never answers fails the test instead of hanging it.
