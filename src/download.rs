@@ -29,8 +29,9 @@ pub enum Progress {
     Connecting,
     /// `written` bytes are in the spool; `size` from the upstream's Content-Length.
     Streaming { size: Option<u64>, written: u64 },
-    /// Verified: every byte may be served. Committed to the store unless the
-    /// blob is larger than the whole cache.
+    /// Verified: every byte may be served. The commit to the store follows
+    /// (unless the blob is larger than the whole cache) and does not hold
+    /// followers up.
     Verified { size: u64 },
     /// Nothing was cached; followers must abort.
     Failed(Error),
@@ -93,6 +94,8 @@ pub struct Downloads {
     verified: moka::future::Cache<Digest, ()>,
     metrics: Arc<Metrics>,
     active: Mutex<HashMap<Digest, Arc<Download>>>,
+    /// Verified downloads whose commit has not ended.
+    commits: watch::Sender<usize>,
 }
 
 impl Downloads {
@@ -112,6 +115,7 @@ impl Downloads {
             verified,
             metrics,
             active: Mutex::new(HashMap::new()),
+            commits: watch::Sender::new(0),
         }
     }
 
@@ -164,24 +168,29 @@ impl Downloads {
             let outcome = this
                 .transfer(&digest, &spool, fetch, read_timeout, &tx)
                 .await;
-            let end = match outcome {
-                Ok(size) => this.keep(spool, &digest, size).await,
+            match outcome {
+                Ok(size) => {
+                    // Every byte is verified: followers get their last byte
+                    // now, not after the commit's fsync. The download stays
+                    // in the map until the commit ends, so a request in
+                    // between follows the spool, and one after it finds the
+                    // committed blob.
+                    this.commits.send_modify(|n| *n += 1);
+                    tx.send_replace(Progress::Verified { size });
+                    this.keep(spool, &digest, size).await;
+                    this.leave(&digest, &entry);
+                    this.commits.send_modify(|n| *n -= 1);
+                }
                 Err(e) => {
                     spool.discard();
                     tracing::warn!(%digest, error = %e, "blob download failed; nothing cached");
-                    Progress::Failed(e)
-                }
-            };
-            // Leave the map before the outcome is published: a request that
-            // arrives after a failure must start a new download, not join
-            // this one (after a success it finds the committed blob).
-            {
-                let mut active = this.active();
-                if active.get(&digest).is_some_and(|d| Arc::ptr_eq(d, &entry)) {
-                    active.remove(&digest);
+                    // Leave the map before the failure is published: a
+                    // request that arrives after it must start a new
+                    // download, not join this one.
+                    this.leave(&digest, &entry);
+                    tx.send_replace(Progress::Failed(e));
                 }
             }
-            tx.send_replace(end);
             this.space_changed.notify_one();
         });
         Ok(Joined::Download {
@@ -190,12 +199,29 @@ impl Downloads {
         })
     }
 
+    /// Removes `entry` from the map, unless a newer download took its place.
+    fn leave(&self, digest: &Digest, entry: &Arc<Download>) {
+        let mut active = self.active();
+        if active.get(digest).is_some_and(|d| Arc::ptr_eq(d, entry)) {
+            active.remove(digest);
+        }
+    }
+
+    /// Waits until no verified download is still being committed (at
+    /// shutdown, so a blob a client has received is kept).
+    pub async fn settle(&self) {
+        let mut rx = self.commits.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
     /// Commits a verified spool and records it, unless it is larger than the
-    /// cache: then its followers still read it from the unlinked spool.
-    async fn keep(&self, spool: Spool, digest: &Digest, size: u64) -> Progress {
+    /// cache: then its followers still read it from the unlinked spool. A
+    /// failed commit only costs the cache the blob: its followers already
+    /// have every byte.
+    async fn keep(&self, spool: Spool, digest: &Digest, size: u64) {
         if size > self.keep_limit {
             tracing::warn!(%digest, size, limit = self.keep_limit, "blob larger than the cache; served without being kept");
-            return Progress::Verified { size };
+            return;
         }
         match self.store.commit_blob(spool, digest).await {
             Ok(()) => {
@@ -203,11 +229,9 @@ impl Downloads {
                     .touch(&ContentKey::blob(digest), size, SystemTime::now())
                     .await;
                 self.verified.insert(digest.clone(), ()).await;
-                Progress::Verified { size }
             }
             Err(e) => {
-                tracing::error!(%digest, error = %e, "cannot commit a downloaded blob");
-                Progress::Failed(storage(e))
+                tracing::error!(%digest, error = %e, "cannot commit a downloaded blob; it is not cached");
             }
         }
     }
@@ -227,8 +251,32 @@ impl Downloads {
         let mut resp = fetch.await?;
         let size = resp.content_length();
         tx.send_replace(Progress::Streaming { size, written: 0 });
+        let mut writer = SpoolWriter::new(&spool.file);
+        let result = self
+            .receive(digest, &mut resp, size, read_timeout, &mut writer, tx)
+            .await;
+        if result.is_err() {
+            // Let a write still in flight land before the spool is discarded,
+            // so the space it takes is freed with the rest.
+            writer.abandon().await;
+        }
+        result
+    }
+
+    /// Receives the body: each chunk is hashed while it is written, and the
+    /// next is received while the previous write lands. Followers see a byte
+    /// only once it is in the spool.
+    async fn receive(
+        &self,
+        digest: &Digest,
+        resp: &mut reqwest::Response,
+        size: Option<u64>,
+        read_timeout: Duration,
+        writer: &mut SpoolWriter<'_>,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<u64, Error> {
         let mut hasher = Hasher::new(digest.algorithm());
-        let mut written: u64 = 0;
+        let mut received: u64 = 0;
         loop {
             let chunk = tokio::time::timeout(read_timeout, resp.chunk())
                 .await
@@ -240,23 +288,32 @@ impl Downloads {
                 })?
                 .map_err(transport_error)?;
             let Some(chunk) = chunk else { break };
-            let end = written + chunk.len() as u64;
+            let end = received + chunk.len() as u64;
             if size.is_some_and(|s| end > s) {
                 return Err(Error::UpstreamFailed(format!(
                     "upstream sent more bytes than announced for {digest}"
                 )));
             }
             self.metrics.upstream_bytes(chunk.len() as u64);
+            let previous = writer.start(chunk.clone(), received);
             hasher.update(&chunk);
-            write_at(&spool.file, chunk, written)
-                .await
-                .map_err(storage)?;
-            written = end;
-            tx.send_replace(Progress::Streaming { size, written });
+            if let Some(landed) = SpoolWriter::land(previous).await.map_err(storage)? {
+                tx.send_replace(Progress::Streaming {
+                    size,
+                    written: landed,
+                });
+            }
+            received = end;
         }
-        if size.is_some_and(|s| s != written) {
+        if let Some(landed) = writer.finish().await.map_err(storage)? {
+            tx.send_replace(Progress::Streaming {
+                size,
+                written: landed,
+            });
+        }
+        if size.is_some_and(|s| s != received) {
             return Err(Error::UpstreamFailed(format!(
-                "upstream body of {digest} ended after {written} bytes"
+                "upstream body of {digest} ended after {received} bytes"
             )));
         }
         let got = hasher.finish();
@@ -265,15 +322,56 @@ impl Downloads {
                 "upstream sent content with digest {got} for {digest}"
             )));
         }
-        Ok(written)
+        Ok(received)
     }
 }
 
-async fn write_at(file: &Arc<std::fs::File>, data: Bytes, offset: u64) -> std::io::Result<()> {
-    let file = file.clone();
-    tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
-        .await
-        .map_err(std::io::Error::other)?
+/// A spool write on the blocking pool, and the offset the spool is complete
+/// to once it lands.
+type Write = (tokio::task::JoinHandle<std::io::Result<()>>, u64);
+
+/// Writes a download's chunks to its spool on the blocking pool, keeping one
+/// write in flight so receiving and hashing the next chunk overlap it.
+struct SpoolWriter<'a> {
+    file: &'a Arc<std::fs::File>,
+    in_flight: Option<Write>,
+}
+
+impl<'a> SpoolWriter<'a> {
+    fn new(file: &'a Arc<std::fs::File>) -> Self {
+        Self {
+            file,
+            in_flight: None,
+        }
+    }
+
+    /// Starts writing `data` at `offset`; hands back the write before it,
+    /// to be [`land`](Self::land)ed.
+    fn start(&mut self, data: Bytes, offset: u64) -> Option<Write> {
+        let file = self.file.clone();
+        let end = offset + data.len() as u64;
+        let handle = tokio::task::spawn_blocking(move || file.write_all_at(&data, offset));
+        self.in_flight.replace((handle, end))
+    }
+
+    /// Waits for a write: the offset the spool is complete to after it.
+    async fn land(write: Option<Write>) -> std::io::Result<Option<u64>> {
+        let Some((handle, end)) = write else {
+            return Ok(None);
+        };
+        handle.await.map_err(std::io::Error::other)??;
+        Ok(Some(end))
+    }
+
+    /// Waits for the last write.
+    async fn finish(&mut self) -> std::io::Result<Option<u64>> {
+        Self::land(self.in_flight.take()).await
+    }
+
+    /// Waits for the write in flight, whatever its result.
+    async fn abandon(&mut self) {
+        let _ = self.finish().await;
+    }
 }
 
 fn storage(e: std::io::Error) -> Error {
@@ -368,7 +466,12 @@ impl Source {
     }
 }
 
+/// Reads `len` bytes at `pos`: straight from the page cache when they are
+/// there, else on the blocking pool (a disk read must not stall a worker).
 async fn read_at(file: &Arc<std::fs::File>, pos: u64, len: u64) -> std::io::Result<Bytes> {
+    if let Some(bytes) = read_cached(file, pos, len) {
+        return Ok(bytes);
+    }
     let file = file.clone();
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len as usize];
@@ -387,4 +490,24 @@ async fn read_at(file: &Arc<std::fs::File>, pos: u64, len: u64) -> std::io::Resu
     })
     .await
     .map_err(std::io::Error::other)?
+}
+
+/// Reads from the page cache without waiting for the disk (`RWF_NOWAIT`):
+/// `None` when the bytes are not all cached or the kernel cannot tell, so
+/// the caller reads them on the blocking pool. Saves a thread hand-off per
+/// chunk on the hot path, where a cache hit's pages are usually in memory.
+fn read_cached(file: &std::fs::File, pos: u64, len: u64) -> Option<Bytes> {
+    let mut buf = vec![0u8; len as usize];
+    let n = rustix::io::preadv2(
+        file,
+        &mut [std::io::IoSliceMut::new(&mut buf)],
+        pos,
+        rustix::io::ReadWriteFlags::NOWAIT,
+    )
+    .ok()?;
+    if n == 0 {
+        return None;
+    }
+    buf.truncate(n);
+    Some(Bytes::from(buf))
 }

@@ -162,6 +162,12 @@ pub async fn run(
     for task in background {
         task.abort();
     }
+    if tokio::time::timeout(DRAIN, registry.settle())
+        .await
+        .is_err()
+    {
+        tracing::warn!("blob commits still running after {DRAIN:?}; those blobs are not kept");
+    }
     if let Err(e) = registry.flush().await {
         tracing::warn!(error = %e, "cannot write the index snapshot");
     }

@@ -511,6 +511,6 @@ async fn full_disk_fails_the_download_cleanly_and_keeps_serving() {
     let freed = wait_until(Duration::from_secs(10), || room_for(&mnt, 1 << 20)).await;
     assert!(freed, "the failed download's space was never released");
     assert!(m.blob(REPO, &d_after).await == after, "a blob pulled after");
-    assert!(m.blob_path(&d_after).is_file(), "and cached");
+    assert!(m.committed(&d_after).await, "and cached");
     drop(m.stop().await);
 }

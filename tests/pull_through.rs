@@ -60,7 +60,7 @@ async fn small_image_pulls_with_right_bytes_and_digests() {
         assert_eq!(header(&r, "docker-content-digest"), digest);
         assert_eq!(header(&r, "content-length"), bytes.len().to_string());
         assert_eq!(r.bytes().await.unwrap(), bytes);
-        assert!(m.blob_path(&digest).is_file(), "{digest} committed to disk");
+        assert!(m.committed(&digest).await, "{digest} committed to disk");
     }
     assert!(m.manifest_path(&img.manifest_digest).is_file());
     assert_eq!(m.files_under("tmp"), 0);
@@ -128,7 +128,7 @@ async fn sixteen_concurrent_clients_share_one_upstream_get() {
         "every client got its headers during the download"
     );
     assert_eq!(fake.blob_gets(&d), 1, "one upstream GET for 16 clients");
-    assert!(m.blob_path(&d).is_file());
+    assert!(m.committed(&d).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -286,7 +286,7 @@ async fn cut_connection_aborts_and_the_next_request_fetches_again() {
     fake.clear_faults();
     assert!(m.blob(ALPINE, &d).await == data);
     assert_eq!(fake.blob_gets(&d), 2);
-    assert!(m.blob_path(&d).is_file());
+    assert!(m.committed(&d).await);
 }
 
 /// Status, `Content-Range` and body (as [`read_body`] reads it) of a ranged GET.

@@ -324,7 +324,7 @@ async fn a_layer_on_two_upstreams_is_stored_and_fetched_once() {
         1,
         "docker.io's blob GETs in the end"
     );
-    assert!(m.blob_path(&digest).is_file());
+    assert!(m.committed(&digest).await);
     // Only the layer was asked for, by three upstreams' repositories: one file.
     assert_eq!(m.files_under("blobs"), 1, "files under DATA/blobs");
 }

@@ -313,6 +313,11 @@ impl Registry {
         self.index.flush().await
     }
 
+    /// Waits for verified downloads to finish their commits.
+    pub async fn settle(&self) {
+        self.downloads.settle().await
+    }
+
     /// Makes sure `repo` may be served `digest`: known locally, or confirmed
     /// by an upstream HEAD, after which it is remembered. Offline, only what
     /// is known counts.

@@ -205,6 +205,14 @@ impl MirrorHandle {
         self.data_dir.join("blobs/sha256").join(&hex[..2]).join(hex)
     }
 
+    /// Whether the blob is committed to disk within a few seconds: the
+    /// mirror sends a download's last byte once it verifies, and commits
+    /// (fsync, rename) right after.
+    pub async fn committed(&self, digest: &str) -> bool {
+        let path = self.blob_path(digest);
+        wait_until(Duration::from_secs(10), || path.is_file()).await
+    }
+
     /// Where the mirror keeps a committed manifest.
     pub fn manifest_path(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").expect("sha256 digest");

@@ -55,12 +55,21 @@ fn assert_digest(client: &str, image: &Image, got: &str, want: &str) {
     );
 }
 
-/// Asserts that the mirror holds each of `blobs` in its cache directory.
+/// Asserts that the mirror holds each of `blobs` in its cache directory, within a few
+/// seconds: a download's last byte goes out once it verifies, its commit (fsync, rename)
+/// follows.
 fn assert_cached(world: &World, blobs: &[String]) {
-    let missing: Vec<&String> = blobs
-        .iter()
-        .filter(|b| !world.mirror().blob_path(b).is_file())
-        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let missing = loop {
+        let missing: Vec<&String> = blobs
+            .iter()
+            .filter(|b| !world.mirror().blob_path(b).is_file())
+            .collect();
+        if missing.is_empty() || std::time::Instant::now() > deadline {
+            break missing;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     assert!(
         missing.is_empty(),
         "the mirror's cache ({}) lacks blobs it served: {missing:?}",
