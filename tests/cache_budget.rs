@@ -33,9 +33,14 @@ async fn assert_within_budget(m: &MirrorHandle, max: u64, when: &str) {
 }
 
 /// Whether every blob of `img` (config and layers) and its manifest are on disk.
-fn all_cached(m: &MirrorHandle, img: &ImageInfo) -> bool {
-    m.manifest_path(&img.manifest_digest).is_file()
-        && img.blobs().iter().all(|(d, _)| m.blob_path(d).is_file())
+/// Whether the image's manifest and blobs are all on disk within a few seconds (a blob's
+/// commit follows the last byte sent to the client).
+async fn all_cached(m: &MirrorHandle, img: &ImageInfo) -> bool {
+    wait_until(Duration::from_secs(10), || {
+        m.manifest_path(&img.manifest_digest).is_file()
+            && img.blobs().iter().all(|(d, _)| m.blob_path(d).is_file())
+    })
+    .await
 }
 
 /// Upstream requests to the registry API (`/v2/...`, any method) since the last reset.
@@ -72,7 +77,7 @@ async fn pulling_more_than_the_budget_keeps_disk_use_within_max_size() {
 
     // The most recent pull is still cached: no upstream request at all.
     let last = &images[4];
-    assert!(all_cached(&m, last), "v4 (pulled last) is on disk");
+    assert!(all_cached(&m, last).await, "v4 (pulled last) is on disk");
     fake.reset_counts();
     assert_eq!(pull(&m, REPO, "v4").await, last.manifest);
     assert_eq!(
@@ -110,7 +115,10 @@ async fn eviction_is_least_recently_pulled_not_least_recently_stored() {
 
     pull(&m, REPO, "a").await;
     pull(&m, REPO, "b").await;
-    assert!(all_cached(&m, &a) && all_cached(&m, &b), "A and B fit");
+    assert!(
+        all_cached(&m, &a).await && all_cached(&m, &b).await,
+        "A and B fit"
+    );
     fake.reset_counts();
     pull(&m, REPO, "a").await;
     assert_eq!(
@@ -128,10 +136,10 @@ async fn eviction_is_least_recently_pulled_not_least_recently_stored() {
         disk_usage(&m.data_dir)
     );
     assert!(
-        all_cached(&m, &a),
+        all_cached(&m, &a).await,
         "A (pulled again after B) was evicted instead of, or besides, B"
     );
-    assert!(all_cached(&m, &c), "C (pulled last) is cached");
+    assert!(all_cached(&m, &c).await, "C (pulled last) is cached");
 
     fake.reset_counts();
     pull(&m, REPO, "a").await;
@@ -186,7 +194,7 @@ async fn idle_blobs_are_evicted_whatever_the_usage() {
     let m = start_mirror(&fake.url(), |c| c.cache.blob_idle_ttl = idle).await;
 
     pull(&m, REPO, "a").await;
-    assert!(all_cached(&m, &a));
+    assert!(all_cached(&m, &a).await);
     tokio::time::sleep(idle + Duration::from_millis(200)).await; // let A's blobs idle out
 
     pull(&m, REPO, "b").await;
@@ -195,7 +203,7 @@ async fn idle_blobs_are_evicted_whatever_the_usage() {
         a.blobs().iter().all(|(d, _)| !m.blob_path(d).exists())
     })
     .await;
-    let b_kept = b.blobs().iter().all(|(d, _)| m.blob_path(d).is_file());
+    let b_kept = all_cached(&m, &b).await;
     assert!(
         a_gone,
         "A's blobs, not pulled for {idle:?}, were not evicted"

@@ -180,6 +180,40 @@ async fn late_client_gets_first_bytes_before_the_download_ends() {
     assert_eq!(fake.blob_gets(&d), 1);
 }
 
+/// A download keeps its last few MiB in memory for clients that keep up; a client that joins
+/// 24 MiB in reads the start from the spool, then the rest as it arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_joining_far_behind_a_download_gets_every_byte() {
+    let fake = FakeUpstream::start().await;
+    let data = random_bytes(32 << 20, 25);
+    let d = fake.add_blob(ALPINE, data.clone());
+    let m = mirror_of(&fake).await;
+    fake.pause_blobs_at(24 << 20);
+    let path = format!("/v2/library/alpine/blobs/{d}");
+
+    let first = spawn_get(&m.client, m.url_for(&path));
+    fake.wait_progress("the upstream body to reach the pause", |p| p.paused == 1)
+        .await;
+    let late = spawn_get(&m.client, m.url_for(&path));
+    // Let the late client read what has arrived so far while the upstream is paused.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    fake.release();
+
+    for (who, got) in [("first", first.body), ("late", late.body)] {
+        let body = got
+            .await
+            .unwrap()
+            .unwrap_or_else(|b| panic!("{who} client aborted after {} bytes", b.len()));
+        assert!(
+            body == data,
+            "{who} client: wrong body of {} bytes",
+            body.len()
+        );
+    }
+    assert_eq!(fake.blob_gets(&d), 1);
+    assert!(m.committed(&d).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn download_continues_when_the_first_client_disconnects() {
     let fake = FakeUpstream::start().await;

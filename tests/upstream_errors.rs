@@ -382,7 +382,7 @@ async fn redirect_is_followed_without_authorization() {
         cdn[0].authorization.is_none(),
         "Authorization sent to the CDN"
     );
-    assert!(m.blob_path(d).is_file());
+    assert!(m.committed(d).await);
 
     // The signed URL is not reused: another blob is another redirect.
     assert_eq!(m.blob(REPO, &img.config_digest).await, img.config);

@@ -85,6 +85,9 @@ impl Registry {
                 }
                 let outcome = if started {
                     Outcome::Miss
+                } else if download.is_verified() {
+                    // Verified and being committed: local bytes, a hit.
+                    Outcome::Hit
                 } else {
                     Outcome::Coalesced
                 };

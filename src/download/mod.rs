@@ -2,17 +2,21 @@
 //! clients ask at once. The download runs in its own task (it outlives the
 //! client that started it), writes to a spool file while hashing, and commits
 //! only when size and digest match (and the blob fits the cache at all).
-//! Clients follow the spool as it grows.
+//! Clients follow it as it arrives ([`Source`]).
 //!
 //! Mechanism only: which repository may read a blob is decided by the caller.
 
+mod recent;
+mod source;
+mod writer;
+
+pub use source::Source;
+
 use std::collections::HashMap;
 use std::future::Future;
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 
 use crate::error::Error;
@@ -21,14 +25,17 @@ use crate::metrics::Metrics;
 use crate::reference::Digest;
 use crate::store::{BlobFile, BlobStore, ContentKey, Index, Spool};
 use crate::upstream::transport_error;
+use recent::Recent;
+use writer::SpoolWriter;
 
 /// Where a download stands; followers watch it.
 #[derive(Debug, Clone)]
 pub enum Progress {
     /// Waiting for the upstream's response headers.
     Connecting,
-    /// `written` bytes are in the spool; `size` from the upstream's Content-Length.
-    Streaming { size: Option<u64>, written: u64 },
+    /// `received` bytes have arrived (each in the recent chunks or the
+    /// spool); `size` from the upstream's Content-Length.
+    Streaming { size: Option<u64>, received: u64 },
     /// Verified: every byte may be served. The commit to the store follows
     /// (unless the blob is larger than the whole cache) and does not hold
     /// followers up.
@@ -42,6 +49,7 @@ pub enum Progress {
 pub struct Download {
     file: Arc<std::fs::File>,
     progress: watch::Receiver<Progress>,
+    recent: Arc<Recent>,
 }
 
 impl Download {
@@ -61,11 +69,17 @@ impl Download {
         }
     }
 
+    /// Whether every byte has arrived and verified (the commit may still be
+    /// running): a client joining now is served as from the cache.
+    pub fn is_verified(&self) -> bool {
+        matches!(*self.progress.borrow(), Progress::Verified { .. })
+    }
+
     /// The source to stream this download to a client from.
     pub fn source(&self) -> Source {
         Source {
             file: self.file.clone(),
-            progress: Some(self.progress.clone()),
+            following: Some((self.progress.clone(), self.recent.clone())),
         }
     }
 }
@@ -150,6 +164,7 @@ impl Downloads {
         let download = Arc::new(Download {
             file: spool.file.clone(),
             progress: rx,
+            recent: Arc::new(Recent::default()),
         });
         {
             let mut active = self.active();
@@ -166,7 +181,7 @@ impl Downloads {
         let entry = download.clone();
         tokio::spawn(async move {
             let outcome = this
-                .transfer(&digest, &spool, fetch, read_timeout, &tx)
+                .transfer(&digest, &spool, &entry.recent, fetch, read_timeout, &tx)
                 .await;
             match outcome {
                 Ok(size) => {
@@ -241,6 +256,7 @@ impl Downloads {
         &self,
         digest: &Digest,
         spool: &Spool,
+        recent: &Recent,
         fetch: F,
         read_timeout: Duration,
         tx: &watch::Sender<Progress>,
@@ -249,11 +265,9 @@ impl Downloads {
         F: Future<Output = Result<reqwest::Response, Error>>,
     {
         let mut resp = fetch.await?;
-        let size = resp.content_length();
-        tx.send_replace(Progress::Streaming { size, written: 0 });
         let mut writer = SpoolWriter::new(&spool.file);
         let result = self
-            .receive(digest, &mut resp, size, read_timeout, &mut writer, tx)
+            .receive(digest, &mut resp, read_timeout, &mut writer, recent, tx)
             .await;
         if result.is_err() {
             // Let a write still in flight land before the spool is discarded,
@@ -263,18 +277,20 @@ impl Downloads {
         result
     }
 
-    /// Receives the body: each chunk is hashed while it is written, and the
-    /// next is received while the previous write lands. Followers see a byte
-    /// only once it is in the spool.
+    /// Receives the body. Each chunk goes to the recent chunks, where
+    /// followers take it at once, and to the spool, written on the blocking
+    /// pool while this task hashes it and receives the next one.
     async fn receive(
         &self,
         digest: &Digest,
         resp: &mut reqwest::Response,
-        size: Option<u64>,
         read_timeout: Duration,
         writer: &mut SpoolWriter<'_>,
+        recent: &Recent,
         tx: &watch::Sender<Progress>,
     ) -> Result<u64, Error> {
+        let size = resp.content_length();
+        tx.send_replace(Progress::Streaming { size, received: 0 });
         let mut hasher = Hasher::new(digest.algorithm());
         let mut received: u64 = 0;
         loop {
@@ -296,20 +312,16 @@ impl Downloads {
             }
             self.metrics.upstream_bytes(chunk.len() as u64);
             let previous = writer.start(chunk.clone(), received);
+            recent.push(received, chunk.clone());
+            received = end;
+            tx.send_replace(Progress::Streaming { size, received });
             hasher.update(&chunk);
             if let Some(landed) = SpoolWriter::land(previous).await.map_err(storage)? {
-                tx.send_replace(Progress::Streaming {
-                    size,
-                    written: landed,
-                });
+                recent.landed(landed);
             }
-            received = end;
         }
         if let Some(landed) = writer.finish().await.map_err(storage)? {
-            tx.send_replace(Progress::Streaming {
-                size,
-                written: landed,
-            });
+            recent.landed(landed);
         }
         if size.is_some_and(|s| s != received) {
             return Err(Error::UpstreamFailed(format!(
@@ -326,188 +338,6 @@ impl Downloads {
     }
 }
 
-/// A spool write on the blocking pool, and the offset the spool is complete
-/// to once it lands.
-type Write = (tokio::task::JoinHandle<std::io::Result<()>>, u64);
-
-/// Writes a download's chunks to its spool on the blocking pool, keeping one
-/// write in flight so receiving and hashing the next chunk overlap it.
-struct SpoolWriter<'a> {
-    file: &'a Arc<std::fs::File>,
-    in_flight: Option<Write>,
-}
-
-impl<'a> SpoolWriter<'a> {
-    fn new(file: &'a Arc<std::fs::File>) -> Self {
-        Self {
-            file,
-            in_flight: None,
-        }
-    }
-
-    /// Starts writing `data` at `offset`; hands back the write before it,
-    /// to be [`land`](Self::land)ed.
-    fn start(&mut self, data: Bytes, offset: u64) -> Option<Write> {
-        let file = self.file.clone();
-        let end = offset + data.len() as u64;
-        let handle = tokio::task::spawn_blocking(move || file.write_all_at(&data, offset));
-        self.in_flight.replace((handle, end))
-    }
-
-    /// Waits for a write: the offset the spool is complete to after it.
-    async fn land(write: Option<Write>) -> std::io::Result<Option<u64>> {
-        let Some((handle, end)) = write else {
-            return Ok(None);
-        };
-        handle.await.map_err(std::io::Error::other)??;
-        Ok(Some(end))
-    }
-
-    /// Waits for the last write.
-    async fn finish(&mut self) -> std::io::Result<Option<u64>> {
-        Self::land(self.in_flight.take()).await
-    }
-
-    /// Waits for the write in flight, whatever its result.
-    async fn abandon(&mut self) {
-        let _ = self.finish().await;
-    }
-}
-
 fn storage(e: std::io::Error) -> Error {
     Error::internal("cache storage", e)
-}
-
-/// Bytes to stream to one client: a committed blob, or a download to follow.
-#[derive(Debug, Clone)]
-pub struct Source {
-    file: Arc<std::fs::File>,
-    progress: Option<watch::Receiver<Progress>>,
-}
-
-impl From<BlobFile> for Source {
-    fn from(b: BlobFile) -> Self {
-        Source {
-            file: b.file,
-            progress: None,
-        }
-    }
-}
-
-/// Largest read handed to the client at once.
-const READ_CHUNK: u64 = 256 * 1024;
-
-impl Source {
-    /// Streams bytes `start..end` (to the blob's end when `end` is `None`).
-    /// Following a download, the last byte is held back until the blob is
-    /// verified: a failed download ends the stream with an error, so a client
-    /// never sees a clean end of a wrong or short body.
-    pub fn stream(
-        self,
-        start: u64,
-        end: Option<u64>,
-    ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send {
-        futures_util::stream::unfold(Some((self, start, end)), |state| async move {
-            let (mut src, pos, end) = state?;
-            match src.next_chunk(pos, end).await {
-                Ok(Some(bytes)) => {
-                    let next = pos + bytes.len() as u64;
-                    Some((Ok(bytes), Some((src, next, end))))
-                }
-                Ok(None) => None,
-                Err(e) => Some((Err(e), None)),
-            }
-        })
-    }
-
-    async fn next_chunk(&mut self, pos: u64, end: Option<u64>) -> std::io::Result<Option<Bytes>> {
-        loop {
-            // How far the client may read now, and the final end once known.
-            let (limit, final_end) = match &mut self.progress {
-                None => {
-                    let e = end.unwrap_or(pos);
-                    (e, Some(e))
-                }
-                Some(rx) => match &*rx.borrow_and_update() {
-                    Progress::Connecting => (0, None),
-                    Progress::Streaming { written, .. } => {
-                        let cap = end.map_or(*written, |e| e.min(*written));
-                        let held_back = match end {
-                            Some(e) if cap < e => cap,
-                            _ => cap.saturating_sub(1),
-                        };
-                        (held_back, None)
-                    }
-                    Progress::Verified { size } => {
-                        let e = end.map_or(*size, |e| e.min(*size));
-                        (e, Some(e))
-                    }
-                    Progress::Failed(e) => {
-                        return Err(std::io::Error::other(format!(
-                            "upstream download failed: {e}"
-                        )))
-                    }
-                },
-            };
-            if pos < limit {
-                let len = (limit - pos).min(READ_CHUNK);
-                return read_at(&self.file, pos, len).await.map(Some);
-            }
-            if final_end.is_some_and(|e| pos >= e) {
-                return Ok(None);
-            }
-            let Some(rx) = &mut self.progress else {
-                return Ok(None);
-            };
-            if rx.changed().await.is_err() {
-                return Err(std::io::Error::other("download ended without a result"));
-            }
-        }
-    }
-}
-
-/// Reads `len` bytes at `pos`: straight from the page cache when they are
-/// there, else on the blocking pool (a disk read must not stall a worker).
-async fn read_at(file: &Arc<std::fs::File>, pos: u64, len: u64) -> std::io::Result<Bytes> {
-    if let Some(bytes) = read_cached(file, pos, len) {
-        return Ok(bytes);
-    }
-    let file = file.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len as usize];
-        let mut filled = 0;
-        while filled < buf.len() {
-            let n = file.read_at(&mut buf[filled..], pos + filled as u64)?;
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "cached blob is shorter than recorded",
-                ));
-            }
-            filled += n;
-        }
-        Ok(Bytes::from(buf))
-    })
-    .await
-    .map_err(std::io::Error::other)?
-}
-
-/// Reads from the page cache without waiting for the disk (`RWF_NOWAIT`):
-/// `None` when the bytes are not all cached or the kernel cannot tell, so
-/// the caller reads them on the blocking pool. Saves a thread hand-off per
-/// chunk on the hot path, where a cache hit's pages are usually in memory.
-fn read_cached(file: &std::fs::File, pos: u64, len: u64) -> Option<Bytes> {
-    let mut buf = vec![0u8; len as usize];
-    let n = rustix::io::preadv2(
-        file,
-        &mut [std::io::IoSliceMut::new(&mut buf)],
-        pos,
-        rustix::io::ReadWriteFlags::NOWAIT,
-    )
-    .ok()?;
-    if n == 0 {
-        return None;
-    }
-    buf.truncate(n);
-    Some(Bytes::from(buf))
 }
