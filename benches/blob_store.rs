@@ -1,8 +1,9 @@
 //! The disk blob store (`regmirror::store::disk::DiskStore`) on the paths a blob takes: a
 //! download's spool written and committed (fsync, rename, directory fsync), and a cached blob
-//! opened and read back in the 256 KiB positional reads the mirror serves with, both as plain
-//! reads and, as the server does, one `spawn_blocking` per read. 64 MiB blobs in a temp dir
-//! under `target/`; quick by default: `cargo bench --bench blob_store`.
+//! opened and read back in 256 KiB positional reads: plain reads, one `spawn_blocking` per
+//! read (how the server read until it tried the page cache first), and the server's own
+//! stream (`regmirror::download::Source`, `preadv2(RWF_NOWAIT)` on the worker). 64 MiB blobs
+//! in a temp dir under `target/`; quick by default: `cargo bench --bench blob_store`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,6 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use futures_util::StreamExt as _;
+use regmirror::download::Source;
 use regmirror::hashing::digest_of;
 use regmirror::reference::Algorithm;
 use regmirror::store::disk::DiskStore;
@@ -132,6 +135,25 @@ fn blob_store(c: &mut Criterion) {
                     .expect("read");
                     pos += black_box(chunk).len() as u64;
                 }
+                pos
+            })
+        })
+    });
+    group.bench_function(format!("open_stream_source/{mib}MiB"), |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let blob = store
+                    .open_blob(&digest)
+                    .await
+                    .expect("open")
+                    .expect("cached");
+                let size = blob.size;
+                let mut body = std::pin::pin!(Source::from(blob).stream(0, Some(size)));
+                let mut pos = 0u64;
+                while let Some(chunk) = body.next().await {
+                    pos += black_box(chunk.expect("read")).len() as u64;
+                }
+                assert_eq!(pos, size, "stream shorter than the blob");
                 pos
             })
         })
