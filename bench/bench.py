@@ -10,6 +10,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -51,6 +52,11 @@ class Counters:
                 "tokens": self.issuer.tokens() - self.tokens, "served": served}
 
 
+def ratio_text(ratio):
+    """0.93×; small ratios keep two significant digits (0.00084×), not 0.00×."""
+    return f"{ratio:.2f}×" if ratio >= 0.01 else f"{ratio:.2g}×"
+
+
 def prewarm(storage):
     """Reads the upstream's files once, so no mirror pays for a cold page cache."""
     for root, _, files in os.walk(storage):
@@ -84,8 +90,11 @@ class Results:
         ("herd_bytes", "herd: bytes served by the upstream"),
         ("herd_ok", "herd: bodies complete with the right digest"),
         ("herd_rss", "herd: peak RSS of the mirror (VmHWM)"),
-        ("throughput", "warm single-blob throughput, curl, best of {repeat} (GB/s)"),
-        ("manifest_rps", "warm manifest by tag, wrk -c64 -t2 {wrk}s (requests/s)"),
+        ("throughput", "warm single-blob throughput, curl, median of {repeat} (GB/s)"),
+        ("throughput_ratio", "warm blob throughput ÷ nginx's, rounds taken in turn (median)"),
+        ("manifest_rps", "warm manifest by tag, wrk -c64 -t2, median of {rounds} × {wrk}s "
+                         "(requests/s)"),
+        ("manifest_ratio", "manifest requests/s ÷ nginx's, rounds taken in turn (median)"),
         ("manifest_upstream", "manifest by tag run: requests at the upstream"),
     ]
 
@@ -152,13 +161,27 @@ def measure_mirror(kind, ctx, results):
             results.fail(["cold_wall", "cold_bytes", "cold_requests", "cold_tokens",
                           "warm_wall", "warm_requests"], column, "pulls", e)
 
+        # Throughput and manifest rates are taken in rounds, nginx then the mirror, so each
+        # ratio compares two figures measured seconds apart: this machine's figures drift by
+        # tens of percent over minutes.
+        nginx = ctx.get("nginx")
         try:
-            speed = clients.curl_throughput(f"http://{registry}{big_path}", big["size"],
-                                            ctx["repeat"])
-            results.set("throughput", column, f"{speed / 1e9:.2f}")
-            log(f"{column}: warm blob {speed / 1e9:.2f} GB/s")
+            mine, theirs = [], []
+            for _ in range(ctx["repeat"]):
+                if nginx:
+                    theirs.append(clients.curl_throughput(
+                        f"http://127.0.0.1:{nginx.port}/blob", big["size"], 1))
+                mine.append(clients.curl_throughput(f"http://{registry}{big_path}",
+                                                    big["size"], 1))
+            results.set("throughput", column, f"{statistics.median(mine) / 1e9:.2f}")
+            if theirs:
+                ctx["nginx_speeds"].extend(theirs)
+                ratio = statistics.median(m / t for m, t in zip(mine, theirs))
+                results.set("throughput_ratio", column, ratio_text(ratio))
+            log(f"{column}: warm blob {[round(m / 1e9, 2) for m in mine]} GB/s, nginx "
+                f"{[round(t / 1e9, 2) for t in theirs]}")
         except Exception as e:
-            results.fail(["throughput"], column, "throughput", e)
+            results.fail(["throughput", "throughput_ratio"], column, "throughput", e)
 
         try:
             status, _, body = clients.get(mirror.port, fx["manifest_path"])
@@ -166,16 +189,30 @@ def measure_mirror(kind, ctx, results):
                 if status != 200 or body != f.read():
                     raise RuntimeError(f"manifest GET answered {status} with other bytes")
             counters = Counters(upstream, issuer)
-            rate, non2xx, errors = clients.wrk(f"http://{registry}{fx['manifest_path']}",
-                                               ctx["wrk_seconds"])
+            mine, theirs, notes = [], [], []
+            for _ in range(ctx["wrk_rounds"]):
+                if nginx:
+                    rate, _, _ = clients.wrk(f"http://127.0.0.1:{nginx.port}/manifest",
+                                             ctx["wrk_seconds"])
+                    theirs.append(rate)
+                rate, non2xx, errors = clients.wrk(f"http://{registry}{fx['manifest_path']}",
+                                                   ctx["wrk_seconds"])
+                mine.append(rate)
+                notes += [f"{non2xx} non-2xx" if non2xx else "",
+                          f"socket errors: {errors}" if errors else ""]
             seen = counters.since()
-            note = "".join([f" ({non2xx} non-2xx)" if non2xx else "",
-                            f" (socket errors: {errors})" if errors else ""])
-            results.set("manifest_rps", column, f"{rate:,.0f}{note}")
+            note = "".join(f" ({n})" for n in notes if n)
+            results.set("manifest_rps", column, f"{statistics.median(mine):,.0f}{note}")
+            if theirs:
+                ctx["nginx_rates"].extend(theirs)
+                ratio = statistics.median(m / t for m, t in zip(mine, theirs))
+                results.set("manifest_ratio", column, ratio_text(ratio))
             results.set("manifest_upstream", column, str(seen["requests"]))
-            log(f"{column}: manifests {rate:,.0f}/s{note}, upstream {seen['requests']} requests")
+            log(f"{column}: manifests {[round(m) for m in mine]}/s{note}, nginx "
+                f"{[round(t) for t in theirs]}/s, upstream {seen['requests']} requests")
         except Exception as e:
-            results.fail(["manifest_rps", "manifest_upstream"], column, "manifest wrk", e)
+            results.fail(["manifest_rps", "manifest_ratio", "manifest_upstream"], column,
+                         "manifest wrk", e)
     finally:
         procs.stop(mirror.proc)
         shutil.rmtree(os.path.join(base, "pulls"), ignore_errors=True)
@@ -237,21 +274,27 @@ def measure_mirror(kind, ctx, results):
         shutil.rmtree(os.path.join(base, "herd"), ignore_errors=True)
 
 
-def measure_nginx(ctx, results):
-    fx, column = ctx["fixture"], Nginx.name
+def start_nginx(ctx, results):
+    """nginx with sendfile, started before the mirrors so their rounds can alternate with it."""
+    fx = ctx["fixture"]
     try:
-        nginx = Nginx(ctx["procs"], os.path.join(ctx["run_dir"], "nginx"), fx["big_file"],
-                      fx["manifest_file"], fx["manifest_type"])
+        ctx["nginx"] = Nginx(ctx["procs"], os.path.join(ctx["run_dir"], "nginx"), fx["big_file"],
+                             fx["manifest_file"], fx["manifest_type"])
     except Exception as e:
-        return results.fail(["throughput", "manifest_rps"], column, "start", e)
+        results.fail(["throughput", "manifest_rps", "herd_warm_wall"], Nginx.name, "start", e)
+
+
+def measure_nginx(ctx, results):
+    """nginx's own column: the medians of its rounds beside the mirrors, and its herd."""
+    fx, column, nginx = ctx["fixture"], Nginx.name, ctx.get("nginx")
+    if not nginx:
+        return
     try:
-        try:
-            speed = clients.curl_throughput(f"http://127.0.0.1:{nginx.port}/blob",
-                                            fx["big"]["size"], ctx["repeat"])
+        if ctx["nginx_speeds"]:
+            speed = statistics.median(ctx["nginx_speeds"])
             results.set("throughput", column, f"{speed / 1e9:.2f}")
-            log(f"{column}: blob {speed / 1e9:.2f} GB/s")
-        except Exception as e:
-            results.fail(["throughput"], column, "throughput", e)
+        if ctx["nginx_rates"]:
+            results.set("manifest_rps", column, f"{statistics.median(ctx['nginx_rates']):,.0f}")
         try:
             wall, ok, errors = clients.herd(nginx.port, "/blob", fx["big"]["digest"],
                                             fx["big"]["size"], ctx["herd"])
@@ -261,15 +304,6 @@ def measure_nginx(ctx, results):
             log(f"{column}: herd {wall:.2f}s")
         except Exception as e:
             results.fail(["herd_warm_wall"], column, "herd", e)
-        try:
-            rate, non2xx, errors = clients.wrk(f"http://127.0.0.1:{nginx.port}/manifest",
-                                               ctx["wrk_seconds"])
-            note = "".join([f" ({non2xx} non-2xx)" if non2xx else "",
-                            f" (socket errors: {errors})" if errors else ""])
-            results.set("manifest_rps", column, f"{rate:,.0f}{note}")
-            log(f"{column}: manifests {rate:,.0f}/s{note}")
-        except Exception as e:
-            results.fail(["manifest_rps"], column, "manifest wrk", e)
     finally:
         ctx["procs"].stop(nginx.proc)
 
@@ -322,7 +356,8 @@ def main():
     ap.add_argument("--big-mib", type=int, help="size of the big layer's noise, MiB")
     ap.add_argument("--herd", type=int, help="herd clients")
     ap.add_argument("--wrk-seconds", type=int)
-    ap.add_argument("--repeat", type=int, default=3, help="throughput runs, best kept")
+    ap.add_argument("--repeat", type=int, help="throughput rounds, median kept (5; 1 in smoke)")
+    ap.add_argument("--wrk-rounds", type=int, help="manifest rounds of wrk (3; 1 in smoke)")
     ap.add_argument("--keep", action="store_true", help="keep the run dir (logs) afterwards")
     args = ap.parse_args()
 
@@ -340,7 +375,9 @@ def main():
     sizes = {"big_bytes": big_mib << 20, "many_layers": 30,
              "many_layer_bytes": (16 << 10) if args.smoke else (256 << 10)}
     herd = args.herd or (4 if args.smoke else 16)
-    wrk_seconds = args.wrk_seconds or (2 if args.smoke else 10)
+    wrk_seconds = args.wrk_seconds or (2 if args.smoke else 5)
+    wrk_rounds = args.wrk_rounds or (1 if args.smoke else 3)
+    repeat = args.repeat or (1 if args.smoke else 5)
     stamp = datetime.datetime.now(datetime.timezone.utc)
     out = args.out or (os.path.join(args.work, "results-smoke.md") if args.smoke else
                        os.path.join(repo, "bench", f"results-{stamp:%Y-%m-%d}.md"))
@@ -352,7 +389,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     columns = [MIRRORS[m].name for m in mirrors] + ([] if args.no_nginx else [Nginx.name])
     results = Results(columns, {"herd": herd, "big": human_bytes(sizes["big_bytes"]),
-                                "repeat": args.repeat, "wrk": wrk_seconds})
+                                "repeat": repeat, "wrk": wrk_seconds, "rounds": wrk_rounds})
     about = machine(args.binary, repo)
     started = time.monotonic()
     try:
@@ -362,13 +399,15 @@ def main():
         upstream = Upstream(procs, os.path.join(run_dir, "upstream"), fx["storage"], issuer,
                             cert)
         ctx = {"fixture": fx, "upstream": upstream, "issuer": issuer, "procs": procs,
-               "run_dir": run_dir, "herd": herd, "repeat": args.repeat,
-               "wrk_seconds": wrk_seconds,
+               "run_dir": run_dir, "herd": herd, "repeat": repeat,
+               "wrk_seconds": wrk_seconds, "wrk_rounds": wrk_rounds,
+               "nginx_speeds": [], "nginx_rates": [],
                "mirror_args": {"distribution": (), "regmirror": (args.binary,)}}
+        if not args.no_nginx:
+            start_nginx(ctx, results)
         for kind in mirrors:
             measure_mirror(kind, ctx, results)
-        if not args.no_nginx:
-            measure_nginx(ctx, results)
+        measure_nginx(ctx, results)
     except KeyboardInterrupt:
         results.errors.append("interrupted")
         log("interrupted")
