@@ -201,7 +201,7 @@ def measure_mirror(kind, ctx, results):
                 notes += [f"{non2xx} non-2xx" if non2xx else "",
                           f"socket errors: {errors}" if errors else ""]
             seen = counters.since()
-            note = "".join(f" ({n})" for n in notes if n)
+            note = "".join(f" ({n})" for n in dict.fromkeys(notes) if n)
             results.set("manifest_rps", column, f"{statistics.median(mine):,.0f}{note}")
             if theirs:
                 ctx["nginx_rates"].extend(theirs)
