@@ -19,9 +19,9 @@ use crate::manifest::{self, OCI_INDEX};
 use crate::reference::{Digest, Reference, RepoName, Tag};
 use crate::registry::INDEX_FILE;
 use crate::routing::Router;
-use crate::store::disk::DiskStore;
+use crate::store::disk::{DiskStore, Parked};
 use crate::store::local_index::LocalIndex;
-use crate::store::{BlobStore, ContentKey, Index, Spool, StoredManifest, TagEntry};
+use crate::store::{BlobStore, ContentKey, Index, StoredManifest, TagEntry};
 
 /// The annotation naming the image (`<registry>/<repo>:<tag>`) a bundle
 /// entry came from, so `import` can recreate the tag.
@@ -284,7 +284,9 @@ pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> 
     let file =
         std::fs::File::open(bundle).map_err(|e| err(format!("{}: {e}", bundle.display())))?;
     let mut archive = tar::Archive::new(io::BufReader::new(file));
-    let mut staged: HashMap<Digest, (Spool, u64)> = HashMap::new();
+    // Staged files are parked (closed): a bundle may hold more blobs than
+    // the process may have files open.
+    let mut staged: HashMap<Digest, (Parked, u64)> = HashMap::new();
     let mut index_json: Option<serde_json::Value> = None;
     for entry in archive.entries()? {
         let mut entry = entry.map_err(|e| err(format!("damaged bundle: {e}")))?;
@@ -329,18 +331,20 @@ pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> 
                 "damaged bundle: {path} hashes to {got}; nothing was imported"
             )));
         }
-        staged.insert(digest, (spool, size));
+        staged.insert(digest, (disk.park(spool).await?, size));
     }
     let index_json =
         index_json.ok_or_else(|| err("damaged bundle: no index.json; nothing was imported"))?;
     let read = |d: &Digest| -> io::Result<Vec<u8>> {
-        let (spool, size) = staged.get(d).ok_or_else(|| {
+        let (parked, size) = staged.get(d).ok_or_else(|| {
             err(format!(
                 "damaged bundle: {d} is missing; nothing was imported"
             ))
         })?;
-        let mut buf = vec![0u8; *size as usize];
-        spool.file.read_exact_at(&mut buf, 0)?;
+        let buf = parked.read()?;
+        if buf.len() as u64 != *size {
+            return Err(err(format!("staged {d} changed size while importing")));
+        }
         Ok(buf)
     };
     // Check every image is complete, and learn which files are manifests.
@@ -457,11 +461,11 @@ pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> 
         let size = disk.put_manifest(&d, &m).await?;
         index.touch(&ContentKey::manifest(&d), size, now).await;
     }
-    for (d, (spool, size)) in staged {
+    for (d, (parked, size)) in staged {
         if manifest_digests.contains(&d) {
             continue;
         }
-        disk.commit_blob(spool, &d).await?;
+        disk.commit_parked(parked, &d).await?;
         index.touch(&ContentKey::blob(&d), size, now).await;
         report.blobs += 1;
         report.bytes += size;

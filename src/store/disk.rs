@@ -114,6 +114,62 @@ fn scan_area(root: &Path, kind: Kind) -> io::Result<Vec<Found>> {
     Ok(out)
 }
 
+/// A spool written, fsynced and closed: a file in `tmp/` and no descriptor,
+/// so an import can stage any number of them. Removed when dropped unless
+/// committed with [`DiskStore::commit_parked`].
+#[derive(Debug)]
+pub struct Parked {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Parked {
+    /// Its bytes.
+    pub fn read(&self) -> io::Result<Vec<u8>> {
+        std::fs::read(&self.path)
+    }
+
+    fn disarm(&mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl DiskStore {
+    /// Fsyncs and closes `spool`, keeping its file (the caller holds no
+    /// other handle to it).
+    pub async fn park(&self, mut spool: Spool) -> io::Result<Parked> {
+        blocking(move || {
+            spool.file.sync_all()?;
+            spool.disarm();
+            Ok(Parked {
+                path: spool.path().to_owned(),
+                committed: false,
+            })
+        })
+        .await
+    }
+
+    /// Installs a parked spool, whose bytes the caller has verified, as blob
+    /// `digest`.
+    pub async fn commit_parked(&self, mut parked: Parked, digest: &Digest) -> io::Result<()> {
+        let dest = self.path(Kind::Blob, digest);
+        blocking(move || {
+            install(&parked.path, &dest)?;
+            parked.disarm();
+            Ok(())
+        })
+        .await
+    }
+}
+
 /// Renames a fully written, fsynced temp file into place and fsyncs the directory.
 fn install(temp: &Path, dest: &Path) -> io::Result<()> {
     let parent = dest
@@ -341,6 +397,34 @@ mod tests {
         assert_eq!(store.clean_temp(hour).await.unwrap(), 0);
         assert_eq!(store.clean_temp(None).await.unwrap(), 1);
         assert_eq!(store.temp_bytes().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn parked_spools_hold_no_descriptor_and_commit_or_vanish() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        let tmp_files = || std::fs::read_dir(dir.path().join("tmp")).unwrap().count();
+        let data = b"parked bytes".to_vec();
+        let digest = digest_of(Algorithm::Sha256, &data);
+
+        let spool = store.spool().await.unwrap();
+        spool.file.write_all_at(&data, 0).unwrap();
+        let weak = Arc::downgrade(&spool.file);
+        let parked = store.park(spool).await.unwrap();
+        assert!(
+            weak.upgrade().is_none(),
+            "a parked spool keeps its file open"
+        );
+        assert_eq!(parked.read().unwrap(), data);
+        store.commit_parked(parked, &digest).await.unwrap();
+        let blob = store.open_blob(&digest).await.unwrap().expect("committed");
+        assert_eq!(blob.size, data.len() as u64);
+        assert_eq!(tmp_files(), 0);
+
+        let spool = store.spool().await.unwrap();
+        spool.file.write_all_at(&data, 0).unwrap();
+        drop(store.park(spool).await.unwrap());
+        assert_eq!(tmp_files(), 0, "a dropped parked spool stays in tmp/");
     }
 
     #[tokio::test]

@@ -316,3 +316,52 @@ async fn platform_picks_one_child_of_an_index_and_all_platforms_every_child() {
     let run = prefetch(&fake, data.path(), &[&[image][..], &both[..]].concat()).await;
     assert!(!run.ok, "--platform with --all-platforms:\n{}", run.show());
 }
+
+/// An air-gapped site seeds a mirror from a bundle of a wide image: `import` must not keep a
+/// file open per blob, or a bundle with more blobs than the open-file limit fails to load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_with_more_blobs_than_the_open_file_limit_imports() {
+    let fake = FakeUpstream::start().await;
+    let layers: Vec<Vec<u8>> = (0..150).map(|i| random_bytes(200, 600 + i)).collect();
+    let img = fake.add_image(REPO, "wide", layers);
+    let source = tempfile::tempdir().unwrap();
+    let run = prefetch(&fake, source.path(), &["team/app:wide"]).await;
+    assert!(run.ok, "prefetch failed:\n{}", run.show());
+
+    let bundle = source.path().join("wide.tar");
+    let (src, out) = (source.path().to_str().unwrap(), bundle.to_str().unwrap());
+    let run = regmirror(
+        &["export", "--data-dir", src, "-o", out, "team/app:wide"],
+        &[],
+    )
+    .await;
+    assert!(run.ok, "export failed:\n{}", run.show());
+
+    // 64 descriptors for a bundle of 152 files (150 layers, a config, a manifest).
+    let target = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("sh")
+        .args([
+            "-c",
+            r#"ulimit -n 64 && exec "$0" import --data-dir "$1" "$2""#,
+            env!("CARGO_BIN_EXE_regmirror"),
+            target.path().to_str().unwrap(),
+            bundle.to_str().unwrap(),
+        ])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run regmirror import");
+    assert!(
+        out.status.success(),
+        "import under `ulimit -n 64` failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    fake.reset_counts();
+    let m = MirrorHandle::start_in(target, &fake.url(), |c| c.offline = true).await;
+    pull_expecting(&m, &img, "wide", "hit").await;
+    assert!(
+        fake.requests().is_empty(),
+        "the offline mirror asked the upstream: {:?}",
+        fake.requests()
+    );
+}
