@@ -324,9 +324,23 @@ impl Frontend {
                 self.max_url_length
             )));
         }
-        let ops = OpsEndpoint::parse(req.uri().path());
+        // Parsed before authentication, so that a refused request is counted
+        // under its endpoint; a parse error is answered only after it.
+        let target = match OpsEndpoint::parse(req.uri().path()) {
+            Some(which) => Target::Ops(which),
+            None => Target::Api(endpoint::parse(
+                req.method(),
+                req.uri().path(),
+                req.uri().query(),
+            )),
+        };
+        *label = match &target {
+            Target::Ops(which) => which.label(),
+            Target::Api(Ok(api)) => api.endpoint.label(),
+            Target::Api(Err(_)) => "other",
+        };
         if let Some(auth) = &self.auth {
-            if ops.is_none_or(OpsEndpoint::needs_auth) {
+            if !matches!(target, Target::Ops(which) if !which.needs_auth()) {
                 let value = req
                     .headers()
                     .get(header::AUTHORIZATION)
@@ -334,19 +348,23 @@ impl Frontend {
                 auth.check(value).await?;
             }
         }
-        if self.ops_only && ops.is_none() {
-            return Err(Error::NotFound(
+        match target {
+            Target::Ops(which) => {
+                ops::answer(&self.registry, which, req.method() == http::Method::HEAD).await
+            }
+            Target::Api(_) if self.ops_only => Err(Error::NotFound(
                 "this listener serves /metrics, /healthz, /readyz and /_/status".into(),
-            ));
+            )),
+            Target::Api(api) => self.registry.handle(&api?, req.headers()).await,
         }
-        if let Some(which) = ops {
-            *label = which.label();
-            return ops::answer(&self.registry, which, req.method() == http::Method::HEAD).await;
-        }
-        let api = endpoint::parse(req.method(), req.uri().path(), req.uri().query())?;
-        *label = api.endpoint.label();
-        self.registry.handle(&api, req.headers()).await
     }
+}
+
+/// What a request asks for: an operator endpoint, or the registry API (or
+/// why its path is not one).
+enum Target {
+    Ops(OpsEndpoint),
+    Api(Result<endpoint::ApiRequest, Error>),
 }
 
 /// Log lines stay short whatever the client sent.

@@ -525,9 +525,12 @@ async fn with_auth_probes_stay_open_and_metrics_and_status_need_a_user() {
     let auth = basic("moby", "gordon");
     let s = scrape_at(&c, &front.http(""), Some(&auth)).await;
     let hr = "regmirror_http_requests_total";
-    // Refused before the endpoint is known, so counted by status only.
-    let refused = s.sum(hr, &[("status", "401")]);
-    assert!(refused >= 6.0, "401s counted: {}", s.show(hr));
+    // Each refusal is counted under the endpoint it was for: two per path above, and on
+    // /v2/ one more, the harness's readiness probe (sent without credentials).
+    for (endpoint, refusals) in [("metrics", 2.0), ("status", 2.0), ("ping", 3.0)] {
+        let counted = s.sum(hr, &[("endpoint", endpoint), ("status", "401")]);
+        assert_eq!(counted, refusals, "401s on {endpoint}: {}", s.show(hr));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
