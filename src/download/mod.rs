@@ -190,11 +190,10 @@ impl Downloads {
                     // in the map until the commit ends, so a request in
                     // between follows the spool, and one after it finds the
                     // committed blob.
-                    this.commits.send_modify(|n| *n += 1);
+                    let _committing = Committing::start(&this.commits);
                     tx.send_replace(Progress::Verified { size });
                     this.keep(spool, &digest, size).await;
                     this.leave(&digest, &entry);
-                    this.commits.send_modify(|n| *n -= 1);
                 }
                 Err(e) => {
                     spool.discard();
@@ -335,6 +334,23 @@ impl Downloads {
             )));
         }
         Ok(received)
+    }
+}
+
+/// Counts a verified download as committing until dropped (even by a panic),
+/// for [`Downloads::settle`].
+struct Committing<'a>(&'a watch::Sender<usize>);
+
+impl<'a> Committing<'a> {
+    fn start(count: &'a watch::Sender<usize>) -> Self {
+        count.send_modify(|n| *n += 1);
+        Self(count)
+    }
+}
+
+impl Drop for Committing<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
     }
 }
 
