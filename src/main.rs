@@ -147,6 +147,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { .. } => "info",
         _ => "warn",
     };
+    // Lines go to a writer thread that writes whatever has queued up at once
+    // and flushes when the queue is empty: the request path does no write(2).
+    // Nothing is dropped (a full queue pushes back); the guard flushes the
+    // rest when `run` returns.
     let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .finish(std::io::BufWriter::with_capacity(

@@ -232,7 +232,11 @@ async fn a_blob_served_just_before_shutdown_is_committed_before_the_mirror_exits
     );
     let m = MirrorHandle::start_in(dir, &fake.url(), |_| {}).await;
     assert!(m.blob(ALPINE, &d).await == data);
-    assert_eq!(fake.blob_gets(&d), 1, "served from the cache after the restart");
+    assert_eq!(
+        fake.blob_gets(&d),
+        1,
+        "served from the cache after the restart"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
