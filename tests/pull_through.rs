@@ -180,7 +180,7 @@ async fn late_client_gets_first_bytes_before_the_download_ends() {
     assert_eq!(fake.blob_gets(&d), 1);
 }
 
-/// A download keeps its last few MiB in memory for clients that keep up; a client that joins
+/// A download keeps its last MiB in memory for clients that keep up; a client that joins
 /// 24 MiB in reads the start from the spool, then the rest as it arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_joining_far_behind_a_download_gets_every_byte() {

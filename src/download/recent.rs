@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 use bytes::Bytes;
 
 /// Bytes kept once their writes have landed (more while writes lag).
-const WINDOW: u64 = 8 << 20;
+const WINDOW: u64 = 1 << 20;
 
 #[derive(Debug, Default)]
 pub struct Recent {
