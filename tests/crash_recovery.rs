@@ -97,6 +97,16 @@ impl Served {
     fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
+
+    /// SIGTERM, as systemd or `docker stop` sends it, then the exit status.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        self.child.wait().expect("reap regmirror")
+    }
 }
 
 impl Drop for Served {
@@ -118,6 +128,50 @@ fn hermetic(cmd: &mut Command) {
 fn blob_file(data_dir: &Path, digest: &str) -> PathBuf {
     let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
     data_dir.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
+/// A client gets a blob's last byte once it verifies, before the commit's fsync. A mirror told
+/// to stop (SIGTERM) while the download is in flight lets the request finish, then finishes
+/// the commit and records the blob in its index snapshot before it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_downloading_at_sigterm_is_served_committed_and_indexed() {
+    let fake = FakeUpstream::start().await;
+    let size = 64 * MIB;
+    let data = random_bytes(size as usize, 31);
+    let d = fake.add_blob(REPO, data.clone());
+    fake.pause_blobs_at(size - MIB);
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = Served::start(dir.path(), &fake.url()).await;
+    // A client of its own, dropped before the exit: no idle connection for the drain to wait on.
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = spawn_get(&client, served.url_for(&format!("/v2/{REPO}/blobs/{d}")));
+    fake.wait_progress("the upstream body to reach the pause", |p| p.paused == 1)
+        .await;
+
+    // Stop while the download waits on the upstream; the commit starts only after the client
+    // has its last byte, and the shutdown must wait for it.
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = served.terminate();
+        (status, served)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    fake.release();
+    let body = get.body.await.unwrap();
+    let body = body.unwrap_or_else(|b| panic!("the body was cut after {} bytes", b.len()));
+    assert!(body == data, "wrong body of {} bytes", body.len());
+    drop(client);
+    let (status, served) = exited.await.unwrap();
+    assert!(status.success(), "exit {status:?}; log:\n{}", served.log());
+    assert!(
+        blob_file(dir.path(), &d).is_file(),
+        "the blob served before the stop was not committed; log:\n{}",
+        served.log()
+    );
+    let index = std::fs::read_to_string(dir.path().join("index.json")).unwrap();
+    assert!(
+        index.contains(&format!(r#"{{"kind":"blob","digest":"{d}"}}"#)),
+        "the index snapshot written at the stop lacks the blob: {index}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -214,31 +214,6 @@ async fn client_joining_far_behind_a_download_gets_every_byte() {
     assert!(m.committed(&d).await);
 }
 
-/// A client gets a blob's last byte once it verifies, before the commit's fsync; a mirror
-/// stopped right then still keeps the blob (its shutdown waits for commits in flight, and the
-/// in-process handle also waits for the data dir's lock, which the download holds).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_blob_served_just_before_shutdown_is_committed_before_the_mirror_exits() {
-    let fake = FakeUpstream::start().await;
-    let data = random_bytes(64 << 20, 26);
-    let d = fake.add_blob(ALPINE, data.clone());
-    let m = mirror_of(&fake).await;
-    assert!(m.blob(ALPINE, &d).await == data);
-    let path = m.blob_path(&d);
-    let dir = m.stop().await;
-    assert!(
-        path.is_file(),
-        "the mirror exited before committing the blob it had served"
-    );
-    let m = MirrorHandle::start_in(dir, &fake.url(), |_| {}).await;
-    assert!(m.blob(ALPINE, &d).await == data);
-    assert_eq!(
-        fake.blob_gets(&d),
-        1,
-        "served from the cache after the restart"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn download_continues_when_the_first_client_disconnects() {
     let fake = FakeUpstream::start().await;
