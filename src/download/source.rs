@@ -112,12 +112,13 @@ impl Source {
 /// Reads `len` bytes at `pos`: straight from the page cache when they are
 /// there, else on the blocking pool (a disk read must not stall a worker).
 async fn read_at(file: &Arc<std::fs::File>, pos: u64, len: u64) -> std::io::Result<Bytes> {
-    if let Some(bytes) = read_cached(file, pos, len) {
-        return Ok(bytes);
+    let mut buf = vec![0u8; len as usize];
+    if let Some(n) = read_cached(file, pos, &mut buf) {
+        buf.truncate(n);
+        return Ok(Bytes::from(buf));
     }
     let file = file.clone();
     tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len as usize];
         let mut filled = 0;
         while filled < buf.len() {
             let n = file.read_at(&mut buf[filled..], pos + filled as u64)?;
@@ -135,22 +136,18 @@ async fn read_at(file: &Arc<std::fs::File>, pos: u64, len: u64) -> std::io::Resu
     .map_err(std::io::Error::other)?
 }
 
-/// Reads from the page cache without waiting for the disk (`RWF_NOWAIT`):
-/// `None` when the bytes are not all cached or the kernel cannot tell, so
-/// the caller reads them on the blocking pool. Saves a thread hand-off per
-/// chunk on the hot path, where a cache hit's pages are usually in memory.
-fn read_cached(file: &std::fs::File, pos: u64, len: u64) -> Option<Bytes> {
-    let mut buf = vec![0u8; len as usize];
+/// Reads into `buf` from the page cache without waiting for the disk
+/// (`RWF_NOWAIT`): the bytes read, or `None` when they are not cached or the
+/// kernel cannot tell, so the caller reads them on the blocking pool. Saves a
+/// thread hand-off per chunk on the hot path, where a cache hit's pages are
+/// usually in memory.
+fn read_cached(file: &std::fs::File, pos: u64, buf: &mut [u8]) -> Option<usize> {
     let n = rustix::io::preadv2(
         file,
-        &mut [std::io::IoSliceMut::new(&mut buf)],
+        &mut [std::io::IoSliceMut::new(buf)],
         pos,
         rustix::io::ReadWriteFlags::NOWAIT,
     )
     .ok()?;
-    if n == 0 {
-        return None;
-    }
-    buf.truncate(n);
-    Some(Bytes::from(buf))
+    (n > 0).then_some(n)
 }
