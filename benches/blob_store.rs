@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -23,28 +25,6 @@ use regmirror::store::BlobStore;
 
 const WRITE_PIECE: usize = 1 << 20;
 const READ_PIECE: usize = 256 * 1024;
-
-/// 64 MiB under `cargo bench`; 1 MiB when `cargo test` runs each bench once, unoptimized.
-fn size() -> usize {
-    if std::env::args().any(|a| a == "--bench") {
-        64 << 20
-    } else {
-        1 << 20
-    }
-}
-
-fn noise(len: usize) -> Vec<u8> {
-    let mut state: u64 = 0x0b10_b570_4e00_0001;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// A temp dir on the same filesystem as the build (not a tmpfs `/tmp`), so fsync is real.
 fn scratch() -> tempfile::TempDir {
@@ -64,9 +44,9 @@ fn blob_store(c: &mut Criterion) {
         .expect("runtime");
     let dir = scratch();
     let store = DiskStore::open(dir.path()).expect("open store");
-    let size = size();
+    let size = support::big_size();
     let mib = size >> 20;
-    let data = Arc::new(noise(size));
+    let data = Arc::new(support::noise(size, 0x0b10_b570_4e00_0001));
     let digest = digest_of(Algorithm::Sha256, &data);
 
     let mut group = c.benchmark_group("blob_store");

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -13,40 +15,17 @@ use regmirror::reference::Algorithm;
 
 const PIECE: usize = 256 * 1024;
 
-/// Deterministic, incompressible-looking bytes (xorshift64*), so runs compare.
-fn noise(len: usize) -> Vec<u8> {
-    let mut state: u64 = 0x5eed_0fd1_6e57;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// 64 MiB under `cargo bench`; 1 MiB when `cargo test` runs each bench once, unoptimized.
-fn big_size() -> usize {
-    if std::env::args().any(|a| a == "--bench") {
-        64 << 20
-    } else {
-        1 << 20
-    }
-}
-
 fn digest(c: &mut Criterion) {
     let mut group = c.benchmark_group("digest");
     group
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    let mut sizes = vec![1usize << 20, big_size()];
+    let mut sizes = vec![1usize << 20, support::big_size()];
     sizes.dedup();
     for size in sizes {
         let label = format!("{}MiB", size >> 20);
-        let data = noise(size);
+        let data = support::noise(size, 0x5eed_0fd1_6e57);
         group.throughput(Throughput::Bytes(size as u64));
         for (name, alg) in [("sha256", Algorithm::Sha256), ("sha512", Algorithm::Sha512)] {
             group.bench_with_input(BenchmarkId::new(name, &label), &data, |b, data| {
