@@ -58,6 +58,8 @@ pub struct Progress {
     pub bodies_cut: usize,
     /// Bodies waiting at the gate (`pause_blobs_at`), cumulative.
     pub paused: usize,
+    /// Blob GETs held before their headers (`hold_blob_gets`), cumulative.
+    pub held: usize,
     pub bytes_sent: u64,
 }
 
@@ -83,6 +85,8 @@ pub struct Faults {
     pub stall_after: Option<u64>,
     /// Each blob body waits at this offset until [`FakeUpstream::release`].
     pub pause_at: Option<u64>,
+    /// Blob GETs wait before answering (no headers yet) until [`FakeUpstream::release`].
+    pub hold_blob_gets: bool,
     /// Digests whose blob is served with wrong bytes of the right length.
     pub corrupt: HashSet<String>,
     /// Answer `/v2/<name>/...` requests with this status.
@@ -111,6 +115,7 @@ impl Default for Faults {
             cut_after: None,
             stall_after: None,
             pause_at: None,
+            hold_blob_gets: false,
             corrupt: HashSet::new(),
             fail: None,
             hang: None,
@@ -367,9 +372,18 @@ impl FakeUpstream {
         self.set(|f| f.pause_at = Some(offset));
     }
 
-    /// Lets paused blob bodies go on; later bodies no longer pause.
+    /// Blob GETs get no answer, not even headers, until [`Self::release`].
+    pub fn hold_blob_gets(&self) {
+        self.shared.gate.send_replace(false);
+        self.set(|f| f.hold_blob_gets = true);
+    }
+
+    /// Lets paused blob bodies and held GETs go on; later ones no longer wait.
     pub fn release(&self) {
-        self.set(|f| f.pause_at = None);
+        self.set(|f| {
+            f.pause_at = None;
+            f.hold_blob_gets = false;
+        });
         self.shared.gate.send_replace(true);
     }
 

@@ -121,7 +121,13 @@ pub(super) async fn handle(
             }
             match route {
                 Route::Manifest(name, reference) => manifest(&shared, &name, &reference, head),
-                Route::Blob(name, digest) => blob(&shared, &name, &digest, head, req.headers()),
+                Route::Blob(name, digest) => {
+                    if !head && shared.lock().faults.hold_blob_gets {
+                        shared.progress.send_modify(|p| p.held += 1);
+                        let _ = shared.gate.subscribe().wait_for(|open| *open).await;
+                    }
+                    blob(&shared, &name, &digest, head, req.headers())
+                }
                 Route::Tags(name) => tags(&shared, &name, query.as_deref()),
                 _ => error(StatusCode::NOT_FOUND, "UNSUPPORTED", "no such endpoint"),
             }
