@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde_json::json;
@@ -151,14 +150,7 @@ pub async fn export(config: &Config, images: &[ImageRef], out: &Path) -> io::Res
                 header.set_size(blob.size);
                 header.set_mode(0o644);
                 header.set_cksum();
-                tar.append_data(
-                    &mut header,
-                    &path,
-                    PositionalReader {
-                        file: blob.file,
-                        pos: 0,
-                    },
-                )?;
+                tar.append_data(&mut header, &path, blob.reader())?;
             }
         }
     }
@@ -246,19 +238,6 @@ fn append<W: Write>(tar: &mut tar::Builder<W>, path: &str, data: &[u8]) -> io::R
     header.set_mode(0o644);
     header.set_cksum();
     tar.append_data(&mut header, path, data)
-}
-
-struct PositionalReader {
-    file: Arc<std::fs::File>,
-    pos: u64,
-}
-
-impl Read for PositionalReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.file.read_at(buf, self.pos)?;
-        self.pos += n as u64;
-        Ok(n)
-    }
 }
 
 /// What `import` loaded.

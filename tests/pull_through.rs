@@ -131,6 +131,67 @@ async fn sixteen_concurrent_clients_share_one_upstream_get() {
     assert!(m.committed(&d).await);
 }
 
+/// Clients that join a download before the upstream has answered it: joins leave no mark a
+/// test can wait for, so the test gives them a moment (no outcome in the fixed code depends on
+/// it; with the old code, joiners asked the upstream in that moment).
+const JOIN_MOMENT: Duration = Duration::from_millis(300);
+
+/// Joiners of the same repository wait for the starter's 200, which records the repository's
+/// membership: they ask the upstream nothing (the old code sent one HEAD per joiner).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joining_clients_of_the_same_repository_send_no_head() {
+    let fake = FakeUpstream::start().await;
+    let data = random_bytes(4 << 20, 6);
+    let d = fake.add_blob(ALPINE, data.clone());
+    let m = mirror_of(&fake).await;
+    fake.hold_blob_gets();
+    let url = m.url_for(&format!("/v2/library/alpine/blobs/{d}"));
+    let mut clients = vec![spawn_get(&m.client, url.clone())];
+    fake.wait_progress("the first blob GET to be held", |p| p.held >= 1)
+        .await;
+    clients.extend((0..15).map(|_| spawn_get(&m.client, url.clone())));
+    tokio::time::sleep(JOIN_MOMENT).await;
+    fake.release();
+    for (i, c) in clients.into_iter().enumerate() {
+        let body = c.body.await.unwrap();
+        assert!(body.is_ok_and(|b| b == data), "client {i}: wrong body");
+    }
+    let path = format!("/v2/library/alpine/blobs/{d}");
+    assert_eq!(fake.blob_gets(&d), 1, "one upstream GET");
+    assert_eq!(fake.count("HEAD", &path), 0, "joiners asked the upstream");
+}
+
+/// A download started for a repository the upstream does not link the blob to fails with
+/// 404; a client of another repository that joined it gets the blob from its own repository.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_joining_another_repositorys_failed_download_fetches_its_own() {
+    let fake = FakeUpstream::start().await;
+    let data = random_bytes(1 << 20, 7);
+    let d = fake.add_blob("library/owner", data.clone());
+    fake.add_blob(ALPINE, b"another".to_vec());
+    let m = mirror_of(&fake).await;
+    fake.hold_blob_gets();
+    let stranger = spawn_get(
+        &m.client,
+        m.url_for(&format!("/v2/library/alpine/blobs/{d}")),
+    );
+    fake.wait_progress("the first blob GET to be held", |p| p.held >= 1)
+        .await;
+    let owner = spawn_get(
+        &m.client,
+        m.url_for(&format!("/v2/library/owner/blobs/{d}")),
+    );
+    tokio::time::sleep(JOIN_MOMENT).await;
+    fake.release();
+    assert_eq!(stranger.status.await.unwrap(), 404);
+    assert_eq!(
+        owner.status.await.unwrap(),
+        200,
+        "another repository's 404 was shared"
+    );
+    assert!(owner.body.await.unwrap().is_ok_and(|b| b == data));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn late_client_gets_first_bytes_before_the_download_ends() {
     let fake = FakeUpstream::start().await;

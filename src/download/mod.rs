@@ -8,9 +8,11 @@
 
 mod recent;
 mod source;
+mod verify;
 mod writer;
 
 pub use source::Source;
+pub use verify::Verifier;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -79,7 +81,10 @@ impl Download {
     pub fn source(&self) -> Source {
         Source {
             file: self.file.clone(),
-            following: Some((self.progress.clone(), self.recent.clone())),
+            gate: source::Gate::Download {
+                progress: self.progress.clone(),
+                recent: self.recent.clone(),
+            },
         }
     }
 }
@@ -104,8 +109,8 @@ pub struct Downloads {
     keep_limit: u64,
     /// Woken after a commit or a failed write, so eviction runs.
     space_changed: Arc<Notify>,
-    /// Digests whose cached file is known intact; a commit adds to it.
-    verified: moka::future::Cache<Digest, ()>,
+    /// Vouches for what a download committed, so it is not hashed again.
+    verifier: Arc<Verifier>,
     metrics: Arc<Metrics>,
     active: Mutex<HashMap<Digest, Arc<Download>>>,
     /// Verified downloads whose commit has not ended.
@@ -118,7 +123,7 @@ impl Downloads {
         index: Arc<dyn Index>,
         keep_limit: u64,
         space_changed: Arc<Notify>,
-        verified: moka::future::Cache<Digest, ()>,
+        verifier: Arc<Verifier>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -126,7 +131,7 @@ impl Downloads {
             index,
             keep_limit,
             space_changed,
-            verified,
+            verifier,
             metrics,
             active: Mutex::new(HashMap::new()),
             commits: watch::Sender::new(0),
@@ -180,8 +185,23 @@ impl Downloads {
         let digest = digest.clone();
         let entry = download.clone();
         tokio::spawn(async move {
+            // Whatever ends this task, a panic included, takes the download
+            // out of the map and tells its followers.
+            let mut running = Running {
+                downloads: &this,
+                digest: &digest,
+                entry: &entry,
+                tx,
+            };
             let outcome = this
-                .transfer(&digest, &spool, &entry.recent, fetch, read_timeout, &tx)
+                .transfer(
+                    &digest,
+                    &spool,
+                    &entry.recent,
+                    fetch,
+                    read_timeout,
+                    &running.tx,
+                )
                 .await;
             match outcome {
                 Ok(size) => {
@@ -191,18 +211,14 @@ impl Downloads {
                     // between follows the spool, and one after it finds the
                     // committed blob.
                     let _committing = Committing::start(&this.commits);
-                    tx.send_replace(Progress::Verified { size });
+                    running.tx.send_replace(Progress::Verified { size });
                     this.keep(spool, &digest, size).await;
                     this.leave(&digest, &entry);
                 }
                 Err(e) => {
                     spool.discard();
                     tracing::warn!(%digest, error = %e, "blob download failed; nothing cached");
-                    // Leave the map before the failure is published: a
-                    // request that arrives after it must start a new
-                    // download, not join this one.
-                    this.leave(&digest, &entry);
-                    tx.send_replace(Progress::Failed(e));
+                    running.fail(e);
                 }
             }
             this.space_changed.notify_one();
@@ -242,7 +258,7 @@ impl Downloads {
                 self.index
                     .touch(&ContentKey::blob(digest), size, SystemTime::now())
                     .await;
-                self.verified.insert(digest.clone(), ()).await;
+                self.verifier.vouch(digest).await;
             }
             Err(e) => {
                 tracing::error!(%digest, error = %e, "cannot commit a downloaded blob; it is not cached");
@@ -310,14 +326,18 @@ impl Downloads {
                 )));
             }
             self.metrics.upstream_bytes(chunk.len() as u64);
-            let previous = writer.start(chunk.clone(), received);
+            // Followers may take the chunk at once, from memory.
             recent.push(received, chunk.clone());
+            let offset = received;
             received = end;
             tx.send_replace(Progress::Streaming { size, received });
-            hasher.update(&chunk);
-            if let Some(landed) = SpoolWriter::land(previous).await.map_err(storage)? {
+            // Its write starts once the one before it landed, and runs while
+            // this task hashes it and receives the next.
+            let landed = writer.write(chunk.clone(), offset).await.map_err(storage)?;
+            if let Some(landed) = landed {
                 recent.landed(landed);
             }
+            hasher.update(&chunk);
         }
         if let Some(landed) = writer.finish().await.map_err(storage)? {
             recent.landed(landed);
@@ -334,6 +354,41 @@ impl Downloads {
             )));
         }
         Ok(received)
+    }
+}
+
+/// A download task's hold on its entry in the map and on its followers.
+/// Dropped, by a return or a panic, it takes the entry out of the map, and
+/// unless the download verified, its followers learn that it failed.
+struct Running<'a> {
+    downloads: &'a Downloads,
+    digest: &'a Digest,
+    entry: &'a Arc<Download>,
+    tx: watch::Sender<Progress>,
+}
+
+impl Running<'_> {
+    /// Leaves the map, then publishes the failure: a request that arrives
+    /// after it must start a new download, not join this one.
+    fn fail(&mut self, e: Error) {
+        self.downloads.leave(self.digest, self.entry);
+        self.tx.send_replace(Progress::Failed(e));
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let ended = matches!(
+            *self.tx.borrow(),
+            Progress::Verified { .. } | Progress::Failed(_)
+        );
+        if !ended {
+            tracing::error!(digest = %self.digest, "blob download task ended without a result");
+            self.fail(Error::Internal(
+                "the download ended without a result".into(),
+            ));
+        }
+        self.downloads.leave(self.digest, self.entry);
     }
 }
 
@@ -356,4 +411,52 @@ impl Drop for Committing<'_> {
 
 fn storage(e: std::io::Error) -> Error {
     Error::internal("cache storage", e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::disk::DiskStore;
+    use crate::store::local_index::LocalIndex;
+
+    /// A download task that panics must not leave its digest unfetchable.
+    #[tokio::test]
+    async fn a_panicking_download_leaves_the_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
+        let index: Arc<dyn Index> = Arc::new(LocalIndex::in_memory());
+        let downloads = Arc::new(Downloads::new(
+            store.clone(),
+            index.clone(),
+            u64::MAX,
+            Arc::new(Notify::new()),
+            Arc::new(Verifier::new(store, index)),
+            Arc::new(Metrics::new()),
+        ));
+        let digest = crate::hashing::digest_of(crate::reference::Algorithm::Sha256, b"x");
+        let timeout = Duration::from_secs(5);
+        let Joined::Download { download, started } = downloads
+            .join_or_start(&digest, timeout, async { panic!("a bug in the fetch") })
+            .await
+            .unwrap()
+        else {
+            panic!("nothing is cached");
+        };
+        assert!(started);
+        let err = download
+            .size()
+            .await
+            .expect_err("a panicked download succeeded");
+        assert!(matches!(err, Error::Internal(_)), "{err:?}");
+        let Joined::Download { started, .. } = downloads
+            .join_or_start(&digest, timeout, async {
+                Err(Error::UpstreamFailed("second try".into()))
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("nothing is cached");
+        };
+        assert!(started, "a new request joined the dead download");
+    }
 }

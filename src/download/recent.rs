@@ -45,21 +45,42 @@ impl Recent {
         inner.trim();
     }
 
-    /// Bytes from `pos` up to `limit` (exclusive) out of the chunk that
-    /// holds `pos`, if it is still kept; no copy.
-    pub fn get(&self, pos: u64, limit: u64) -> Option<Bytes> {
+    /// Where bytes from `pos` up to `limit` (exclusive) are now: a slice of
+    /// the kept chunk that holds `pos` (no copy), else the range of the spool
+    /// that has landed, which never reaches past what was written.
+    pub fn lookup(&self, pos: u64, limit: u64) -> Lookup {
+        if limit <= pos {
+            return Lookup::Nowhere;
+        }
         let inner = self.lock();
-        let i = inner
+        let kept = inner
             .chunks
             .partition_point(|(offset, _)| *offset <= pos)
-            .checked_sub(1)?;
-        let (offset, chunk) = &inner.chunks[i];
-        let end = limit.min(offset + chunk.len() as u64);
-        if pos >= end {
-            return None;
+            .checked_sub(1)
+            .map(|i| &inner.chunks[i])
+            .filter(|(offset, chunk)| pos < offset + chunk.len() as u64);
+        if let Some((offset, chunk)) = kept {
+            let end = limit.min(offset + chunk.len() as u64);
+            return Lookup::Memory(chunk.slice((pos - offset) as usize..(end - offset) as usize));
         }
-        Some(chunk.slice((pos - offset) as usize..(end - offset) as usize))
+        // Past the window: landed, since no unlanded chunk is dropped.
+        match limit.min(inner.landed) {
+            end if end > pos => Lookup::Spool { end },
+            _ => Lookup::Nowhere,
+        }
     }
+}
+
+/// Where a range of a download's bytes can be read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Memory(Bytes),
+    /// In the spool, from the position asked up to `end`.
+    Spool {
+        end: u64,
+    },
+    /// Not received yet (or an empty range).
+    Nowhere,
 }
 
 impl Inner {
@@ -92,12 +113,12 @@ mod tests {
         let r = Recent::default();
         r.push(0, chunk(100, 1));
         r.push(100, chunk(50, 2));
-        assert_eq!(r.get(10, 40).unwrap(), chunk(30, 1));
+        assert_eq!(r.lookup(10, 40), Lookup::Memory(chunk(30, 1)));
         // Up to the end of the chunk holding `pos`, never across chunks.
-        assert_eq!(r.get(90, 150).unwrap(), chunk(10, 1));
-        assert_eq!(r.get(100, 1000).unwrap(), chunk(50, 2));
-        assert!(r.get(150, 200).is_none(), "not received yet");
-        assert!(r.get(20, 20).is_none(), "empty range");
+        assert_eq!(r.lookup(90, 150), Lookup::Memory(chunk(10, 1)));
+        assert_eq!(r.lookup(100, 1000), Lookup::Memory(chunk(50, 2)));
+        assert_eq!(r.lookup(150, 200), Lookup::Nowhere, "not received yet");
+        assert_eq!(r.lookup(20, 20), Lookup::Nowhere, "empty range");
     }
 
     #[test]
@@ -107,21 +128,34 @@ mod tests {
         for i in 0..8u64 {
             r.push(i * size as u64, chunk(size, i as u8));
         }
+        let at = |i: u64| i * size as u64;
         // Nothing landed: all eight chunks (twice the window) are still kept.
-        assert_eq!(r.get(0, 1).unwrap(), chunk(1, 0));
-        r.landed(3 * size as u64);
+        assert_eq!(r.lookup(0, 1), Lookup::Memory(chunk(1, 0)));
+        r.landed(at(3));
         // Three landed chunks may go; the window keeps the last four.
-        assert!(r.get(0, 1).is_none());
-        assert!(r.get(2 * size as u64, 1 + 2 * size as u64).is_none());
+        assert_eq!(r.lookup(0, 1), Lookup::Spool { end: 1 });
+        assert_eq!(r.lookup(at(3), at(3) + 1), Lookup::Memory(chunk(1, 3)));
+        r.landed(at(8));
+        assert_eq!(r.lookup(at(3), at(3) + 1), Lookup::Spool { end: at(3) + 1 });
+        assert_eq!(r.lookup(at(4), at(4) + 1), Lookup::Memory(chunk(1, 4)));
+    }
+
+    /// A reader past the window is sent to the spool only as far as it has
+    /// landed, however far the download has received.
+    #[test]
+    fn spool_reads_stop_at_the_landed_offset() {
+        let r = Recent::default();
+        let size = WINDOW / 2;
+        for i in 0..4u64 {
+            r.push(i * size, chunk(size as usize, i as u8));
+        }
+        r.landed(size + 100);
+        // Chunk 0 left the window; chunk 1 landed only in part.
+        assert_eq!(r.lookup(10, 4 * size), Lookup::Spool { end: size + 100 });
+        r.landed(2 * size);
         assert_eq!(
-            r.get(3 * size as u64, 1 + 3 * size as u64).unwrap(),
-            chunk(1, 3)
-        );
-        r.landed(8 * size as u64);
-        assert!(r.get(3 * size as u64, 1 + 3 * size as u64).is_none());
-        assert_eq!(
-            r.get(4 * size as u64, 1 + 4 * size as u64).unwrap(),
-            chunk(1, 4)
+            r.lookup(size - 10, 4 * size),
+            Lookup::Spool { end: 2 * size }
         );
     }
 }

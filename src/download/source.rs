@@ -1,7 +1,9 @@
 //! Streaming a blob to one client: from a committed file, or following a
 //! download as it arrives (from its window of recent chunks when the client
-//! keeps up, else from the spool), the last byte held back until the
-//! download is verified.
+//! keeps up, else from the spool as far as it has landed). The last byte is
+//! held back until the bytes are known good: until the download verified,
+//! or, for a committed file not yet hashed by this process, until its check
+//! passed.
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -9,7 +11,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use super::recent::Recent;
+use super::recent::{Lookup, Recent};
+use super::verify::Check;
 use super::Progress;
 use crate::store::BlobFile;
 
@@ -17,15 +20,29 @@ use crate::store::BlobFile;
 #[derive(Debug, Clone)]
 pub struct Source {
     pub(super) file: Arc<std::fs::File>,
-    /// Following a download: its progress and its recent chunks.
-    pub(super) following: Option<(watch::Receiver<Progress>, Arc<Recent>)>,
+    pub(super) gate: Gate,
+}
+
+/// What a stream waits for before its last byte.
+#[derive(Debug, Clone)]
+pub(super) enum Gate {
+    /// A committed file known intact: nothing.
+    Open,
+    /// A download: its progress, and its recent chunks.
+    Download {
+        progress: watch::Receiver<Progress>,
+        recent: Arc<Recent>,
+    },
+    /// A committed file whose hash is being checked.
+    Check(watch::Receiver<Check>),
 }
 
 impl From<BlobFile> for Source {
+    /// A committed blob known intact.
     fn from(b: BlobFile) -> Self {
         Source {
             file: b.file,
-            following: None,
+            gate: Gate::Open,
         }
     }
 }
@@ -34,10 +51,11 @@ impl From<BlobFile> for Source {
 const READ_CHUNK: u64 = 256 * 1024;
 
 impl Source {
-    /// Streams bytes `start..end` (to the blob's end when `end` is `None`).
-    /// Following a download, the last byte is held back until the blob is
-    /// verified: a failed download ends the stream with an error, so a client
-    /// never sees a clean end of a wrong or short body.
+    /// Streams bytes `start..end` (to the blob's end when `end` is `None`,
+    /// which only a download of unknown size may be). The last byte is held
+    /// back until the bytes are known good: a failed download or check ends
+    /// the stream with an error, so a client never sees a clean end of a
+    /// wrong or short body.
     pub fn stream(
         self,
         start: u64,
@@ -59,12 +77,22 @@ impl Source {
     async fn next_chunk(&mut self, pos: u64, end: Option<u64>) -> std::io::Result<Option<Bytes>> {
         loop {
             // How far the client may read now, and the final end once known.
-            let (limit, final_end) = match &mut self.following {
-                None => {
+            let (limit, final_end) = match &mut self.gate {
+                Gate::Open => {
                     let e = end.unwrap_or(pos);
                     (e, Some(e))
                 }
-                Some((rx, _)) => match &*rx.borrow_and_update() {
+                Gate::Check(rx) => {
+                    let e = end.unwrap_or(pos);
+                    match *rx.borrow_and_update() {
+                        Check::Running => (e.saturating_sub(1), None),
+                        Check::Intact => (e, Some(e)),
+                        Check::Damaged => return Err(std::io::Error::other(
+                            "cached blob does not match its digest; removed, to be fetched again",
+                        )),
+                    }
+                }
+                Gate::Download { progress, .. } => match &*progress.borrow_and_update() {
                     Progress::Connecting => (0, None),
                     Progress::Streaming { received, .. } => {
                         let cap = end.map_or(*received, |e| e.min(*received));
@@ -87,23 +115,31 @@ impl Source {
             };
             if pos < limit {
                 let len = (limit - pos).min(READ_CHUNK);
-                // A byte the download received is in its recent chunks until
-                // its spool write has landed.
-                if let Some((_, recent)) = &self.following {
-                    if let Some(bytes) = recent.get(pos, pos + len) {
-                        return Ok(Some(bytes));
-                    }
-                }
-                return read_at(&self.file, pos, len).await.map(Some);
+                let read_end = match &self.gate {
+                    Gate::Download { recent, .. } => match recent.lookup(pos, pos + len) {
+                        Lookup::Memory(bytes) => return Ok(Some(bytes)),
+                        Lookup::Spool { end } => end,
+                        Lookup::Nowhere => {
+                            // Every received byte is kept or landed; this is a bug.
+                            return Err(std::io::Error::other(format!(
+                                "byte {pos} of a download is neither in memory nor in its spool"
+                            )));
+                        }
+                    },
+                    Gate::Open | Gate::Check(_) => pos + len,
+                };
+                return read_at(&self.file, pos, read_end - pos).await.map(Some);
             }
             if final_end.is_some_and(|e| pos >= e) {
                 return Ok(None);
             }
-            let Some((rx, _)) = &mut self.following else {
-                return Ok(None);
+            let changed = match &mut self.gate {
+                Gate::Open => return Ok(None),
+                Gate::Check(rx) => rx.changed().await,
+                Gate::Download { progress, .. } => progress.changed().await,
             };
-            if rx.changed().await.is_err() {
-                return Err(std::io::Error::other("download ended without a result"));
+            if changed.is_err() {
+                return Err(std::io::Error::other("blob source ended without a result"));
             }
         }
     }
@@ -118,19 +154,13 @@ async fn read_at(file: &Arc<std::fs::File>, pos: u64, len: u64) -> std::io::Resu
         return Ok(Bytes::from(buf));
     }
     let file = file.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut filled = 0;
-        while filled < buf.len() {
-            let n = file.read_at(&mut buf[filled..], pos + filled as u64)?;
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "cached blob is shorter than recorded",
-                ));
-            }
-            filled += n;
-        }
-        Ok(Bytes::from(buf))
+    tokio::task::spawn_blocking(move || match file.read_exact_at(&mut buf, pos) {
+        Ok(()) => Ok(Bytes::from(buf)),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "cached blob is shorter than recorded",
+        )),
+        Err(e) => Err(e),
     })
     .await
     .map_err(std::io::Error::other)?
@@ -150,4 +180,100 @@ fn read_cached(file: &std::fs::File, pos: u64, buf: &mut [u8]) -> Option<usize> 
     )
     .ok()?;
     (n > 0).then_some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    /// A follower that fell out of the window while the two newest chunks
+    /// are unlanded, one of them already written out of order past a hole:
+    /// it must get exactly the bytes the download received, never the
+    /// hole's zeros nor a short read.
+    #[tokio::test]
+    async fn a_lagging_follower_never_reads_past_the_landed_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .unwrap(),
+        );
+        // Three ~400 KiB chunks; the window holds only the newest two.
+        let len = 400 * 1024;
+        let chunks: Vec<Bytes> = (1..=3u8).map(|i| Bytes::from(vec![i; len])).collect();
+        let data: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        let recent = Arc::new(Recent::default());
+        for (i, c) in chunks.iter().enumerate() {
+            recent.push((i * len) as u64, c.clone());
+        }
+        // Chunk 0 landed; chunk 2's write landed before chunk 1's.
+        file.write_all_at(&chunks[0], 0).unwrap();
+        file.write_all_at(&chunks[2], 2 * len as u64).unwrap();
+        recent.landed(len as u64);
+        let (tx, rx) = watch::channel(Progress::Streaming {
+            size: Some(data.len() as u64),
+            received: data.len() as u64,
+        });
+        let source = Source {
+            file: file.clone(),
+            gate: Gate::Download {
+                progress: rx,
+                recent: recent.clone(),
+            },
+        };
+        let mut body = Box::pin(source.stream(100, Some(data.len() as u64)));
+        let mut got = Vec::new();
+        // Everything but the held-back last byte is readable now.
+        while got.len() < data.len() - 101 {
+            got.extend_from_slice(&body.next().await.unwrap().unwrap());
+        }
+        file.write_all_at(&chunks[1], len as u64).unwrap();
+        recent.landed(3 * len as u64);
+        tx.send_replace(Progress::Verified {
+            size: data.len() as u64,
+        });
+        while let Some(chunk) = body.next().await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(got.len(), data.len() - 100);
+        assert!(
+            got == data[100..],
+            "a follower read bytes the spool did not hold"
+        );
+    }
+
+    /// A committed file whose check is running: every byte but the last at
+    /// once; the last when the check passes, an error when it fails.
+    #[tokio::test]
+    async fn a_checked_file_holds_back_its_last_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let file = Arc::new(std::fs::File::open(&path).unwrap());
+        for (verdict, ok) in [(Check::Intact, true), (Check::Damaged, false)] {
+            let (tx, rx) = watch::channel(Check::Running);
+            let source = Source {
+                file: file.clone(),
+                gate: Gate::Check(rx),
+            };
+            let mut body = Box::pin(source.stream(0, Some(10)));
+            assert_eq!(&body.next().await.unwrap().unwrap()[..], b"012345678");
+            tx.send_replace(verdict);
+            match body.next().await {
+                Some(Ok(last)) => {
+                    assert!(ok, "a damaged file's last byte was sent");
+                    assert_eq!(&last[..], b"9");
+                    assert!(body.next().await.is_none());
+                }
+                Some(Err(_)) => assert!(!ok, "an intact file's stream failed"),
+                None => panic!("the stream ended cleanly without its last byte"),
+            }
+        }
+    }
 }

@@ -1,16 +1,13 @@
 //! Blobs: served from the store when cached (checked against the index's
-//! size, and hashed once per process before the first serve), else from a
-//! single-flight download that the client follows as it arrives. `Range` is
-//! honoured either way.
-
-use std::os::unix::fs::FileExt;
+//! size, and hashed once per process as the first clients stream it), else
+//! from a single-flight download that the client follows as it arrives.
+//! `Range` is honoured either way.
 
 use http::{header, StatusCode};
 
 use super::{offline_miss, Registry};
 use crate::download::{Joined, Source};
 use crate::error::Error;
-use crate::hashing::Hasher;
 use crate::range::{self, RangeRequest};
 use crate::reference::Digest;
 use crate::response::{self, Outcome, Reply, CONTENT_DIGEST};
@@ -29,14 +26,7 @@ impl Registry {
         if let Some(blob) = self.cached_blob(digest).await? {
             self.authorize(route, digest, What::Blob).await?;
             self.touch(ContentKey::blob(digest), blob.size).await;
-            return blob_reply(
-                digest,
-                blob.size,
-                Some(Source::from(blob)),
-                head,
-                range_header,
-                Outcome::Hit,
-            );
+            return self.cached_reply(digest, blob, head, range_header).await;
         }
         if self.offline {
             return Err(offline_miss(What::Blob, &format!("{}@{digest}", route.key)));
@@ -52,114 +42,115 @@ impl Registry {
                 )),
             };
         }
-        let upstream = self.upstream(route).clone();
-        let read_timeout = upstream.read_timeout();
-        let fetch = {
-            let (repo, digest) = (route.repo.clone(), digest.clone());
-            async move { upstream.get_blob(&repo, &digest).await }
-        };
-        match self
-            .downloads
-            .join_or_start(digest, read_timeout, fetch)
-            .await?
-        {
-            Joined::Cached(blob) => {
+        let read_timeout = self.upstream(route).read_timeout();
+        let mut retried = false;
+        loop {
+            let joined = self
+                .downloads
+                .join_or_start(digest, read_timeout, self.fetch(route, digest))
+                .await?;
+            let (download, started) = match joined {
+                Joined::Cached(blob) => {
+                    self.authorize(route, digest, What::Blob).await?;
+                    return self.cached_reply(digest, blob, false, range_header).await;
+                }
+                Joined::Download { download, started } => (download, started),
+            };
+            // The upstream's answer first: its 200 records that the
+            // starter's repository holds the blob, so joiners of the same
+            // repository need no HEAD of their own.
+            let size = match download.size().await {
+                Ok(size) => size,
+                Err(e) if !started && !retried && !self.index.holds(&route.key, digest).await => {
+                    // Another repository's request failed (its upstream may
+                    // not link the blob there): fetch for this one.
+                    tracing::debug!(%digest, repo = %route.key, error = %e, "a joined download failed; fetching for this repository");
+                    self.authorize(route, digest, What::Blob).await?;
+                    retried = true;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if !started {
+                // Another repository's request may have started it.
                 self.authorize(route, digest, What::Blob).await?;
-                blob_reply(
+            }
+            let outcome = if started {
+                Outcome::Miss
+            } else if download.is_verified() {
+                // Verified and being committed: local bytes, a hit.
+                Outcome::Hit
+            } else {
+                Outcome::Coalesced
+            };
+            return match size {
+                Some(size) => blob_reply(
                     digest,
-                    blob.size,
-                    Some(Source::from(blob)),
+                    size,
+                    Some(download.source()),
                     false,
                     range_header,
-                    Outcome::Hit,
-                )
-            }
-            Joined::Download { download, started } => {
-                if !started {
-                    // Another repository's request may have started it.
-                    self.authorize(route, digest, What::Blob).await?;
-                }
-                let size = download.size().await?;
-                if started {
-                    self.index.add_holds(&route.key, vec![digest.clone()]).await;
-                }
-                let outcome = if started {
-                    Outcome::Miss
-                } else if download.is_verified() {
-                    // Verified and being committed: local bytes, a hit.
-                    Outcome::Hit
-                } else {
-                    Outcome::Coalesced
-                };
-                match size {
-                    Some(size) => blob_reply(
-                        digest,
-                        size,
-                        Some(download.source()),
-                        false,
-                        range_header,
-                        outcome,
-                    ),
-                    None => unsized_reply(digest, download.source(), outcome),
-                }
-            }
+                    outcome,
+                ),
+                None => unsized_reply(digest, download.source(), outcome),
+            };
         }
     }
 
-    /// The committed blob, if present and intact: its size must match the
-    /// index, and its bytes are hashed once per process (concurrent first
-    /// requests share one hash). A damaged file is removed, so the caller
-    /// fetches it again.
+    /// The upstream GET of a blob for a route, as a download sends it: its
+    /// 200 records that the route's repository holds the blob before any
+    /// follower learns that the download is streaming.
+    fn fetch(
+        &self,
+        route: &Route,
+        digest: &Digest,
+    ) -> impl std::future::Future<Output = Result<reqwest::Response, Error>> + Send + 'static {
+        let upstream = self.upstream(route).clone();
+        let index = self.index.clone();
+        let (key, repo, digest) = (route.key.clone(), route.repo.clone(), digest.clone());
+        async move {
+            let resp = upstream.get_blob(&repo, &digest).await?;
+            index.add_holds(&key, vec![digest]).await;
+            Ok(resp)
+        }
+    }
+
+    /// A cached blob's answer: its bytes checked as they stream when this
+    /// process has not vouched for them yet.
+    async fn cached_reply(
+        &self,
+        digest: &Digest,
+        blob: BlobFile,
+        head: bool,
+        range_header: Option<&str>,
+    ) -> Result<Reply, Error> {
+        let size = blob.size;
+        let source = if head {
+            None
+        } else {
+            Some(self.verifier.source(digest, blob).await)
+        };
+        blob_reply(digest, size, source, head, range_header, Outcome::Hit)
+    }
+
+    /// The committed blob, if present and of the size the index recorded
+    /// (its bytes are checked as it streams). A file of another size is
+    /// removed, so the caller fetches it again.
     async fn cached_blob(&self, digest: &Digest) -> Result<Option<BlobFile>, Error> {
         let Some(blob) = self.store.open_blob(digest).await.map_err(storage)? else {
             return Ok(None);
         };
         let key = ContentKey::blob(digest);
-        let size_ok = match self.index.entry(&key).await {
-            Some(entry) => entry.size == blob.size,
-            None => true,
-        };
-        let intact = size_ok
-            && self
-                .verified
-                .try_get_with(digest.clone(), verify(blob.clone(), digest.clone()))
-                .await
-                .is_ok();
-        if intact {
-            return Ok(Some(blob));
+        match self.index.entry(&key).await {
+            Some(entry) if entry.size != blob.size => {}
+            _ => return Ok(Some(blob)),
         }
-        tracing::warn!(%digest, size = blob.size, "cached blob is damaged; removing it and fetching it again");
+        tracing::warn!(%digest, size = blob.size, "cached blob has another size than recorded; removing it and fetching it again");
         self.store.remove(&key).await.map_err(storage)?;
         self.index.forget(&key).await;
-        self.verified.invalidate(digest).await;
+        self.verifier.forget(digest).await;
         Ok(None)
     }
-}
-
-/// Hashes a whole cached file off the async workers.
-async fn verify(blob: BlobFile, digest: Digest) -> Result<(), Error> {
-    tokio::task::spawn_blocking(move || {
-        let mut hasher = Hasher::new(digest.algorithm());
-        let mut buf = vec![0u8; 1 << 20];
-        let mut pos = 0u64;
-        while pos < blob.size {
-            let n = blob.file.read_at(&mut buf, pos).map_err(storage)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            pos += n as u64;
-        }
-        if pos == blob.size && hasher.finish() == digest {
-            Ok(())
-        } else {
-            Err(Error::Internal(format!(
-                "cached {digest} does not match its digest"
-            )))
-        }
-    })
-    .await
-    .map_err(|e| Error::internal("verifying a cached blob", e))?
 }
 
 fn storage(e: std::io::Error) -> Error {
@@ -192,7 +183,7 @@ fn blob_reply(
         RangeRequest::Unsatisfiable => return Err(Error::RangeNotSatisfiable { size }),
     };
     let body = match source {
-        Some(src) if !head => response::stream(src.stream(start, Some(end))),
+        Some(src) if !head => body(digest, src.stream(start, Some(end))),
         _ => response::empty(),
     };
     let response = b
@@ -206,7 +197,20 @@ fn unsized_reply(digest: &Digest, source: Source, outcome: Outcome) -> Result<Re
     let response = response::builder(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(CONTENT_DIGEST, digest.to_string())
-        .body(response::stream(source.stream(0, None)))
+        .body(body(digest, source.stream(0, None)))
         .map_err(|e| Error::internal("building a response", e))?;
     Ok(Reply { response, outcome })
+}
+
+/// A blob body; a failure in its middle (the client's response then aborts)
+/// is logged with the digest, as the access log shows only the request.
+fn body(
+    digest: &Digest,
+    stream: impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+) -> response::Body {
+    use futures_util::TryStreamExt;
+    let digest = digest.clone();
+    response::stream(stream.inspect_err(move |e| {
+        tracing::warn!(%digest, error = %e, "blob body aborted");
+    }))
 }

@@ -15,7 +15,7 @@ use http::{header, HeaderMap, StatusCode};
 use tokio::sync::Notify;
 
 use crate::config::{CacheConfig, Config, UpstreamConfig};
-use crate::download::Downloads;
+use crate::download::{Downloads, Verifier};
 use crate::endpoint::{ApiRequest, Endpoint};
 use crate::error::Error;
 use crate::evictor::{Evictor, Limits};
@@ -60,8 +60,8 @@ pub struct Registry {
     space_changed: Arc<Notify>,
     /// Manifests by digest, in memory; loading one is single-flight.
     manifests: moka::future::Cache<Digest, Arc<StoredManifest>>,
-    /// Blobs whose file was hashed and matched since this process started.
-    verified: moka::future::Cache<Digest, ()>,
+    /// Checks each committed blob once per process, as it streams.
+    verifier: Arc<Verifier>,
     /// Referrers answers by (repository key, subject), kept for a tag TTL.
     referrer_cache: moka::future::Cache<(RepoName, Digest), Bytes>,
     tag_ttl: Duration,
@@ -127,14 +127,14 @@ impl Registry {
         }
         let router = Router::new(upstreams.iter().map(|s| s.config.name.clone()).collect());
         let space_changed = Arc::new(Notify::new());
-        let verified = moka::future::Cache::new(1_000_000);
+        let verifier = Arc::new(Verifier::new(store.clone(), index.clone()));
         Ok(Self {
             downloads: Arc::new(Downloads::new(
                 store.clone(),
                 index.clone(),
                 config.cache.max_size.0,
                 space_changed.clone(),
-                verified.clone(),
+                verifier.clone(),
                 metrics.clone(),
             )),
             evictor: Evictor::new(store.clone(), index.clone(), limits(&config.cache)),
@@ -153,7 +153,7 @@ impl Registry {
                 })
                 .max_capacity(MANIFEST_MEMORY)
                 .build(),
-            verified,
+            verifier,
             tag_ttl: config.cache.tag_ttl,
             tag_rules: config.cache.tag_rules(),
             offline: config.offline,
@@ -273,7 +273,7 @@ impl Registry {
             Ok(report) => {
                 for (key, _, _) in &report.evicted {
                     self.manifests.invalidate(&key.digest).await;
-                    self.verified.invalidate(&key.digest).await;
+                    self.verifier.forget(&key.digest).await;
                 }
                 for (_, size, reason) in &report.evicted {
                     self.metrics.eviction(reason.as_str(), *size);

@@ -26,6 +26,33 @@ pub struct BlobFile {
     pub size: u64,
 }
 
+impl BlobFile {
+    /// Its bytes from the start, as a reader; clones share the open file,
+    /// each with its own position.
+    pub fn reader(&self) -> BlobReader {
+        BlobReader {
+            file: self.file.clone(),
+            pos: 0,
+        }
+    }
+}
+
+/// Sequential reads of a blob by positional reads of its file.
+#[derive(Debug)]
+pub struct BlobReader {
+    file: Arc<std::fs::File>,
+    pos: u64,
+}
+
+impl io::Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
 /// A temp file a download writes into before it is verified and committed.
 /// Dropping a spool that was not committed removes its file.
 #[derive(Debug)]
