@@ -266,3 +266,36 @@ async fn latest_is_revalidated_on_every_request_other_tags_keep_the_default_ttl(
         "the digest did not change: no manifest GET"
     );
 }
+
+/// A blob whose Content-Length is over the budget is never spooled: its clients are fed from
+/// memory at the pace of the slowest, and tmp/ stays empty while it streams. (A client that
+/// arrives once the first bytes are dropped gets a download of its own, so the number of
+/// upstream GETs depends on when the clients arrive and is not asserted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blob_larger_than_the_budget_is_not_spooled_while_it_streams() {
+    let fake = FakeUpstream::start().await;
+    let data = random_bytes(8 * MIB as usize, 301);
+    let d = fake.add_blob(REPO, data.clone());
+    let m = start_mirror(&fake.url(), |c| c.cache.max_size = ByteSize(MIB)).await;
+    fake.pause_blobs_at(6 * MIB);
+    let url = m.url_for(&format!("/v2/{REPO}/blobs/{d}"));
+    let clients: Vec<_> = (0..4)
+        .map(|_| common::spawn_get(&m.client, url.clone()))
+        .collect();
+    fake.wait_progress("the upstream body to reach 6 MiB", |p| p.paused >= 1)
+        .await;
+    let spooled: u64 = temp_files(&m.data_dir).iter().map(|(_, n)| n).sum();
+    fake.release();
+    for (i, c) in clients.into_iter().enumerate() {
+        let body = c.body.await.unwrap();
+        assert!(
+            body.is_ok_and(|b| b == data),
+            "client {i}: wrong or aborted body"
+        );
+    }
+    assert_eq!(
+        spooled, 0,
+        "{spooled} bytes spooled for a blob that cannot be kept"
+    );
+    assert!(!m.blob_path(&d).exists(), "a blob above max_size was kept");
+}

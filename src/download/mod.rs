@@ -77,15 +77,18 @@ impl Download {
         matches!(*self.progress.borrow(), Progress::Verified { .. })
     }
 
-    /// The source to stream this download to a client from.
-    pub fn source(&self) -> Source {
-        Source {
+    /// A source to stream this download to a client from its start;
+    /// `None` when it has no spool and has dropped bytes already.
+    fn source(&self) -> Option<Source> {
+        let reader = self.recent.attach()?;
+        Some(Source {
             file: self.file.clone(),
             gate: source::Gate::Download {
                 progress: self.progress.clone(),
                 recent: self.recent.clone(),
+                reader: Arc::new(reader),
             },
-        }
+        })
     }
 }
 
@@ -94,9 +97,11 @@ impl Download {
 pub enum Joined {
     /// It has been committed since.
     Cached(BlobFile),
-    /// A download to follow; `started` when this call started it.
+    /// A download to follow, and this client's source of it; `started`
+    /// when this call started it.
     Download {
         download: Arc<Download>,
+        source: Source,
         started: bool,
     },
 }
@@ -154,11 +159,8 @@ impl Downloads {
     where
         F: Future<Output = Result<reqwest::Response, Error>> + Send + 'static,
     {
-        if let Some(d) = self.active().get(digest) {
-            return Ok(Joined::Download {
-                download: d.clone(),
-                started: false,
-            });
+        if let Some(joined) = self.join(digest) {
+            return Ok(joined);
         }
         // A download may have committed since the caller looked.
         if let Some(blob) = self.store.open_blob(digest).await.map_err(storage)? {
@@ -171,14 +173,15 @@ impl Downloads {
             progress: rx,
             recent: Arc::new(Recent::default()),
         });
+        let source = download
+            .source()
+            .ok_or_else(|| Error::Internal("a new download cannot be read".into()))?;
         {
             let mut active = self.active();
-            if let Some(d) = active.get(digest) {
-                return Ok(Joined::Download {
-                    download: d.clone(),
-                    started: false,
-                });
+            if let Some(joined) = Self::join_in(&active, digest) {
+                return Ok(joined);
             }
+            // Replaces a download that can no longer serve from the start.
             active.insert(digest.clone(), download.clone());
         }
         let this = self.clone();
@@ -225,7 +228,24 @@ impl Downloads {
         });
         Ok(Joined::Download {
             download,
+            source,
             started: true,
+        })
+    }
+
+    /// Joins the download of `digest`, if one runs that can serve from the
+    /// start.
+    fn join(&self, digest: &Digest) -> Option<Joined> {
+        Self::join_in(&self.active(), digest)
+    }
+
+    fn join_in(active: &HashMap<Digest, Arc<Download>>, digest: &Digest) -> Option<Joined> {
+        let download = active.get(digest)?;
+        let source = download.source()?;
+        Some(Joined::Download {
+            download: download.clone(),
+            source,
+            started: false,
         })
     }
 
@@ -305,6 +325,13 @@ impl Downloads {
         tx: &watch::Sender<Progress>,
     ) -> Result<u64, Error> {
         let size = resp.content_length();
+        // Known too large to keep: no spool (it would fill the disk, or make
+        // eviction empty the cache, for bytes that are dropped at the end).
+        let spooled = size.is_none_or(|s| s <= self.keep_limit);
+        if !spooled {
+            recent.unspool();
+            tracing::warn!(%digest, size, limit = self.keep_limit, "blob larger than the cache; streamed to its clients without being kept");
+        }
         tx.send_replace(Progress::Streaming { size, received: 0 });
         let mut hasher = Hasher::new(digest.algorithm());
         let mut received: u64 = 0;
@@ -331,11 +358,17 @@ impl Downloads {
             let offset = received;
             received = end;
             tx.send_replace(Progress::Streaming { size, received });
-            // Its write starts once the one before it landed, and runs while
-            // this task hashes it and receives the next.
-            let landed = writer.write(chunk.clone(), offset).await.map_err(storage)?;
-            if let Some(landed) = landed {
-                recent.landed(landed);
+            if spooled {
+                // Its write starts once the one before it landed, and runs
+                // while this task hashes it and receives the next.
+                let landed = writer.write(chunk.clone(), offset).await.map_err(storage)?;
+                if let Some(landed) = landed {
+                    recent.landed(landed);
+                }
+            } else if !recent.room().await {
+                return Err(Error::Internal(format!(
+                    "every client left the download of {digest}, too large to keep"
+                )));
             }
             hasher.update(&chunk);
         }
@@ -435,7 +468,9 @@ mod tests {
         ));
         let digest = crate::hashing::digest_of(crate::reference::Algorithm::Sha256, b"x");
         let timeout = Duration::from_secs(5);
-        let Joined::Download { download, started } = downloads
+        let Joined::Download {
+            download, started, ..
+        } = downloads
             .join_or_start(&digest, timeout, async { panic!("a bug in the fetch") })
             .await
             .unwrap()

@@ -2,18 +2,28 @@
 //! keeping up with it are served without reading the spool back. A chunk
 //! stays at least until its spool write has landed, so every received byte
 //! is either here or in the spool; beyond that, the window bounds memory.
+//!
+//! A download of a blob too large to keep has no spool: its chunks stay
+//! until every attached reader has passed them, and the download waits for
+//! room, so the slowest client sets the pace and memory stays bounded.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use bytes::Bytes;
+use tokio::sync::Notify;
 
 /// Bytes kept once their writes have landed (more while writes lag).
 const WINDOW: u64 = 1 << 20;
+/// Without a spool, the download waits while more than this is kept.
+const UNSPOOLED_LIMIT: u64 = 4 * WINDOW;
 
 #[derive(Debug, Default)]
 pub struct Recent {
     inner: Mutex<Inner>,
+    /// Woken when chunks were dropped or a reader moved or left.
+    room: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -23,11 +33,87 @@ struct Inner {
     bytes: u64,
     /// The spool holds every byte before this offset.
     landed: u64,
+    /// No spool: chunks are dropped only once every reader passed them.
+    unspooled: bool,
+    /// Where each attached reader is.
+    readers: Vec<Weak<AtomicU64>>,
+    /// Whether a chunk has been dropped.
+    dropped: bool,
+}
+
+/// A client's position in a download, which an unspooled download waits for.
+#[derive(Debug)]
+pub struct Reader {
+    pos: Arc<AtomicU64>,
+    recent: Arc<Recent>,
+}
+
+impl Reader {
+    /// The client has every byte before `pos`.
+    pub fn advance(&self, pos: u64) {
+        self.pos.store(pos, Ordering::Relaxed);
+        self.recent.moved();
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        // The download may be waiting for this reader only.
+        self.pos.store(u64::MAX, Ordering::Relaxed);
+        self.recent.moved();
+    }
 }
 
 impl Recent {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A reader from the blob's start, unless this download has no spool
+    /// and has already dropped a chunk: nobody can be served from the start
+    /// any more.
+    pub fn attach(self: &Arc<Self>) -> Option<Reader> {
+        let mut inner = self.lock();
+        if inner.unspooled && inner.dropped {
+            return None;
+        }
+        let pos = Arc::new(AtomicU64::new(0));
+        inner.readers.push(Arc::downgrade(&pos));
+        Some(Reader {
+            pos,
+            recent: self.clone(),
+        })
+    }
+
+    /// From now on there is no spool (the blob is too large to keep).
+    pub fn unspool(&self) {
+        self.lock().unspooled = true;
+    }
+
+    fn moved(&self) {
+        self.lock().trim();
+        self.room.notify_waiters();
+    }
+
+    /// Without a spool: waits until the kept chunks are within their
+    /// limit; `false` when no reader is left to wait for.
+    pub async fn room(&self) -> bool {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut inner = self.lock();
+                inner.trim();
+                if inner.readers.is_empty() {
+                    return false;
+                }
+                if inner.bytes <= UNSPOOLED_LIMIT {
+                    return true;
+                }
+            }
+            notified.await;
+        }
     }
 
     /// Keeps `chunk`, received at `offset`, right after the previous one.
@@ -79,23 +165,36 @@ pub enum Lookup {
     Spool {
         end: u64,
     },
-    /// Not received yet (or an empty range).
+    /// Not received yet, an empty range, or (without a spool) dropped.
     Nowhere,
 }
 
 impl Inner {
-    /// Drops the oldest chunks beyond the window, never one not yet landed.
+    /// Drops the oldest chunks beyond the window: never one not yet landed,
+    /// and without a spool, never one an attached reader has not passed.
     fn trim(&mut self) {
+        self.readers.retain(|r| r.strong_count() > 0);
+        let floor = if self.unspooled {
+            self.readers
+                .iter()
+                .filter_map(Weak::upgrade)
+                .map(|p| p.load(Ordering::Relaxed))
+                .min()
+                .unwrap_or(u64::MAX)
+        } else {
+            self.landed
+        };
         while self.bytes > WINDOW {
             let Some((offset, chunk)) = self.chunks.front() else {
                 break;
             };
             let len = chunk.len() as u64;
-            if offset + len > self.landed {
+            if offset + len > floor {
                 break;
             }
             self.bytes -= len;
             self.chunks.pop_front();
+            self.dropped = true;
         }
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use super::recent::{Lookup, Recent};
+use super::recent::{Lookup, Reader, Recent};
 use super::verify::Check;
 use super::Progress;
 use crate::store::BlobFile;
@@ -28,10 +28,12 @@ pub struct Source {
 pub(super) enum Gate {
     /// A committed file known intact: nothing.
     Open,
-    /// A download: its progress, and its recent chunks.
+    /// A download: its progress, its recent chunks, and this client's
+    /// place in them.
     Download {
         progress: watch::Receiver<Progress>,
         recent: Arc<Recent>,
+        reader: Arc<Reader>,
     },
     /// A committed file whose hash is being checked.
     Check(watch::Receiver<Check>),
@@ -66,6 +68,9 @@ impl Source {
             match src.next_chunk(pos, end).await {
                 Ok(Some(bytes)) => {
                     let next = pos + bytes.len() as u64;
+                    if let Gate::Download { reader, .. } = &src.gate {
+                        reader.advance(next);
+                    }
                     Some((Ok(bytes), Some((src, next, end))))
                 }
                 Ok(None) => None,
@@ -120,7 +125,8 @@ impl Source {
                         Lookup::Memory(bytes) => return Ok(Some(bytes)),
                         Lookup::Spool { end } => end,
                         Lookup::Nowhere => {
-                            // Every received byte is kept or landed; this is a bug.
+                            // Every received byte is kept or landed, and
+                            // without a spool kept until this reader passed it.
                             return Err(std::io::Error::other(format!(
                                 "byte {pos} of a download is neither in memory nor in its spool"
                             )));
@@ -225,6 +231,7 @@ mod tests {
             gate: Gate::Download {
                 progress: rx,
                 recent: recent.clone(),
+                reader: Arc::new(recent.attach().unwrap()),
             },
         };
         let mut body = Box::pin(source.stream(100, Some(data.len() as u64)));

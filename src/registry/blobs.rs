@@ -49,12 +49,16 @@ impl Registry {
                 .downloads
                 .join_or_start(digest, read_timeout, self.fetch(route, digest))
                 .await?;
-            let (download, started) = match joined {
+            let (download, source, started) = match joined {
                 Joined::Cached(blob) => {
                     self.authorize(route, digest, What::Blob).await?;
                     return self.cached_reply(digest, blob, false, range_header).await;
                 }
-                Joined::Download { download, started } => (download, started),
+                Joined::Download {
+                    download,
+                    source,
+                    started,
+                } => (download, source, started),
             };
             // The upstream's answer first: its 200 records that the
             // starter's repository holds the blob, so joiners of the same
@@ -84,15 +88,8 @@ impl Registry {
                 Outcome::Coalesced
             };
             return match size {
-                Some(size) => blob_reply(
-                    digest,
-                    size,
-                    Some(download.source()),
-                    false,
-                    range_header,
-                    outcome,
-                ),
-                None => unsized_reply(digest, download.source(), outcome),
+                Some(size) => blob_reply(digest, size, Some(source), false, range_header, outcome),
+                None => unsized_reply(digest, source, outcome),
             };
         }
     }
