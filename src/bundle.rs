@@ -438,14 +438,14 @@ pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> 
             bytes: bytes.into(),
         };
         let size = disk.put_manifest(&d, &m).await?;
-        index.touch(&ContentKey::manifest(&d), size, now).await;
+        index.record(&ContentKey::manifest(&d), size, now).await;
     }
     for (d, (parked, size)) in staged {
         if manifest_digests.contains(&d) {
             continue;
         }
         disk.commit_parked(parked, &d).await?;
-        index.touch(&ContentKey::blob(&d), size, now).await;
+        index.record(&ContentKey::blob(&d), size, now).await;
         report.blobs += 1;
         report.bytes += size;
     }

@@ -116,41 +116,52 @@ impl Evictor {
 mod tests {
     use super::*;
     use crate::hashing::digest_of;
-    use crate::reference::Algorithm;
+    use crate::reference::{Algorithm, Digest};
     use crate::store::disk::DiskStore;
     use crate::store::local_index::LocalIndex;
     use std::os::unix::fs::FileExt;
+
+    const T0: Duration = Duration::from_secs(1000);
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + T0 + Duration::from_secs(secs)
+    }
+
+    /// Commits 100 bytes of `byte` as a blob; returns its digest.
+    async fn commit(store: &Arc<dyn BlobStore>, byte: u8) -> Digest {
+        let data = vec![byte; 100];
+        let d = digest_of(Algorithm::Sha256, &data);
+        let spool = store.spool().await.unwrap();
+        spool.file.write_all_at(&data, 0).unwrap();
+        store.commit_blob(spool, &d).await.unwrap();
+        d
+    }
+
+    /// Limits that evict everything above `max` bytes, down to 60 % of it.
+    fn budget(max: u64) -> Limits {
+        Limits {
+            budget: Budget::new(max, 90, 60),
+            blob_idle_ttl: None,
+            manifest_idle_ttl: None,
+        }
+    }
 
     #[tokio::test]
     async fn evicts_least_recently_used_files_from_disk() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn BlobStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
         let index: Arc<dyn Index> = Arc::new(LocalIndex::in_memory());
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let mut digests = Vec::new();
         for i in 0..4u8 {
-            let data = vec![i; 100];
-            let d = digest_of(Algorithm::Sha256, &data);
-            let spool = store.spool().await.unwrap();
-            spool.file.write_all_at(&data, 0).unwrap();
-            store.commit_blob(spool, &d).await.unwrap();
+            let d = commit(&store, i).await;
             index
-                .touch(
-                    &ContentKey::blob(&d),
-                    100,
-                    t0 + Duration::from_secs(u64::from(i)),
-                )
+                .record(&ContentKey::blob(&d), 100, at(u64::from(i)))
                 .await;
             digests.push(d);
         }
-        let limits = Limits {
-            budget: Budget::new(300, 90, 60),
-            blob_idle_ttl: None,
-            manifest_idle_ttl: None,
-        };
-        let ev = Evictor::new(store.clone(), index.clone(), limits);
+        let ev = Evictor::new(store.clone(), index.clone(), budget(300));
         assert_eq!(ev.usage().await.unwrap(), 400);
-        let report = ev.run_once(t0 + Duration::from_secs(10)).await.unwrap();
+        let report = ev.run_once(at(10)).await.unwrap();
         assert_eq!(report.usage_before, 400);
         assert_eq!(report.usage_after, 100);
         let kept: Vec<bool> = {
@@ -162,5 +173,35 @@ mod tests {
         };
         assert_eq!(kept, vec![false, false, false, true]);
         assert_eq!(ev.usage().await.unwrap(), 100);
+    }
+
+    /// A hit opens the file, the evictor unlinks it, then the hit records
+    /// its access: the index must not claim the file again.
+    #[tokio::test]
+    async fn a_hit_on_a_blob_evicted_meanwhile_does_not_bring_its_entry_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
+        let index: Arc<dyn Index> = Arc::new(LocalIndex::in_memory());
+        let d = commit(&store, 1).await;
+        let key = ContentKey::blob(&d);
+        index.record(&key, 100, at(0)).await;
+
+        let opened = store.open_blob(&d).await.unwrap().unwrap();
+        let ev = Evictor::new(store.clone(), index.clone(), budget(50));
+        let report = ev.run_once(at(10)).await.unwrap();
+        assert_eq!(report.evicted.len(), 1);
+        index.touch(&key, at(11)).await;
+
+        assert_eq!(
+            index.entry(&key).await,
+            None,
+            "the index claims a gone file"
+        );
+        assert!(store.open_blob(&d).await.unwrap().is_none());
+        assert_eq!(ev.usage().await.unwrap(), 0);
+        // The hit keeps reading its open file.
+        let mut buf = [0u8; 100];
+        opened.file.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [1u8; 100]);
     }
 }

@@ -276,7 +276,7 @@ impl Downloads {
         match self.store.commit_blob(spool, digest).await {
             Ok(()) => {
                 self.index
-                    .touch(&ContentKey::blob(digest), size, SystemTime::now())
+                    .record(&ContentKey::blob(digest), size, SystemTime::now())
                     .await;
                 self.verifier.vouch(digest).await;
             }

@@ -190,7 +190,7 @@ mod tests {
         store.commit_blob(spool, &wrong).await.unwrap();
         let key = ContentKey::blob(&wrong);
         index
-            .touch(&key, bad.len() as u64, std::time::SystemTime::now())
+            .record(&key, bad.len() as u64, std::time::SystemTime::now())
             .await;
         let blob = store.open_blob(&wrong).await.unwrap().unwrap();
         let got = body(verifier.source(&wrong, blob).await, bad.len() as u64).await;

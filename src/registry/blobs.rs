@@ -25,7 +25,7 @@ impl Registry {
     ) -> Result<Reply, Error> {
         if let Some(blob) = self.cached_blob(digest).await? {
             self.authorize(route, digest, What::Blob).await?;
-            self.touch(ContentKey::blob(digest), blob.size).await;
+            self.touch(ContentKey::blob(digest)).await;
             return self.cached_reply(digest, blob, head, range_header).await;
         }
         if self.offline {

@@ -199,8 +199,7 @@ impl Registry {
         let fetched = fetched.load(Ordering::Relaxed);
         self.authorize(route, digest, What::Manifest).await?;
         if !fetched {
-            self.touch(ContentKey::manifest(digest), m.stored_size())
-                .await;
+            self.touch(ContentKey::manifest(digest)).await;
         }
         let outcome = if fetched { Outcome::Miss } else { Outcome::Hit };
         Ok((m, outcome))
@@ -235,7 +234,7 @@ impl Registry {
                 return Err(Error::internal("storing a manifest", e));
             }
         };
-        self.touch(ContentKey::manifest(digest), size).await;
+        self.record(ContentKey::manifest(digest), size).await;
         let mut held = manifest::references(&m.bytes);
         held.push(digest.clone());
         self.index.add_holds(&route.key, held).await;

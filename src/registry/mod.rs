@@ -340,9 +340,15 @@ impl Registry {
         Ok(())
     }
 
-    /// Records a cache hit for eviction's sake.
-    async fn touch(&self, key: ContentKey, size: u64) {
-        self.index.touch(&key, size, SystemTime::now()).await;
+    /// Records a cache hit for eviction's sake (a no-op for an item evicted
+    /// meanwhile).
+    async fn touch(&self, key: ContentKey) {
+        self.index.touch(&key, SystemTime::now()).await;
+    }
+
+    /// Records an item just stored.
+    async fn record(&self, key: ContentKey, size: u64) {
+        self.index.record(&key, size, SystemTime::now()).await;
     }
 }
 

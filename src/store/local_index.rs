@@ -238,7 +238,7 @@ impl Index for LocalIndex {
         }
     }
 
-    async fn touch(&self, key: &ContentKey, size: u64, now: SystemTime) {
+    async fn record(&self, key: &ContentKey, size: u64, now: SystemTime) {
         self.state().contents.insert(
             key.clone(),
             ContentEntry {
@@ -247,6 +247,19 @@ impl Index for LocalIndex {
             },
         );
         self.changed();
+    }
+
+    async fn touch(&self, key: &ContentKey, now: SystemTime) {
+        let touched = match self.state().contents.get_mut(key) {
+            Some(entry) => {
+                entry.last_access = now;
+                true
+            }
+            None => false,
+        };
+        if touched {
+            self.changed();
+        }
     }
 
     async fn entry(&self, key: &ContentKey) -> Option<ContentEntry> {
@@ -304,7 +317,7 @@ mod tests {
         let t1 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
         {
             let idx = LocalIndex::load(&path, vec![found('a', 10), found('b', 20)]);
-            idx.touch(&ContentKey::blob(&digest('a')), 10, t1).await;
+            idx.record(&ContentKey::blob(&digest('a')), 10, t1).await;
             idx.add_holds(&repo, vec![digest('a')]).await;
             let entry = TagEntry {
                 digest: digest('f'),

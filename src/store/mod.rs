@@ -218,8 +218,13 @@ pub trait Index: Send + Sync + 'static {
     async fn holds(&self, repo: &RepoName, digest: &Digest) -> bool;
     /// Records that `repo` holds these digests.
     async fn add_holds(&self, repo: &RepoName, digests: Vec<Digest>);
-    /// A stored item of `size` bytes, accessed `now` (a commit or a hit).
-    async fn touch(&self, key: &ContentKey, size: u64, now: SystemTime);
+    /// Records an item newly stored (a commit or an import) of `size` bytes,
+    /// accessed `now`; replaces what was known of it.
+    async fn record(&self, key: &ContentKey, size: u64, now: SystemTime);
+    /// A hit: the item was accessed `now`. Only updates an entry that is
+    /// present, never adds one: the item may have been evicted since the
+    /// caller opened its file, and the index must not claim it again.
+    async fn touch(&self, key: &ContentKey, now: SystemTime);
     /// The entry of a stored item.
     async fn entry(&self, key: &ContentKey) -> Option<ContentEntry>;
     /// Forgets a stored item (evicted, damaged or gone from the store).
