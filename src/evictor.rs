@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::policy::{self, Budget, Candidate, EvictReason};
-use crate::store::{BlobStore, ContentKey, Index, Kind};
+use crate::store::{BlobStore, ContentEntry, ContentKey, Index, Kind};
 
 /// The budget and idle TTLs eviction works with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,28 +76,47 @@ impl Evictor {
                 last_access: entry.last_access,
             })
             .collect();
-        let sizes: std::collections::HashMap<&ContentKey, u64> =
-            candidates.iter().map(|c| (&c.key, c.size)).collect();
+        let seen: std::collections::HashMap<&ContentKey, ContentEntry> = candidates
+            .iter()
+            .map(|c| {
+                let entry = ContentEntry {
+                    size: c.size,
+                    last_access: c.last_access,
+                };
+                (&c.key, entry)
+            })
+            .collect();
         let chosen = policy::select_evictions(&candidates, usage_before, self.limits.budget, now);
         let mut report = Report {
             usage_before,
             ..Report::default()
         };
         for (key, reason) in chosen {
-            let size = sizes.get(&key).copied().unwrap_or(0);
-            if let Err(e) = self.store.remove(&key).await {
-                tracing::warn!(kind = key.kind.as_str(), digest = %key.digest, error = %e, "cannot evict");
+            let Some(&entry) = seen.get(&key) else {
+                continue;
+            };
+            // The choice was made on a snapshot: forget the item first, and
+            // only if nothing pulled or committed it since, then unlink only
+            // what was forgotten. A hit that opens the file in between keeps
+            // its open file, and its touch finds no entry to bring back.
+            if !self.index.forget_if(&key, entry).await {
+                tracing::debug!(kind = key.kind.as_str(), digest = %key.digest, "accessed since chosen; kept");
                 continue;
             }
-            self.index.forget(&key).await;
+            if let Err(e) = self.store.remove(&key).await {
+                tracing::warn!(kind = key.kind.as_str(), digest = %key.digest, error = %e, "cannot evict");
+                // Still on disk, so the index must know it again.
+                self.index.record(&key, entry.size, entry.last_access).await;
+                continue;
+            }
             tracing::info!(
                 kind = key.kind.as_str(),
                 digest = %key.digest,
-                size,
+                size = entry.size,
                 reason = reason.as_str(),
                 "evicted"
             );
-            report.evicted.push((key, size, reason));
+            report.evicted.push((key, entry.size, reason));
         }
         report.usage_after = usage_before.saturating_sub(report.freed());
         Ok(report)
@@ -117,9 +136,13 @@ mod tests {
     use super::*;
     use crate::hashing::digest_of;
     use crate::reference::{Algorithm, Digest};
+    use crate::reference::{RepoName, Tag};
     use crate::store::disk::DiskStore;
     use crate::store::local_index::LocalIndex;
+    use crate::store::{BlobFile, Found, Spool, StoredManifest, TagEntry};
+    use async_trait::async_trait;
     use std::os::unix::fs::FileExt;
+    use std::sync::Mutex;
 
     const T0: Duration = Duration::from_secs(1000);
 
@@ -203,5 +226,163 @@ mod tests {
         let mut buf = [0u8; 100];
         opened.file.read_exact_at(&mut buf, 0).unwrap();
         assert_eq!(buf, [1u8; 100]);
+    }
+
+    /// A local index on which a hit lands right after the next snapshot
+    /// (`contents()`) is taken: the race of a pull with an eviction run,
+    /// made deterministic.
+    struct HitAfterSnapshot {
+        inner: LocalIndex,
+        hit: Mutex<Option<(ContentKey, SystemTime)>>,
+    }
+
+    #[async_trait]
+    impl Index for HitAfterSnapshot {
+        async fn tag(&self, repo: &RepoName, tag: &Tag) -> Option<TagEntry> {
+            self.inner.tag(repo, tag).await
+        }
+        async fn set_tag(&self, repo: &RepoName, tag: &Tag, entry: TagEntry) {
+            self.inner.set_tag(repo, tag, entry).await
+        }
+        async fn remove_tag(&self, repo: &RepoName, tag: &Tag) {
+            self.inner.remove_tag(repo, tag).await
+        }
+        async fn tags(&self) -> Vec<(RepoName, Tag, TagEntry)> {
+            self.inner.tags().await
+        }
+        async fn tag_list(&self, repo: &RepoName) -> Option<Vec<Tag>> {
+            self.inner.tag_list(repo).await
+        }
+        async fn set_tag_list(&self, repo: &RepoName, tags: Vec<Tag>) {
+            self.inner.set_tag_list(repo, tags).await
+        }
+        async fn repositories(&self) -> Vec<RepoName> {
+            self.inner.repositories().await
+        }
+        async fn holds(&self, repo: &RepoName, digest: &Digest) -> bool {
+            self.inner.holds(repo, digest).await
+        }
+        async fn add_holds(&self, repo: &RepoName, digests: Vec<Digest>) {
+            self.inner.add_holds(repo, digests).await
+        }
+        async fn record(&self, key: &ContentKey, size: u64, now: SystemTime) {
+            self.inner.record(key, size, now).await
+        }
+        async fn touch(&self, key: &ContentKey, now: SystemTime) {
+            self.inner.touch(key, now).await
+        }
+        async fn entry(&self, key: &ContentKey) -> Option<ContentEntry> {
+            self.inner.entry(key).await
+        }
+        async fn forget(&self, key: &ContentKey) {
+            self.inner.forget(key).await
+        }
+        async fn forget_if(&self, key: &ContentKey, seen: ContentEntry) -> bool {
+            self.inner.forget_if(key, seen).await
+        }
+        async fn contents(&self) -> Vec<(ContentKey, ContentEntry)> {
+            let snapshot = self.inner.contents().await;
+            let hit = self.hit.lock().unwrap().take();
+            if let Some((key, now)) = hit {
+                self.inner.touch(&key, now).await;
+            }
+            snapshot
+        }
+        async fn reconcile(&self, found: Vec<Found>) {
+            self.inner.reconcile(found).await
+        }
+        async fn flush(&self) -> io::Result<()> {
+            self.inner.flush().await
+        }
+    }
+
+    /// A disk store whose removals fail.
+    struct Undeletable(DiskStore);
+
+    #[async_trait]
+    impl BlobStore for Undeletable {
+        async fn open_blob(&self, digest: &Digest) -> io::Result<Option<BlobFile>> {
+            self.0.open_blob(digest).await
+        }
+        async fn spool(&self) -> io::Result<Spool> {
+            self.0.spool().await
+        }
+        async fn commit_blob(&self, spool: Spool, digest: &Digest) -> io::Result<()> {
+            self.0.commit_blob(spool, digest).await
+        }
+        async fn get_manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>> {
+            self.0.get_manifest(digest).await
+        }
+        async fn put_manifest(&self, digest: &Digest, m: &StoredManifest) -> io::Result<u64> {
+            self.0.put_manifest(digest, m).await
+        }
+        async fn remove(&self, _key: &ContentKey) -> io::Result<()> {
+            Err(io::Error::new(io::ErrorKind::PermissionDenied, "test"))
+        }
+        async fn scan(&self) -> io::Result<Vec<Found>> {
+            self.0.scan().await
+        }
+        async fn temp_bytes(&self) -> io::Result<u64> {
+            self.0.temp_bytes().await
+        }
+        async fn clean_temp(&self, older_than: Option<Duration>) -> io::Result<usize> {
+            self.0.clean_temp(older_than).await
+        }
+    }
+
+    /// An item pulled between the evictor's snapshot and its removal is
+    /// kept: it is no longer the least recently used.
+    #[tokio::test]
+    async fn an_item_pulled_after_the_snapshot_is_not_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
+        let index = Arc::new(HitAfterSnapshot {
+            inner: LocalIndex::in_memory(),
+            hit: Mutex::new(None),
+        });
+        let mut keys = Vec::new();
+        for i in 0..4u8 {
+            let key = ContentKey::blob(&commit(&store, i).await);
+            index.record(&key, 100, at(u64::from(i))).await;
+            keys.push(key);
+        }
+        // 400 bytes over a 270 high mark: the three oldest are chosen, but
+        // the oldest is pulled once the snapshot is taken.
+        *index.hit.lock().unwrap() = Some((keys[0].clone(), at(20)));
+        let ev = Evictor::new(store.clone(), index.clone(), budget(300));
+        let report = ev.run_once(at(10)).await.unwrap();
+
+        let evicted: Vec<&ContentKey> = report.evicted.iter().map(|(k, _, _)| k).collect();
+        assert_eq!(
+            evicted,
+            vec![&keys[1], &keys[2]],
+            "the pulled item was evicted"
+        );
+        assert_eq!(report.freed(), 200);
+        assert_eq!(report.usage_after, 200);
+        let pulled = index.entry(&keys[0]).await.unwrap();
+        assert_eq!(pulled.last_access, at(20));
+        assert!(store.open_blob(&keys[0].digest).await.unwrap().is_some());
+        assert_eq!(ev.usage().await.unwrap(), 200);
+    }
+
+    /// A removal that fails leaves the item indexed (it is still on disk)
+    /// and is not reported as evicted.
+    #[tokio::test]
+    async fn a_failed_removal_keeps_the_entry_and_is_not_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskStore::open(dir.path()).unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(Undeletable(disk));
+        let index: Arc<dyn Index> = Arc::new(LocalIndex::in_memory());
+        let key = ContentKey::blob(&commit(&store, 1).await);
+        index.record(&key, 100, at(0)).await;
+        let before = index.entry(&key).await;
+
+        let ev = Evictor::new(store.clone(), index.clone(), budget(50));
+        let report = ev.run_once(at(10)).await.unwrap();
+        assert!(report.evicted.is_empty(), "{report:?}");
+        assert_eq!(report.usage_after, 100);
+        assert_eq!(index.entry(&key).await, before);
+        assert!(store.open_blob(&key.digest).await.unwrap().is_some());
     }
 }

@@ -271,6 +271,17 @@ impl Index for LocalIndex {
         self.changed();
     }
 
+    async fn forget_if(&self, key: &ContentKey, seen: ContentEntry) -> bool {
+        let mut st = self.state();
+        if st.contents.get(key) != Some(&seen) {
+            return false;
+        }
+        st.contents.remove(key);
+        drop(st);
+        self.changed();
+        true
+    }
+
     async fn contents(&self) -> Vec<(ContentKey, ContentEntry)> {
         self.state()
             .contents
@@ -337,6 +348,29 @@ mod tests {
         assert_eq!(c.size, 30);
         assert!(idx.holds(&repo, &digest('a')).await);
         assert_eq!(idx.tag(&repo, &tag).await.unwrap().digest, digest('f'));
+    }
+
+    #[tokio::test]
+    async fn touch_updates_only_present_entries_and_forget_if_only_what_was_seen() {
+        let idx = LocalIndex::in_memory();
+        let key = ContentKey::blob(&digest('a'));
+        let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        idx.touch(&key, t(1)).await;
+        assert_eq!(idx.entry(&key).await, None, "a hit never inserts");
+
+        idx.record(&key, 10, t(2)).await;
+        let seen = idx.entry(&key).await.unwrap();
+        idx.touch(&key, t(3)).await;
+        assert!(
+            !idx.forget_if(&key, seen).await,
+            "touched since it was seen"
+        );
+        assert_eq!(idx.entry(&key).await.unwrap().last_access, t(3));
+
+        let seen = idx.entry(&key).await.unwrap();
+        assert!(idx.forget_if(&key, seen).await);
+        assert_eq!(idx.entry(&key).await, None);
+        assert!(!idx.forget_if(&key, seen).await, "already gone");
     }
 
     #[tokio::test]

@@ -229,6 +229,11 @@ pub trait Index: Send + Sync + 'static {
     async fn entry(&self, key: &ContentKey) -> Option<ContentEntry>;
     /// Forgets a stored item (evicted, damaged or gone from the store).
     async fn forget(&self, key: &ContentKey);
+    /// Forgets a stored item only if its entry is still exactly `seen`, as
+    /// one atomic step; returns whether it did. A caller acting on an entry
+    /// it read earlier (the evictor's snapshot, a hit that found the file
+    /// missing) so never undoes a hit or a commit that came in between.
+    async fn forget_if(&self, key: &ContentKey, seen: ContentEntry) -> bool;
     /// Every stored item the index knows.
     async fn contents(&self) -> Vec<(ContentKey, ContentEntry)>;
     /// Makes the contents match what a store scan found: items gone are
