@@ -125,8 +125,11 @@ impl Evictor {
     /// Brings the index in line with the store (files removed by hand or by
     /// `regmirror gc` while the mirror ran).
     pub async fn rescan(&self) -> io::Result<()> {
+        // Commits and evictions go on while the store is scanned; the mark
+        // makes the reconcile leave alone what they changed.
+        let mark = self.index.begin_scan().await;
         let found = self.store.scan().await?;
-        self.index.reconcile(found).await;
+        self.index.reconcile(mark, found).await;
         Ok(())
     }
 }
@@ -139,7 +142,7 @@ mod tests {
     use crate::reference::{RepoName, Tag};
     use crate::store::disk::DiskStore;
     use crate::store::local_index::LocalIndex;
-    use crate::store::{BlobFile, Found, Spool, StoredManifest, TagEntry};
+    use crate::store::{BlobFile, Found, ScanMark, Spool, StoredManifest, TagEntry};
     use async_trait::async_trait;
     use std::os::unix::fs::FileExt;
     use std::sync::Mutex;
@@ -151,7 +154,7 @@ mod tests {
     }
 
     /// Commits 100 bytes of `byte` as a blob; returns its digest.
-    async fn commit(store: &Arc<dyn BlobStore>, byte: u8) -> Digest {
+    async fn commit(store: &dyn BlobStore, byte: u8) -> Digest {
         let data = vec![byte; 100];
         let d = digest_of(Algorithm::Sha256, &data);
         let spool = store.spool().await.unwrap();
@@ -176,7 +179,7 @@ mod tests {
         let index: Arc<dyn Index> = Arc::new(LocalIndex::in_memory());
         let mut digests = Vec::new();
         for i in 0..4u8 {
-            let d = commit(&store, i).await;
+            let d = commit(store.as_ref(), i).await;
             index
                 .record(&ContentKey::blob(&d), 100, at(u64::from(i)))
                 .await;
@@ -205,7 +208,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn BlobStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
         let index: Arc<dyn Index> = Arc::new(LocalIndex::in_memory());
-        let d = commit(&store, 1).await;
+        let d = commit(store.as_ref(), 1).await;
         let key = ContentKey::blob(&d);
         index.record(&key, 100, at(0)).await;
 
@@ -288,45 +291,83 @@ mod tests {
             }
             snapshot
         }
-        async fn reconcile(&self, found: Vec<Found>) {
-            self.inner.reconcile(found).await
+        async fn begin_scan(&self) -> ScanMark {
+            self.inner.begin_scan().await
+        }
+        async fn reconcile(&self, mark: ScanMark, found: Vec<Found>) {
+            self.inner.reconcile(mark, found).await
         }
         async fn flush(&self) -> io::Result<()> {
             self.inner.flush().await
         }
     }
 
-    /// A disk store whose removals fail.
-    struct Undeletable(DiskStore);
+    /// A disk store with faults: removals that fail, or a commit and an
+    /// eviction landing while a scan runs (once it has listed the files).
+    struct Faulty {
+        disk: DiskStore,
+        fail_remove: bool,
+        during_scan: Mutex<Option<DuringScan>>,
+    }
+
+    /// What lands during a scan: a blob of 100 `commit` bytes is committed
+    /// and recorded, `evict` is evicted as the evictor does it.
+    struct DuringScan {
+        index: Arc<dyn Index>,
+        commit: u8,
+        evict: ContentKey,
+    }
+
+    impl Faulty {
+        fn new(dir: &std::path::Path) -> Self {
+            Self {
+                disk: DiskStore::open(dir).unwrap(),
+                fail_remove: false,
+                during_scan: Mutex::new(None),
+            }
+        }
+    }
 
     #[async_trait]
-    impl BlobStore for Undeletable {
+    impl BlobStore for Faulty {
         async fn open_blob(&self, digest: &Digest) -> io::Result<Option<BlobFile>> {
-            self.0.open_blob(digest).await
+            self.disk.open_blob(digest).await
         }
         async fn spool(&self) -> io::Result<Spool> {
-            self.0.spool().await
+            self.disk.spool().await
         }
         async fn commit_blob(&self, spool: Spool, digest: &Digest) -> io::Result<()> {
-            self.0.commit_blob(spool, digest).await
+            self.disk.commit_blob(spool, digest).await
         }
         async fn get_manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>> {
-            self.0.get_manifest(digest).await
+            self.disk.get_manifest(digest).await
         }
         async fn put_manifest(&self, digest: &Digest, m: &StoredManifest) -> io::Result<u64> {
-            self.0.put_manifest(digest, m).await
+            self.disk.put_manifest(digest, m).await
         }
-        async fn remove(&self, _key: &ContentKey) -> io::Result<()> {
-            Err(io::Error::new(io::ErrorKind::PermissionDenied, "test"))
+        async fn remove(&self, key: &ContentKey) -> io::Result<()> {
+            if self.fail_remove {
+                return Err(io::Error::new(io::ErrorKind::PermissionDenied, "test"));
+            }
+            self.disk.remove(key).await
         }
         async fn scan(&self) -> io::Result<Vec<Found>> {
-            self.0.scan().await
+            let listed = self.disk.scan().await?;
+            let during = self.during_scan.lock().unwrap().take();
+            if let Some(h) = during {
+                let d = commit(&self.disk, h.commit).await;
+                h.index.record(&ContentKey::blob(&d), 100, at(30)).await;
+                let seen = h.index.entry(&h.evict).await.unwrap();
+                assert!(h.index.forget_if(&h.evict, seen).await);
+                self.disk.remove(&h.evict).await?;
+            }
+            Ok(listed)
         }
         async fn temp_bytes(&self) -> io::Result<u64> {
-            self.0.temp_bytes().await
+            self.disk.temp_bytes().await
         }
         async fn clean_temp(&self, older_than: Option<Duration>) -> io::Result<usize> {
-            self.0.clean_temp(older_than).await
+            self.disk.clean_temp(older_than).await
         }
     }
 
@@ -342,7 +383,7 @@ mod tests {
         });
         let mut keys = Vec::new();
         for i in 0..4u8 {
-            let key = ContentKey::blob(&commit(&store, i).await);
+            let key = ContentKey::blob(&commit(store.as_ref(), i).await);
             index.record(&key, 100, at(u64::from(i))).await;
             keys.push(key);
         }
@@ -371,10 +412,12 @@ mod tests {
     #[tokio::test]
     async fn a_failed_removal_keeps_the_entry_and_is_not_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = DiskStore::open(dir.path()).unwrap();
-        let store: Arc<dyn BlobStore> = Arc::new(Undeletable(disk));
+        let store: Arc<dyn BlobStore> = Arc::new(Faulty {
+            fail_remove: true,
+            ..Faulty::new(dir.path())
+        });
         let index: Arc<dyn Index> = Arc::new(LocalIndex::in_memory());
-        let key = ContentKey::blob(&commit(&store, 1).await);
+        let key = ContentKey::blob(&commit(store.as_ref(), 1).await);
         index.record(&key, 100, at(0)).await;
         let before = index.entry(&key).await;
 
@@ -384,5 +427,42 @@ mod tests {
         assert_eq!(report.usage_after, 100);
         assert_eq!(index.entry(&key).await, before);
         assert!(store.open_blob(&key.digest).await.unwrap().is_some());
+    }
+
+    /// A rescan that lists the store before a commit and an eviction land
+    /// keeps the commit indexed and the evicted item forgotten.
+    #[tokio::test]
+    async fn a_rescan_keeps_what_was_committed_or_evicted_while_it_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        let faulty = Arc::new(Faulty::new(dir.path()));
+        let store: Arc<dyn BlobStore> = faulty.clone();
+        let index: Arc<dyn Index> = Arc::new(LocalIndex::in_memory());
+        let kept = ContentKey::blob(&commit(store.as_ref(), 1).await);
+        let evicted = ContentKey::blob(&commit(store.as_ref(), 2).await);
+        for key in [&kept, &evicted] {
+            index.record(key, 100, at(0)).await;
+        }
+        *faulty.during_scan.lock().unwrap() = Some(DuringScan {
+            index: index.clone(),
+            commit: 3,
+            evict: evicted.clone(),
+        });
+        let ev = Evictor::new(store.clone(), index.clone(), budget(1000));
+        ev.rescan().await.unwrap();
+
+        let committed = ContentKey::blob(&digest_of(Algorithm::Sha256, &[3u8; 100]));
+        assert!(store.open_blob(&committed.digest).await.unwrap().is_some());
+        assert!(
+            index.entry(&committed).await.is_some(),
+            "a commit made during the scan was forgotten"
+        );
+        assert!(store.open_blob(&evicted.digest).await.unwrap().is_none());
+        assert_eq!(
+            index.entry(&evicted).await,
+            None,
+            "an item evicted during the scan was brought back"
+        );
+        assert!(index.entry(&kept).await.is_some());
+        assert_eq!(ev.usage().await.unwrap(), 200);
     }
 }

@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{ContentEntry, ContentKey, Found, Index, TagEntry};
+use super::{ContentEntry, ContentKey, Found, Index, ScanMark, TagEntry};
 use crate::reference::{Digest, RepoName, Tag};
 
 /// The snapshot format's version; a snapshot of another version is ignored.
@@ -26,6 +26,43 @@ struct State {
     tags: HashMap<(RepoName, Tag), TagEntry>,
     holds: HashMap<RepoName, HashSet<Digest>>,
     tag_lists: HashMap<RepoName, Vec<Tag>>,
+    /// How many scans have begun: the number of the latest mark.
+    scans_begun: u64,
+    /// The scan in progress, if any.
+    scan: Option<Scan>,
+}
+
+/// A store scan in progress: the items whose presence changed since it began.
+#[derive(Debug)]
+struct Scan {
+    mark: u64,
+    changed: HashSet<ContentKey>,
+}
+
+impl State {
+    /// Notes that `key` was recorded or forgotten, for the scan in progress.
+    fn changed(&mut self, key: &ContentKey) {
+        if let Some(scan) = &mut self.scan {
+            scan.changed.insert(key.clone());
+        }
+    }
+
+    /// Makes the contents match `found`, except the items in `keep`.
+    fn reconcile(&mut self, found: Vec<Found>, keep: &HashSet<ContentKey>) {
+        let present: HashSet<&ContentKey> = found.iter().map(|f| &f.key).collect();
+        self.contents
+            .retain(|k, _| present.contains(k) || keep.contains(k));
+        // A known item keeps its recorded size: a file whose size changed on
+        // disk is then caught as damaged before it is served.
+        for f in found {
+            if !keep.contains(&f.key) {
+                self.contents.entry(f.key).or_insert(ContentEntry {
+                    size: f.size,
+                    last_access: f.modified,
+                });
+            }
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -54,7 +91,7 @@ impl LocalIndex {
     /// Loads the snapshot at `path` (missing or unreadable: start empty, with
     /// a warning) and reconciles it with what the store holds.
     pub fn load(path: &Path, found: Vec<Found>) -> Self {
-        let state = match std::fs::read(path) {
+        let mut state = match std::fs::read(path) {
             Ok(raw) => match serde_json::from_slice::<Snapshot>(&raw) {
                 Ok(s) if s.version == VERSION => State {
                     contents: s.contents.into_iter().collect(),
@@ -65,6 +102,7 @@ impl LocalIndex {
                         .map(|(r, d)| (r, d.into_iter().collect()))
                         .collect(),
                     tag_lists: s.tag_lists.into_iter().collect(),
+                    ..State::default()
                 },
                 Ok(_) | Err(_) => {
                     tracing::warn!(path = %path.display(), "index snapshot unreadable; rebuilding from the store");
@@ -77,13 +115,13 @@ impl LocalIndex {
                 State::default()
             }
         };
-        let index = Self {
+        // Nothing else runs yet: the scan is the truth.
+        state.reconcile(found, &HashSet::new());
+        Self {
             path: Some(path.to_path_buf()),
             state: Mutex::new(state),
             dirty: AtomicBool::new(true),
-        };
-        index.reconcile_now(found);
-        index
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -93,22 +131,6 @@ impl LocalIndex {
 
     fn changed(&self) {
         self.dirty.store(true, Ordering::Relaxed);
-    }
-
-    fn reconcile_now(&self, found: Vec<Found>) {
-        let mut st = self.state();
-        let present: HashSet<&ContentKey> = found.iter().map(|f| &f.key).collect();
-        st.contents.retain(|k, _| present.contains(k));
-        // A known item keeps its recorded size: a file whose size changed on
-        // disk is then caught as damaged before it is served.
-        for f in &found {
-            st.contents.entry(f.key.clone()).or_insert(ContentEntry {
-                size: f.size,
-                last_access: f.modified,
-            });
-        }
-        drop(st);
-        self.changed();
     }
 
     /// Writes the snapshot if anything changed since the last write.
@@ -239,13 +261,16 @@ impl Index for LocalIndex {
     }
 
     async fn record(&self, key: &ContentKey, size: u64, now: SystemTime) {
-        self.state().contents.insert(
+        let mut st = self.state();
+        st.contents.insert(
             key.clone(),
             ContentEntry {
                 size,
                 last_access: now,
             },
         );
+        st.changed(key);
+        drop(st);
         self.changed();
     }
 
@@ -267,7 +292,10 @@ impl Index for LocalIndex {
     }
 
     async fn forget(&self, key: &ContentKey) {
-        self.state().contents.remove(key);
+        let mut st = self.state();
+        st.contents.remove(key);
+        st.changed(key);
+        drop(st);
         self.changed();
     }
 
@@ -277,6 +305,7 @@ impl Index for LocalIndex {
             return false;
         }
         st.contents.remove(key);
+        st.changed(key);
         drop(st);
         self.changed();
         true
@@ -290,8 +319,31 @@ impl Index for LocalIndex {
             .collect()
     }
 
-    async fn reconcile(&self, found: Vec<Found>) {
-        self.reconcile_now(found);
+    async fn begin_scan(&self) -> ScanMark {
+        let mut st = self.state();
+        st.scans_begun += 1;
+        let mark = st.scans_begun;
+        st.scan = Some(Scan {
+            mark,
+            changed: HashSet::new(),
+        });
+        ScanMark(mark)
+    }
+
+    async fn reconcile(&self, mark: ScanMark, found: Vec<Found>) {
+        let mut st = self.state();
+        let scan = match st.scan.take() {
+            Some(scan) if scan.mark == mark.0 => scan,
+            other => {
+                // Superseded: the newer scan's reconcile will do.
+                st.scan = other;
+                tracing::debug!(mark = mark.0, "reconcile of a superseded scan skipped");
+                return;
+            }
+        };
+        st.reconcile(found, &scan.changed);
+        drop(st);
+        self.changed();
     }
 
     async fn flush(&self) -> io::Result<()> {
@@ -371,6 +423,50 @@ mod tests {
         assert!(idx.forget_if(&key, seen).await);
         assert_eq!(idx.entry(&key).await, None);
         assert!(!idx.forget_if(&key, seen).await, "already gone");
+    }
+
+    /// A scan lists the store while commits and evictions go on: its
+    /// reconcile must not forget a commit it missed, nor bring back an item
+    /// forgotten after it listed the file.
+    #[tokio::test]
+    async fn reconcile_leaves_alone_what_changed_since_the_scan_began() {
+        let idx = LocalIndex::in_memory();
+        let key = |c| ContentKey::blob(&digest(c));
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        for c in ['a', 'b', 'e'] {
+            idx.record(&key(c), 10, t).await;
+        }
+        let mark = idx.begin_scan().await;
+        // The scan lists a, b and an unknown d; e was removed by hand.
+        let listed = vec![found('a', 10), found('b', 10), found('d', 40)];
+        idx.record(&key('c'), 30, t).await; // committed after the listing
+        idx.forget(&key('b')).await; // evicted after the listing
+        idx.reconcile(mark, listed).await;
+
+        let mut have: Vec<ContentKey> = idx.contents().await.into_iter().map(|(k, _)| k).collect();
+        have.sort();
+        assert_eq!(have, vec![key('a'), key('c'), key('d')]);
+
+        // Changes before the next scan began are the scan's to judge.
+        let mark = idx.begin_scan().await;
+        idx.reconcile(mark, vec![found('a', 10)]).await;
+        let have: Vec<ContentKey> = idx.contents().await.into_iter().map(|(k, _)| k).collect();
+        assert_eq!(have, vec![key('a')]);
+    }
+
+    #[tokio::test]
+    async fn the_reconcile_of_a_superseded_scan_does_nothing() {
+        let idx = LocalIndex::in_memory();
+        let key = ContentKey::blob(&digest('a'));
+        let old = idx.begin_scan().await;
+        idx.record(&key, 10, SystemTime::UNIX_EPOCH).await;
+        let new = idx.begin_scan().await;
+        // The older scan may have missed the commit, and the newer one no
+        // longer tracks what changed before it: the older one is dropped.
+        idx.reconcile(old, Vec::new()).await;
+        assert!(idx.entry(&key).await.is_some());
+        idx.reconcile(new, vec![found('a', 10)]).await;
+        assert!(idx.entry(&key).await.is_some());
     }
 
     #[tokio::test]

@@ -200,6 +200,12 @@ pub struct TagEntry {
     pub checked_at: SystemTime,
 }
 
+/// Where the index stood when a store scan began, from [`Index::begin_scan`]
+/// for the matching [`Index::reconcile`]. Opaque to callers: only the index
+/// that issued it gives the number a meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScanMark(pub u64);
+
 /// Metadata of the cache. Knows names, sizes and times, nothing of files.
 #[async_trait]
 pub trait Index: Send + Sync + 'static {
@@ -236,9 +242,18 @@ pub trait Index: Send + Sync + 'static {
     async fn forget_if(&self, key: &ContentKey, seen: ContentEntry) -> bool;
     /// Every stored item the index knows.
     async fn contents(&self) -> Vec<(ContentKey, ContentEntry)>;
-    /// Makes the contents match what a store scan found: items gone are
-    /// forgotten, items unknown are added with their modification time.
-    async fn reconcile(&self, found: Vec<Found>);
+    /// Tells the index that a store scan begins. Until the matching
+    /// [`reconcile`](Index::reconcile) the index remembers which items are
+    /// recorded or forgotten meanwhile, since the scan may not see those
+    /// changes. A newer mark supersedes an older one, whose reconcile then
+    /// does nothing (the scans are not expected to overlap).
+    async fn begin_scan(&self) -> ScanMark;
+    /// Makes the contents match what a store scan begun at `mark` found:
+    /// items gone are forgotten, items unknown are added with their
+    /// modification time. Items recorded or forgotten since the mark are
+    /// left as they are: a commit the scan missed is not forgotten, an
+    /// eviction after the scan listed the file is not undone.
+    async fn reconcile(&self, mark: ScanMark, found: Vec<Found>);
     /// Persists the index, if it is persistent and changed.
     async fn flush(&self) -> io::Result<()>;
 }
