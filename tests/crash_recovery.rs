@@ -1,6 +1,7 @@
 //! Restarts after what goes wrong on the mirror's own machine: a `regmirror serve` process
-//! killed (SIGKILL) in the middle of a download, cached blobs damaged on disk, a full disk;
-//! and the cache commands (`regmirror gc`, `ls`, `du`) on a stopped mirror's data dir.
+//! killed (SIGKILL) in the middle of a download, cached blobs damaged on disk, cached files
+//! deleted or damaged while it serves (the index forgets them), a full disk; and the cache
+//! commands (`regmirror gc`, `ls`, `du`) on a stopped mirror's data dir.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -330,6 +331,72 @@ async fn truncated_cached_blob_is_fetched_again_after_a_restart() {
         First::Refetched,
     )
     .await;
+}
+
+/// The items a stopped mirror's `index.json` claims: (kind, digest, size).
+fn indexed(data_dir: &Path) -> Vec<(String, String, u64)> {
+    let raw = std::fs::read(data_dir.join("index.json")).expect("index.json");
+    let v: serde_json::Value = serde_json::from_slice(&raw).expect("index.json is JSON");
+    v["contents"]
+        .as_array()
+        .expect("contents")
+        .iter()
+        .map(|item| {
+            let (key, entry) = (&item[0], &item[1]);
+            (
+                key["kind"].as_str().expect("kind").to_owned(),
+                key["digest"].as_str().expect("digest").to_owned(),
+                entry["size"].as_u64().expect("size"),
+            )
+        })
+        .collect()
+}
+
+/// A cached layer deleted by hand and a cached manifest damaged by hand, while the mirror
+/// runs: asked for them (offline, so they cannot be fetched again), the mirror answers 404 and
+/// its index stops claiming them, so the sizes it counts are the bytes on disk.
+#[tokio::test]
+async fn a_blob_deleted_and_a_manifest_damaged_while_serving_are_forgotten() {
+    let fake = FakeUpstream::start().await;
+    let img = fake.add_image(REPO, "3.19", vec![random_bytes(100_000, 21)]);
+    let layer = &img.layer_digests[0];
+    let m = start_mirror(&fake.url(), |_| {}).await;
+    pull(&m, REPO, "3.19").await;
+    assert!(m.committed(layer).await && m.committed(&img.config_digest).await);
+    let dir = m.stop().await;
+    let claimed =
+        |items: &[(String, String, u64)], digest: &str| items.iter().any(|(_, d, _)| d == digest);
+    let before = indexed(dir.path());
+    assert!(claimed(&before, layer) && claimed(&before, &img.manifest_digest));
+
+    // A fresh process, so the manifest is not in memory: it is read from disk.
+    let m = MirrorHandle::start_in(dir, &fake.url(), |c| c.offline = true).await;
+    std::fs::remove_file(m.blob_path(layer)).unwrap();
+    let mpath = m.manifest_path(&img.manifest_digest);
+    let mut raw = std::fs::read(&mpath).unwrap();
+    let last = raw.len() - 1;
+    raw[last] ^= 0xff;
+    std::fs::write(&mpath, raw).unwrap();
+
+    let by_digest = format!("/v2/{REPO}/manifests/{}", img.manifest_digest);
+    assert_eq!(m.get(&by_digest).await.unwrap().status(), 404);
+    assert!(!mpath.exists(), "the damaged manifest was removed");
+    let blob = format!("/v2/{REPO}/blobs/{layer}");
+    assert_eq!(m.get(&blob).await.unwrap().status(), 404);
+    let dir = m.stop().await;
+
+    let after = indexed(dir.path());
+    assert!(
+        !claimed(&after, layer),
+        "the index claims the deleted layer"
+    );
+    assert!(
+        !claimed(&after, &img.manifest_digest),
+        "the index claims the damaged manifest"
+    );
+    assert!(claimed(&after, &img.config_digest));
+    let counted: u64 = after.iter().map(|(_, _, size)| size).sum();
+    assert_eq!(counted, disk_usage(dir.path()), "{after:?}");
 }
 
 /// Runs `regmirror <args>` to completion: (success, stdout, stderr).

@@ -134,11 +134,18 @@ impl Registry {
     /// (its bytes are checked as it streams). A file of another size is
     /// removed, so the caller fetches it again.
     async fn cached_blob(&self, digest: &Digest) -> Result<Option<BlobFile>, Error> {
+        let key = ContentKey::blob(digest);
+        // Read before the open, so a commit that lands in between is not
+        // forgotten below.
+        let entry = self.index.entry(&key).await;
         let Some(blob) = self.store.open_blob(digest).await.map_err(storage)? else {
+            if let Some(seen) = entry {
+                // Gone from disk (by hand, or `gc`): stop claiming it.
+                self.index.forget_if(&key, seen).await;
+            }
             return Ok(None);
         };
-        let key = ContentKey::blob(digest);
-        match self.index.entry(&key).await {
+        match entry {
             Some(entry) if entry.size != blob.size => {}
             _ => return Ok(Some(blob)),
         }

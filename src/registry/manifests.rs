@@ -113,7 +113,20 @@ impl Registry {
 
     async fn has_manifest(&self, digest: &Digest) -> bool {
         self.manifests.contains_key(digest)
-            || matches!(self.store.get_manifest(digest).await, Ok(Some(_)))
+            || matches!(self.stored_manifest(digest).await, Ok(Some(_)))
+    }
+
+    /// The manifest from the store. One missing, or damaged (which the store
+    /// removes), is forgotten by the index too; the entry is read before the
+    /// store is, so a commit that lands in between is not forgotten.
+    async fn stored_manifest(&self, digest: &Digest) -> std::io::Result<Option<StoredManifest>> {
+        let key = ContentKey::manifest(digest);
+        let entry = self.index.entry(&key).await;
+        let m = self.store.get_manifest(digest).await?;
+        if let (None, Some(seen)) = (&m, entry) {
+            self.index.forget_if(&key, seen).await;
+        }
+        Ok(m)
     }
 
     /// Asks the upstream where a tag points now, and records it.
@@ -173,8 +186,7 @@ impl Registry {
                 let fetched = fetched.clone();
                 async move {
                     if let Some(m) = self
-                        .store
-                        .get_manifest(digest)
+                        .stored_manifest(digest)
                         .await
                         .map_err(|e| Error::internal("reading a cached manifest", e))?
                     {
