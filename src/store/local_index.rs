@@ -1,6 +1,6 @@
 //! The [`Index`] of one mirror process: hash maps in memory, persisted as a
 //! JSON snapshot (`index.json` in the data dir) written atomically when it
-//! changed, on a timer and at shutdown. At start the snapshot is loaded and
+//! changed, on a timer and at shutdown, on the blocking pool. At start the snapshot is loaded and
 //! reconciled with a scan of the store, so a crash loses at most the access
 //! times since the last flush, never the truth about what is on disk.
 
@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -77,9 +77,18 @@ struct Snapshot {
 
 #[derive(Debug, Default)]
 pub struct LocalIndex {
+    /// Shared with a flush running on the blocking pool.
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
     path: Option<PathBuf>,
     state: Mutex<State>,
     dirty: AtomicBool,
+    /// Held by a flush from its snapshot to its rename: two at once would
+    /// write the same temp file, or put an older snapshot over a newer one.
+    writing: Mutex<()>,
 }
 
 impl LocalIndex {
@@ -118,12 +127,32 @@ impl LocalIndex {
         // Nothing else runs yet: the scan is the truth.
         state.reconcile(found, &HashSet::new());
         Self {
-            path: Some(path.to_path_buf()),
-            state: Mutex::new(state),
-            dirty: AtomicBool::new(true),
+            inner: Arc::new(Inner {
+                path: Some(path.to_path_buf()),
+                state: Mutex::new(state),
+                dirty: AtomicBool::new(true),
+                writing: Mutex::new(()),
+            }),
         }
     }
 
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.state()
+    }
+
+    fn changed(&self) {
+        self.inner.changed();
+    }
+
+    /// Writes the snapshot if anything changed since the last write, on the
+    /// calling thread (for synchronous callers; [`Index::flush`] uses the
+    /// blocking pool).
+    pub fn flush_now(&self) -> io::Result<()> {
+        self.inner.flush_now()
+    }
+}
+
+impl Inner {
     fn state(&self) -> MutexGuard<'_, State> {
         // The maps stay valid if a holder panicked.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -133,11 +162,12 @@ impl LocalIndex {
         self.dirty.store(true, Ordering::Relaxed);
     }
 
-    /// Writes the snapshot if anything changed since the last write.
-    pub fn flush_now(&self) -> io::Result<()> {
+    fn flush_now(&self) -> io::Result<()> {
         let Some(path) = &self.path else {
             return Ok(());
         };
+        // Guards no data, so a panicked holder leaves nothing to repair.
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return Ok(());
         }
@@ -165,18 +195,28 @@ impl LocalIndex {
         };
         let result = write_atomically(path, &snapshot);
         if result.is_err() {
+            // Written by the next flush; index.json keeps the last good one.
             self.changed();
         }
         result
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Whether this thread wrote a snapshot (to test where flushes run).
+    static WROTE_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn write_atomically(path: &Path, snapshot: &Snapshot) -> io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let write = || -> io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
+        #[cfg(test)]
+        WROTE_HERE.with(|w| w.set(true));
+        let mut f = io::BufWriter::new(std::fs::File::create(&tmp)?);
         serde_json::to_writer(&mut f, snapshot)?;
         f.flush()?;
+        let f = f.into_inner().map_err(io::IntoInnerError::into_error)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent() {
@@ -347,9 +387,20 @@ impl Index for LocalIndex {
     }
 
     async fn flush(&self) -> io::Result<()> {
-        // Runs on the flusher task every few seconds at most; a snapshot of
-        // a large cache is a few MB of JSON, milliseconds of work.
-        self.flush_now()
+        if self.inner.path.is_none() {
+            return Ok(());
+        }
+        // A large cache's snapshot is megabytes of JSON and an fsync: work
+        // for the blocking pool, not an async worker serving requests.
+        let inner = self.inner.clone();
+        match tokio::task::spawn_blocking(move || inner.flush_now()).await {
+            Ok(result) => result,
+            Err(e) => {
+                // It may have died between taking the dirty flag and writing.
+                self.changed();
+                Err(io::Error::other(e))
+            }
+        }
     }
 }
 
@@ -467,6 +518,49 @@ mod tests {
         assert!(idx.entry(&key).await.is_some());
         idx.reconcile(new, vec![found('a', 10)]).await;
         assert!(idx.entry(&key).await.is_some());
+    }
+
+    /// `flush` serialises and fsyncs on the blocking pool; `flush_now` on
+    /// its caller's thread. A current-thread runtime runs this test's
+    /// futures on the test's own thread.
+    #[tokio::test]
+    async fn flush_writes_the_snapshot_off_the_async_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.json");
+        let idx = LocalIndex::load(&path, vec![found('a', 10)]);
+        idx.flush().await.unwrap();
+        assert!(path.is_file());
+        assert!(
+            !WROTE_HERE.with(|w| w.get()),
+            "the snapshot was written on the async worker"
+        );
+        idx.record(&ContentKey::blob(&digest('b')), 20, SystemTime::UNIX_EPOCH)
+            .await;
+        idx.flush_now().unwrap();
+        assert!(WROTE_HERE.with(|w| w.get()));
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_keeps_the_last_snapshot_and_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.json");
+        let idx = LocalIndex::load(&path, vec![found('a', 10)]);
+        idx.flush().await.unwrap();
+        let good = std::fs::read(&path).unwrap();
+
+        // A directory where the temp file goes: creating it fails.
+        let tmp = path.with_extension("json.tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        let b = ContentKey::blob(&digest('b'));
+        idx.record(&b, 99, SystemTime::UNIX_EPOCH).await;
+        assert!(idx.flush().await.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), good, "index.json changed");
+
+        std::fs::remove_dir(&tmp).unwrap();
+        idx.flush().await.unwrap();
+        // The snapshot has b's recorded size, not the one a scan would give.
+        let idx = LocalIndex::load(&path, vec![found('a', 10), found('b', 20)]);
+        assert_eq!(idx.entry(&b).await.unwrap().size, 99);
     }
 
     #[tokio::test]
