@@ -1,18 +1,21 @@
 //! Pull-through behaviour against the in-process fake upstream: correct bytes and digests,
 //! the cache answering repeat pulls, single-flight downloads that clients follow as they
 //! grow, aborted downloads leaving nothing behind, ranges, per-repository blob access,
-//! tag freshness, and multi-arch indexes.
+//! tag freshness, multi-arch indexes, and manifest fetches shared by concurrent requests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::images::{sha256_digest, OCI_INDEX};
 use common::{
-    header, mirror_of, random_bytes, read_body, spawn_get, start_mirror, statuses, wait_until,
-    FakeUpstream, MirrorHandle,
+    header, mirror_of, random_bytes, read_body, spawn_get, start_mirror, statuses, test_config,
+    wait_until, FakeUpstream, MirrorHandle,
 };
+use http_body_util::BodyExt as _;
+use regmirror::registry::Registry;
 
 const ALPINE: &str = "library/alpine";
 
@@ -144,10 +147,10 @@ async fn joining_clients_of_the_same_repository_send_no_head() {
     let data = random_bytes(4 << 20, 6);
     let d = fake.add_blob(ALPINE, data.clone());
     let m = mirror_of(&fake).await;
-    fake.hold_blob_gets();
+    fake.hold_requests("/blobs/");
     let url = m.url_for(&format!("/v2/library/alpine/blobs/{d}"));
     let mut clients = vec![spawn_get(&m.client, url.clone())];
-    fake.wait_progress("the first blob GET to be held", |p| p.held >= 1)
+    fake.wait_progress("the first blob request to be held", |p| p.held >= 1)
         .await;
     clients.extend((0..15).map(|_| spawn_get(&m.client, url.clone())));
     tokio::time::sleep(JOIN_MOMENT).await;
@@ -170,12 +173,12 @@ async fn a_client_joining_another_repositorys_failed_download_fetches_its_own() 
     let d = fake.add_blob("library/owner", data.clone());
     fake.add_blob(ALPINE, b"another".to_vec());
     let m = mirror_of(&fake).await;
-    fake.hold_blob_gets();
+    fake.hold_requests("/blobs/");
     let stranger = spawn_get(
         &m.client,
         m.url_for(&format!("/v2/library/alpine/blobs/{d}")),
     );
-    fake.wait_progress("the first blob GET to be held", |p| p.held >= 1)
+    fake.wait_progress("the first blob request to be held", |p| p.held >= 1)
         .await;
     let owner = spawn_get(
         &m.client,
@@ -717,4 +720,110 @@ async fn cosign_signature_and_attestation_tags_pull_like_any_tag() {
         let layer = mirror.blob("library/alpine", &info.layer_digests[0]).await;
         assert_eq!(layer, info.layers[0], "{tag} payload");
     }
+}
+
+/// What a client would get for `GET path` (status, `Docker-Content-Digest`, body), asked of
+/// the registry itself rather than through the front door, so that a test can poll one
+/// request to the point where it waits on another's upstream fetch.
+async fn registry_get(registry: &Registry, path: &str) -> (u16, String, Bytes) {
+    let req = regmirror::endpoint::parse(&http::Method::GET, path, None).unwrap();
+    let response = match registry.handle(&req, &http::HeaderMap::new()).await {
+        Ok(reply) => reply.response,
+        Err(e) => regmirror::response::error(&e, false),
+    };
+    let status = response.status().as_u16();
+    let digest = response
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, digest, body)
+}
+
+/// The registry API error code of an error body.
+fn error_code(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    v["errors"][0]["code"].as_str().unwrap_or("").to_owned()
+}
+
+/// Starts `first` (driving it) until the fake holds its upstream request, then polls
+/// `second` once: nothing in a manifest request waits before the single-flight fetch, so
+/// a pending `second` is waiting on `first`'s fetch. Then lets the upstream answer.
+async fn second_joins_first<A: std::future::Future, B: std::future::Future>(
+    fake: &FakeUpstream,
+    first: A,
+    second: B,
+) -> (A::Output, B::Output) {
+    tokio::pin!(first, second);
+    tokio::select! {
+        _ = &mut first => panic!("the first request ended before its upstream GET"),
+        _ = fake.wait_progress("the first manifest GET to be held", |p| p.held == 1) => {}
+    }
+    tokio::select! {
+        biased;
+        _ = &mut second => panic!("the second request ended while the first one's GET is held"),
+        () = std::future::ready(()) => {}
+    }
+    fake.release();
+    tokio::join!(first, second)
+}
+
+#[tokio::test]
+async fn another_repositorys_manifest_error_is_not_shared() {
+    let fake = FakeUpstream::start().await;
+    let img = fake.add_image("team/b", "1", vec![random_bytes(500, 30)]);
+    fake.add_image("team/a", "1", vec![random_bytes(500, 31)]);
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::open(&test_config(dir.path(), &fake.url()))
+        .await
+        .unwrap();
+    let digest = &img.manifest_digest;
+    // Only team/a's GET is held, and team/a does not have the manifest: it gets a 404.
+    fake.hold_requests("/v2/team/a/manifests/");
+
+    let ((a_status, _, a_body), (b_status, b_digest, b_body)) = second_joins_first(
+        &fake,
+        registry_get(&registry, &format!("/v2/team/a/manifests/{digest}")),
+        registry_get(&registry, &format!("/v2/team/b/manifests/{digest}")),
+    )
+    .await;
+
+    assert_eq!(a_status, 404);
+    assert_eq!(error_code(&a_body), "MANIFEST_UNKNOWN");
+    assert_eq!(
+        b_status,
+        200,
+        "team/b was given team/a's answer: {}",
+        String::from_utf8_lossy(&b_body)
+    );
+    assert_eq!(b_digest, *digest);
+    assert_eq!(b_body, img.manifest);
+}
+
+#[tokio::test]
+async fn concurrent_requests_of_one_repository_share_one_manifest_get() {
+    let fake = FakeUpstream::start().await;
+    let img = fake.add_image(ALPINE, "3.19", vec![random_bytes(500, 32)]);
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::open(&test_config(dir.path(), &fake.url()))
+        .await
+        .unwrap();
+    let path = format!("/v2/{ALPINE}/manifests/{}", img.manifest_digest);
+    fake.hold_requests("/manifests/");
+
+    let (first, second) = second_joins_first(
+        &fake,
+        registry_get(&registry, &path),
+        registry_get(&registry, &path),
+    )
+    .await;
+
+    for (status, digest, body) in [first, second] {
+        assert_eq!(status, 200);
+        assert_eq!(digest, img.manifest_digest);
+        assert_eq!(body, img.manifest);
+    }
+    assert_eq!(fake.count("GET", &path), 1, "{:?}", fake.requests());
 }

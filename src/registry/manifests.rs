@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::hashing::digest_of;
 use crate::manifest;
 use crate::policy::{tag_is_fresh, tag_ttl_for};
-use crate::reference::{Algorithm, Digest, Reference, Tag};
+use crate::reference::{Algorithm, Digest, Reference, RepoName, Tag};
 use crate::response::{self, Outcome, Reply, CONTENT_DIGEST};
 use crate::routing::Route;
 use crate::store::{ContentKey, StoredManifest, TagEntry};
@@ -174,40 +174,40 @@ impl Registry {
 
     /// A manifest by digest: from memory or disk when the repository is known
     /// to hold it, else fetched (once, however many ask) and verified.
+    ///
+    /// Concurrent callers share one load whatever their repository. Its
+    /// manifest is theirs too (verified by digest; `authorize` still checks
+    /// each caller's repository), but its error belongs to the loader's
+    /// repository: another repository's caller loads again for itself.
     async fn manifest_by_digest(
         &self,
         route: &Route,
         digest: &Digest,
     ) -> Result<(Arc<StoredManifest>, Outcome), Error> {
         let fetched = Arc::new(AtomicBool::new(false));
-        let m = self
-            .manifests
-            .try_get_with(digest.clone(), {
-                let fetched = fetched.clone();
-                async move {
-                    if let Some(m) = self
-                        .stored_manifest(digest)
-                        .await
-                        .map_err(|e| Error::internal("reading a cached manifest", e))?
-                    {
-                        return Ok(Arc::new(m));
+        let m = loop {
+            let loaded = self
+                .manifests
+                .try_get_with(digest.clone(), {
+                    let fetched = fetched.clone();
+                    async move {
+                        self.load_manifest(route, digest, &fetched)
+                            .await
+                            .map_err(|error| LoadFailed {
+                                repo: route.key.clone(),
+                                error,
+                            })
                     }
-                    if self.offline {
-                        return Err(offline_miss(
-                            What::Manifest,
-                            &format!("{}@{digest}", route.key),
-                        ));
-                    }
-                    let doc = self
-                        .upstream(route)
-                        .get_manifest(&route.repo, &Reference::Digest(digest.clone()))
-                        .await?;
-                    fetched.store(true, Ordering::Relaxed);
-                    self.keep_manifest(route, digest, doc).await
-                }
-            })
-            .await
-            .map_err(|e: Arc<Error>| (*e).clone())?;
+                })
+                .await;
+            match loaded {
+                Ok(m) => break m,
+                Err(failed) if failed.repo == route.key => return Err(failed.error.clone()),
+                // Each retry follows a load that ended, so it ends as soon as
+                // no other repository's load is in flight for the digest.
+                Err(_) => continue,
+            }
+        };
         let fetched = fetched.load(Ordering::Relaxed);
         self.authorize(route, digest, What::Manifest).await?;
         if !fetched {
@@ -215,6 +215,35 @@ impl Registry {
         }
         let outcome = if fetched { Outcome::Miss } else { Outcome::Hit };
         Ok((m, outcome))
+    }
+
+    /// One load of a manifest for `route`: from disk, else from the upstream
+    /// (setting `fetched`).
+    async fn load_manifest(
+        &self,
+        route: &Route,
+        digest: &Digest,
+        fetched: &AtomicBool,
+    ) -> Result<Arc<StoredManifest>, Error> {
+        if let Some(m) = self
+            .stored_manifest(digest)
+            .await
+            .map_err(|e| Error::internal("reading a cached manifest", e))?
+        {
+            return Ok(Arc::new(m));
+        }
+        if self.offline {
+            return Err(offline_miss(
+                What::Manifest,
+                &format!("{}@{digest}", route.key),
+            ));
+        }
+        let doc = self
+            .upstream(route)
+            .get_manifest(&route.repo, &Reference::Digest(digest.clone()))
+            .await?;
+        fetched.store(true, Ordering::Relaxed);
+        self.keep_manifest(route, digest, doc).await
     }
 
     /// Verifies a manifest from the upstream against `digest` and stores it;
@@ -252,6 +281,12 @@ impl Registry {
         self.index.add_holds(&route.key, held).await;
         Ok(Arc::new(m))
     }
+}
+
+/// A failed manifest load, with the repository whose load it was.
+struct LoadFailed {
+    repo: RepoName,
+    error: Error,
 }
 
 enum Resolved {

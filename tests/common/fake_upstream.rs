@@ -58,7 +58,7 @@ pub struct Progress {
     pub bodies_cut: usize,
     /// Bodies waiting at the gate (`pause_blobs_at`), cumulative.
     pub paused: usize,
-    /// Blob GETs held before their headers (`hold_blob_gets`), cumulative.
+    /// Requests waiting at the gate (`hold_requests`), cumulative.
     pub held: usize,
     pub bytes_sent: u64,
 }
@@ -85,14 +85,15 @@ pub struct Faults {
     pub stall_after: Option<u64>,
     /// Each blob body waits at this offset until [`FakeUpstream::release`].
     pub pause_at: Option<u64>,
-    /// Blob GETs wait before answering (no headers yet) until [`FakeUpstream::release`].
-    pub hold_blob_gets: bool,
     /// Digests whose blob is served with wrong bytes of the right length.
     pub corrupt: HashSet<String>,
     /// Answer `/v2/<name>/...` requests with this status.
     pub fail: Option<Failure>,
     /// Never answer `/v2/<name>/...` requests whose path contains this ("" = all).
     pub hang: Option<String>,
+    /// `/v2/<name>/...` requests whose path contains this wait until [`FakeUpstream::release`],
+    /// then are answered as usual.
+    pub hold: Option<String>,
     /// Blob GETs answer 307 to `/cdn/<digest>?sig=...`, which refuses an `Authorization`.
     pub redirect_blobs: bool,
     /// Whether `/v2/` requests need a bearer token from `/token`.
@@ -115,10 +116,10 @@ impl Default for Faults {
             cut_after: None,
             stall_after: None,
             pause_at: None,
-            hold_blob_gets: false,
             corrupt: HashSet::new(),
             fail: None,
             hang: None,
+            hold: None,
             redirect_blobs: false,
             require_auth: true,
             credentials: None,
@@ -372,17 +373,18 @@ impl FakeUpstream {
         self.set(|f| f.pause_at = Some(offset));
     }
 
-    /// Blob GETs get no answer, not even headers, until [`Self::release`].
-    pub fn hold_blob_gets(&self) {
+    /// Authorized `/v2/<name>/...` requests whose path contains `path` wait (counted in
+    /// [`Progress::held`]) until [`Self::release`], then get their usual answer.
+    pub fn hold_requests(&self, path: &str) {
         self.shared.gate.send_replace(false);
-        self.set(|f| f.hold_blob_gets = true);
+        self.set(|f| f.hold = Some(path.to_owned()));
     }
 
-    /// Lets paused blob bodies and held GETs go on; later ones no longer wait.
+    /// Lets paused blob bodies and held requests go on; later ones no longer wait.
     pub fn release(&self) {
         self.set(|f| {
             f.pause_at = None;
-            f.hold_blob_gets = false;
+            f.hold = None;
         });
         self.shared.gate.send_replace(true);
     }

@@ -121,13 +121,7 @@ pub(super) async fn handle(
             }
             match route {
                 Route::Manifest(name, reference) => manifest(&shared, &name, &reference, head),
-                Route::Blob(name, digest) => {
-                    if !head && shared.lock().faults.hold_blob_gets {
-                        shared.progress.send_modify(|p| p.held += 1);
-                        let _ = shared.gate.subscribe().wait_for(|open| *open).await;
-                    }
-                    blob(&shared, &name, &digest, head, req.headers())
-                }
+                Route::Blob(name, digest) => blob(&shared, &name, &digest, head, req.headers()),
                 Route::Tags(name) => tags(&shared, &name, query.as_deref()),
                 _ => error(StatusCode::NOT_FOUND, "UNSUPPORTED", "no such endpoint"),
             }
@@ -242,12 +236,23 @@ fn token(shared: &Shared, headers: &HeaderMap, query: Option<&str>) -> Response<
     json_response(StatusCode::OK, Bytes::from(body.to_string()))
 }
 
-/// The `fail` or `hang` switch, when it applies to `path`.
+/// The `hold`, `hang` or `fail` switch, when it applies to `path`.
 async fn fault_response(shared: &Shared, path: &str) -> Option<Response<Body>> {
-    let (fail, hang) = {
+    let (fail, hang, hold) = {
         let g = shared.lock();
-        (g.faults.fail.clone(), g.faults.hang.clone())
+        (
+            g.faults.fail.clone(),
+            g.faults.hang.clone(),
+            g.faults.hold.clone(),
+        )
     };
+    if hold.is_some_and(|h| path.contains(&h)) {
+        // Subscribed before counting, so a release right after the count is not missed.
+        let mut gate = shared.gate.subscribe();
+        shared.progress.send_modify(|p| p.held += 1);
+        // Sender gone means the fake stopped: go on (the connection is dying anyway).
+        let _ = gate.wait_for(|open| *open).await;
+    }
     if hang.is_some_and(|h| path.contains(&h)) {
         std::future::pending::<()>().await;
     }
