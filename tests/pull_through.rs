@@ -827,3 +827,36 @@ async fn concurrent_requests_of_one_repository_share_one_manifest_get() {
     }
     assert_eq!(fake.count("GET", &path), 1, "{:?}", fake.requests());
 }
+
+#[tokio::test]
+async fn a_manifest_the_store_cannot_take_is_served_anyway() {
+    let fake = FakeUpstream::start().await;
+    let img = fake.add_image(ALPINE, "3.19", vec![random_bytes(500, 33)]);
+    fake.add_image("team/app", "1", vec![img.layers[0].to_vec()]);
+    let m = mirror_of(&fake).await;
+    // A file where `tmp/` was: the manifest's temp file cannot be created.
+    let tmp = m.data_dir.join("tmp");
+    std::fs::remove_dir(&tmp).unwrap();
+    std::fs::write(&tmp, b"in the way").unwrap();
+
+    let r = m
+        .get(&format!("/v2/{ALPINE}/manifests/{}", img.manifest_digest))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "docker-content-digest"), img.manifest_digest);
+    assert_eq!(r.bytes().await.unwrap(), img.manifest);
+    assert!(!m.manifest_path(&img.manifest_digest).exists());
+
+    // The repository's membership was recorded all the same: a layer the manifest names,
+    // cached through another repository, is served for it without asking the upstream.
+    std::fs::remove_file(&tmp).unwrap();
+    std::fs::create_dir(&tmp).unwrap();
+    let layer = &img.layer_digests[0];
+    assert!(m.blob("team/app", layer).await == img.layers[0]);
+    assert!(m.committed(layer).await);
+    fake.reset_counts();
+    assert!(m.blob(ALPINE, layer).await == img.layers[0]);
+    let path = format!("/v2/{ALPINE}/blobs/{layer}");
+    assert_eq!(fake.count("HEAD", &path), 0, "{:?}", fake.requests());
+}

@@ -246,8 +246,9 @@ impl Registry {
         self.keep_manifest(route, digest, doc).await
     }
 
-    /// Verifies a manifest from the upstream against `digest` and stores it;
-    /// `repo` then holds it and everything it references.
+    /// Verifies a manifest from the upstream against `digest` and stores it
+    /// (when the store takes it); `repo` then holds it and everything it
+    /// references.
     async fn keep_manifest(
         &self,
         route: &Route,
@@ -268,14 +269,16 @@ impl Registry {
             media_type: manifest::media_type(content_type, &doc.bytes),
             bytes: doc.bytes,
         };
-        let size = match self.store.put_manifest(digest, &m).await {
-            Ok(size) => size,
+        match self.store.put_manifest(digest, &m).await {
+            Ok(size) => self.record(ContentKey::manifest(digest), size).await,
             Err(e) => {
+                // Verified bytes are served even so (as a blob whose commit
+                // fails): the cache loses the manifest, the client does not.
+                // A full disk is the likely cause: eviction makes room.
+                tracing::warn!(%digest, error = %e, "cannot store a manifest; serving it uncached");
                 self.space_changed.notify_one();
-                return Err(Error::internal("storing a manifest", e));
             }
-        };
-        self.record(ContentKey::manifest(digest), size).await;
+        }
         let mut held = manifest::references(&m.bytes);
         held.push(digest.clone());
         self.index.add_holds(&route.key, held).await;
