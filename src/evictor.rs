@@ -342,6 +342,9 @@ mod tests {
         async fn get_manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>> {
             self.disk.get_manifest(digest).await
         }
+        async fn contains(&self, key: &ContentKey) -> io::Result<bool> {
+            self.disk.contains(key).await
+        }
         async fn put_manifest(&self, digest: &Digest, m: &StoredManifest) -> io::Result<u64> {
             self.disk.put_manifest(digest, m).await
         }

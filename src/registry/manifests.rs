@@ -111,9 +111,14 @@ impl Registry {
         }
     }
 
+    /// Whether the manifest is in memory or on disk: a yes or no, so the
+    /// file is not read (it is verified when served).
     async fn has_manifest(&self, digest: &Digest) -> bool {
         self.manifests.contains_key(digest)
-            || matches!(self.stored_manifest(digest).await, Ok(Some(_)))
+            || matches!(
+                self.store.contains(&ContentKey::manifest(digest)).await,
+                Ok(true)
+            )
     }
 
     /// The manifest from the store. One missing, or damaged (which the store

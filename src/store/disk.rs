@@ -282,6 +282,14 @@ impl BlobStore for DiskStore {
         .await
     }
 
+    async fn contains(&self, key: &ContentKey) -> io::Result<bool> {
+        match tokio::fs::metadata(self.path(key.kind, &key.digest)).await {
+            Ok(meta) => Ok(meta.is_file()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn remove(&self, key: &ContentKey) -> io::Result<()> {
         match tokio::fs::remove_file(self.path(key.kind, &key.digest)).await {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -437,7 +445,11 @@ mod tests {
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
             bytes,
         };
+        let key = ContentKey::manifest(&digest);
+        assert!(!store.contains(&key).await.unwrap());
         store.put_manifest(&digest, &m).await.unwrap();
+        assert!(store.contains(&key).await.unwrap());
+        assert!(!store.contains(&ContentKey::blob(&digest)).await.unwrap());
         assert_eq!(store.get_manifest(&digest).await.unwrap(), Some(m));
         let path = store.path(Kind::Manifest, &digest);
         std::fs::write(&path, b"application/json\n{\"tampered\":1}").unwrap();

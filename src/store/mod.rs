@@ -180,6 +180,9 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Stores a manifest whose bytes were verified against `digest`; returns
     /// the bytes it takes in the store.
     async fn put_manifest(&self, digest: &Digest, manifest: &StoredManifest) -> io::Result<u64>;
+    /// Whether an item is committed, without reading it (its bytes are
+    /// checked when it is served).
+    async fn contains(&self, key: &ContentKey) -> io::Result<bool>;
     /// Deletes an item; absent is fine. Readers that have it open keep reading.
     async fn remove(&self, key: &ContentKey) -> io::Result<()>;
     /// Every committed item, with the bytes it takes on disk.
