@@ -175,9 +175,40 @@ fn install(temp: &Path, dest: &Path) -> io::Result<()> {
     let parent = dest
         .parent()
         .ok_or_else(|| io::Error::other("destination has no parent"))?;
-    std::fs::create_dir_all(parent)?;
+    create_dirs_durably(parent)?;
     std::fs::rename(temp, dest)?;
-    std::fs::File::open(parent)?.sync_all()
+    sync_dir(parent)
+}
+
+/// Creates `dir` and its missing ancestors, fsyncing the parent of each:
+/// the fsync after a rename makes the file's entry durable, not the entry
+/// of a directory created for it (a new `<alg>` or shard directory).
+fn create_dirs_durably(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut level = dir;
+    while !level.is_dir() {
+        missing.push(level);
+        level = level
+            .parent()
+            .ok_or_else(|| io::Error::other(format!("no directory above {}", dir.display())))?;
+    }
+    for level in missing.into_iter().rev() {
+        match std::fs::create_dir(level) {
+            Ok(()) => {}
+            // Created meanwhile by another commit, which may not have
+            // fsynced its parent yet: this one does it too.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && level.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(parent) = level.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 async fn blocking<T: Send + 'static>(
@@ -433,6 +464,39 @@ mod tests {
         spool.file.write_all_at(&data, 0).unwrap();
         drop(store.park(spool).await.unwrap());
         assert_eq!(tmp_files(), 0, "a dropped parked spool stays in tmp/");
+    }
+
+    #[test]
+    fn install_creates_the_missing_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        let put = |name: &str, dest: &Path| {
+            let temp = dir.path().join("tmp").join(name);
+            std::fs::write(&temp, name).unwrap();
+            install(&temp, dest).unwrap();
+            assert_eq!(std::fs::read(dest).unwrap(), name.as_bytes());
+            assert!(!temp.exists());
+        };
+        // Neither `blobs/sha256` nor its shard exists yet.
+        let first = digest_of(Algorithm::Sha256, b"first");
+        assert!(!dir.path().join("blobs/sha256").exists());
+        put("first", &store.path(Kind::Blob, &first));
+        // The `<alg>` directory exists; a new shard beside it.
+        let other = (0..)
+            .map(|i: u32| digest_of(Algorithm::Sha256, &i.to_le_bytes()))
+            .find(|d| d.hex()[..2] != first.hex()[..2])
+            .unwrap();
+        put("other", &store.path(Kind::Blob, &other));
+        // Everything exists.
+        let again = store.path(Kind::Blob, &first);
+        put("again", &again);
+        // A file where a directory goes is an error, not an overwrite.
+        let blocked = dir.path().join("blobs/sha512");
+        std::fs::write(&blocked, b"in the way").unwrap();
+        let temp = dir.path().join("tmp/blocked");
+        std::fs::write(&temp, b"x").unwrap();
+        assert!(install(&temp, &blocked.join("ab/abcd")).is_err());
+        assert_eq!(std::fs::read(&blocked).unwrap(), b"in the way");
     }
 
     #[tokio::test]
