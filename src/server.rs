@@ -11,6 +11,7 @@ use std::time::Instant;
 use http::{header, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Http1Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -140,10 +141,10 @@ pub async fn run(
                 None => serve_connection(stream, frontend, &limits, peer, watcher).await,
                 Some(tls) => {
                     let handshake = tls.acceptor().accept(stream);
-                    match tokio::time::timeout(limits.header_read_timeout, handshake).await {
-                        Ok(Ok(s)) => serve_connection(s, frontend, &limits, peer, watcher).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    match FirstByte::of(&limits).handshake(handshake).await {
+                        Some(Ok(s)) => serve_connection(s, frontend, &limits, peer, watcher).await,
+                        Some(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        None => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 }
             }
@@ -226,15 +227,13 @@ async fn serve_connection<S>(
         let frontend = frontend.clone();
         async move { Ok::<_, Infallible>(frontend.handle(req).await) }
     });
-    // Above TLS, so the first deadline covers the first request after a handshake.
-    let stream = IdleTimeout::new(stream, limits.header_read_timeout, limits.idle_timeout);
+    let first_byte = FirstByte::of(limits);
+    let stream = first_byte.stream(stream, limits.idle_timeout);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let max_header = usize::try_from(limits.max_header_size.0).unwrap_or(usize::MAX);
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(max_header);
+    let mut http1 = builder.http1();
+    http1.timer(TokioTimer::new()).max_buf_size(max_header);
+    first_byte.http1(&mut http1);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -244,6 +243,36 @@ async fn serve_connection<S>(
         .into_owned();
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// The first-byte rule, stated once: a client has the header read timeout
+/// to finish a TLS handshake, as long again to send its first byte after it,
+/// and as long for each HTTP/1 request header, so a client that sends
+/// nothing holds a connection slot no longer than that.
+#[derive(Debug, Clone, Copy)]
+struct FirstByte(std::time::Duration);
+
+impl FirstByte {
+    fn of(limits: &ServerConfig) -> Self {
+        Self(limits.header_read_timeout)
+    }
+
+    /// The handshake's result, or `None` when the deadline passed first.
+    async fn handshake<F: Future>(self, handshake: F) -> Option<F::Output> {
+        tokio::time::timeout(self.0, handshake).await.ok()
+    }
+
+    /// The stream with the first deadline, then `idle` for every silence.
+    /// Above TLS, so the deadline covers the first request after a handshake.
+    fn stream<S>(self, stream: S, idle: std::time::Duration) -> IdleTimeout<S> {
+        IdleTimeout::new(stream, self.0, idle)
+    }
+
+    /// hyper's deadline for each request header (HTTP/2 has no equivalent;
+    /// there the stream's first deadline and the idle timeout apply).
+    fn http1<E>(self, http1: &mut Http1Builder<'_, E>) {
+        http1.header_read_timeout(self.0);
     }
 }
 
