@@ -859,4 +859,10 @@ async fn a_manifest_the_store_cannot_take_is_served_anyway() {
     assert!(m.blob(ALPINE, layer).await == img.layers[0]);
     let path = format!("/v2/{ALPINE}/blobs/{layer}");
     assert_eq!(fake.count("HEAD", &path), 0, "{:?}", fake.requests());
+
+    // Not kept in memory either: the next request fetches it again, and stores it.
+    let path = format!("/v2/{ALPINE}/manifests/{}", img.manifest_digest);
+    assert_eq!(m.get_ok(&path).await, img.manifest);
+    assert_eq!(fake.count("GET", &path), 1, "{:?}", fake.requests());
+    assert!(m.manifest_path(&img.manifest_digest).is_file());
 }

@@ -154,7 +154,7 @@ impl Registry {
                     .get_manifest(&route.repo, &reference)
                     .await?;
                 let digest = digest_of(Algorithm::Sha256, &doc.bytes);
-                let m = self.keep_manifest(route, &digest, doc).await?;
+                let (m, _) = self.keep_manifest(route, &digest, doc).await?;
                 let entry = TagEntry {
                     digest: digest.clone(),
                     media_type: Some(m.media_type.clone()),
@@ -189,14 +189,14 @@ impl Registry {
         route: &Route,
         digest: &Digest,
     ) -> Result<(Arc<StoredManifest>, Outcome), Error> {
-        let fetched = Arc::new(AtomicBool::new(false));
+        let own = Arc::new(OwnLoad::default());
         let m = loop {
             let loaded = self
                 .manifests
                 .try_get_with(digest.clone(), {
-                    let fetched = fetched.clone();
+                    let own = own.clone();
                     async move {
-                        self.load_manifest(route, digest, &fetched)
+                        self.load_manifest(route, digest, &own)
                             .await
                             .map_err(|error| LoadFailed {
                                 repo: route.key.clone(),
@@ -213,7 +213,12 @@ impl Registry {
                 Err(_) => continue,
             }
         };
-        let fetched = fetched.load(Ordering::Relaxed);
+        if own.unstored.load(Ordering::Relaxed) {
+            // Memory holds only what the disk does: the next request fetches
+            // it again and tries to store it again.
+            self.manifests.invalidate(digest).await;
+        }
+        let fetched = own.fetched.load(Ordering::Relaxed);
         self.authorize(route, digest, What::Manifest).await?;
         if !fetched {
             self.touch(ContentKey::manifest(digest)).await;
@@ -223,12 +228,12 @@ impl Registry {
     }
 
     /// One load of a manifest for `route`: from disk, else from the upstream
-    /// (setting `fetched`).
+    /// (recorded in `own`).
     async fn load_manifest(
         &self,
         route: &Route,
         digest: &Digest,
-        fetched: &AtomicBool,
+        own: &OwnLoad,
     ) -> Result<Arc<StoredManifest>, Error> {
         if let Some(m) = self
             .stored_manifest(digest)
@@ -247,19 +252,21 @@ impl Registry {
             .upstream(route)
             .get_manifest(&route.repo, &Reference::Digest(digest.clone()))
             .await?;
-        fetched.store(true, Ordering::Relaxed);
-        self.keep_manifest(route, digest, doc).await
+        own.fetched.store(true, Ordering::Relaxed);
+        let (m, stored) = self.keep_manifest(route, digest, doc).await?;
+        own.unstored.store(!stored, Ordering::Relaxed);
+        Ok(m)
     }
 
-    /// Verifies a manifest from the upstream against `digest` and stores it
-    /// (when the store takes it); `repo` then holds it and everything it
-    /// references.
+    /// Verifies a manifest from the upstream against `digest` and stores it,
+    /// saying whether the store took it; `repo` then holds it and everything
+    /// it references.
     async fn keep_manifest(
         &self,
         route: &Route,
         digest: &Digest,
         doc: Document,
-    ) -> Result<Arc<StoredManifest>, Error> {
+    ) -> Result<(Arc<StoredManifest>, bool), Error> {
         let got = digest_of(digest.algorithm(), &doc.bytes);
         if got != *digest {
             return Err(Error::UpstreamFailed(format!(
@@ -274,21 +281,34 @@ impl Registry {
             media_type: manifest::media_type(content_type, &doc.bytes),
             bytes: doc.bytes,
         };
-        match self.store.put_manifest(digest, &m).await {
-            Ok(size) => self.record(ContentKey::manifest(digest), size).await,
+        let stored = match self.store.put_manifest(digest, &m).await {
+            Ok(size) => {
+                self.record(ContentKey::manifest(digest), size).await;
+                true
+            }
             Err(e) => {
                 // Verified bytes are served even so (as a blob whose commit
                 // fails): the cache loses the manifest, the client does not.
                 // A full disk is the likely cause: eviction makes room.
                 tracing::warn!(%digest, error = %e, "cannot store a manifest; serving it uncached");
                 self.space_changed.notify_one();
+                false
             }
-        }
+        };
         let mut held = manifest::references(&m.bytes);
         held.push(digest.clone());
         self.index.add_holds(&route.key, held).await;
-        Ok(Arc::new(m))
+        Ok((Arc::new(m), stored))
     }
+}
+
+/// What a caller's own load did, when it was the one that ran.
+#[derive(Default)]
+struct OwnLoad {
+    /// The manifest came from the upstream.
+    fetched: AtomicBool,
+    /// It was fetched, and the store did not take it.
+    unstored: AtomicBool,
 }
 
 /// A failed manifest load, with the repository whose load it was.
