@@ -172,6 +172,24 @@ mod tests {
         }
     }
 
+    /// A client that opened a blob before it was evicted reads it whole.
+    #[tokio::test]
+    async fn an_evicted_blob_stays_readable_through_an_open_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
+        let index: Arc<dyn Index> = Arc::new(LocalIndex::in_memory());
+        let d = commit(store.as_ref(), 9).await;
+        index.record(&ContentKey::blob(&d), 100, at(0)).await;
+        let open = store.open_blob(&d).await.unwrap().unwrap();
+        let ev = Evictor::new(store.clone(), index.clone(), budget(50));
+        let report = ev.run_once(at(10)).await.unwrap();
+        assert_eq!(report.evicted.len(), 1);
+        assert!(store.open_blob(&d).await.unwrap().is_none(), "not evicted");
+        let mut buf = vec![0u8; 100];
+        open.file.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, vec![9u8; 100]);
+    }
+
     #[tokio::test]
     async fn evicts_least_recently_used_files_from_disk() {
         let dir = tempfile::tempdir().unwrap();
