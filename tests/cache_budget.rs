@@ -299,3 +299,52 @@ async fn blob_larger_than_the_budget_is_not_spooled_while_it_streams() {
     );
     assert!(!m.blob_path(&d).exists(), "a blob above max_size was kept");
 }
+
+/// Without a Content-Length the size is learnt as the bytes come: the spool stops at the
+/// budget, the rest streams from memory, and the client still gets the whole verified blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blob_without_content_length_stops_spooling_at_the_budget() {
+    let fake = FakeUpstream::start().await;
+    let data = random_bytes(4 * MIB as usize, 302);
+    let d = fake.add_blob(REPO, data.clone());
+    fake.set(|f| f.no_content_length = true);
+    let m = start_mirror(&fake.url(), |c| c.cache.max_size = ByteSize(MIB)).await;
+    fake.pause_blobs_at(3 * MIB);
+    let url = m.url_for(&format!("/v2/{REPO}/blobs/{d}"));
+    let (head, rest) = read_past(&m, &url, 3 * MIB - 256 * 1024).await;
+    let spooled: u64 = temp_files(&m.data_dir).iter().map(|(_, n)| n).sum();
+    fake.release();
+    assert!(
+        [head, rest.await.unwrap()].concat() == data,
+        "wrong or aborted body"
+    );
+    assert!(
+        spooled <= MIB,
+        "{spooled} bytes spooled past a budget of {MIB}"
+    );
+    assert!(!m.blob_path(&d).exists(), "a blob above max_size was kept");
+}
+
+/// GETs `url` and reads its body until more than `past` bytes came (so the mirror has received
+/// them: it forwards only what it has); the bytes read, and a task that reads the rest.
+async fn read_past(
+    m: &MirrorHandle,
+    url: &str,
+    past: u64,
+) -> (Vec<u8>, tokio::task::JoinHandle<Vec<u8>>) {
+    let mut resp = m.client.get(url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut head = Vec::new();
+    while (head.len() as u64) <= past {
+        let chunk = resp.chunk().await.unwrap().expect("the body ended early");
+        head.extend_from_slice(&chunk);
+    }
+    let rest = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Some(chunk) = resp.chunk().await.unwrap() {
+            rest.extend_from_slice(&chunk);
+        }
+        rest
+    });
+    (head, rest)
+}

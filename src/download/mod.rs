@@ -327,7 +327,7 @@ impl Downloads {
         let size = resp.content_length();
         // Known too large to keep: no spool (it would fill the disk, or make
         // eviction empty the cache, for bytes that are dropped at the end).
-        let spooled = size.is_none_or(|s| s <= self.keep_limit);
+        let mut spooled = size.is_none_or(|s| s <= self.keep_limit);
         if !spooled {
             recent.unspool();
             tracing::warn!(%digest, size, limit = self.keep_limit, "blob larger than the cache; streamed to its clients without being kept");
@@ -358,6 +358,16 @@ impl Downloads {
             let offset = received;
             received = end;
             tx.send_replace(Progress::Streaming { size, received });
+            if spooled && received > self.keep_limit {
+                // No Content-Length, and now past the budget: what is spooled
+                // stays for the readers behind; the rest streams from memory.
+                if let Some(landed) = writer.finish().await.map_err(storage)? {
+                    recent.landed(landed);
+                }
+                recent.unspool();
+                spooled = false;
+                tracing::warn!(%digest, limit = self.keep_limit, "blob without Content-Length passed the cache budget; streamed on without being kept");
+            }
             if spooled {
                 // Its write starts once the one before it landed, and runs
                 // while this task hashes it and receives the next.

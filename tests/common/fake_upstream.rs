@@ -85,6 +85,8 @@ pub struct Faults {
     pub stall_after: Option<u64>,
     /// Each blob body waits at this offset until [`FakeUpstream::release`].
     pub pause_at: Option<u64>,
+    /// Blob bodies are sent without `Content-Length` (chunked).
+    pub no_content_length: bool,
     /// Digests whose blob is served with wrong bytes of the right length.
     pub corrupt: HashSet<String>,
     /// Answer `/v2/<name>/...` requests with this status.
@@ -116,6 +118,7 @@ impl Default for Faults {
             cut_after: None,
             stall_after: None,
             pause_at: None,
+            no_content_length: false,
             corrupt: HashSet::new(),
             fail: None,
             hang: None,

@@ -374,7 +374,9 @@ fn serve_blob(shared: &Shared, digest: &str, head: bool, headers: &HeaderMap) ->
         }
         None => (0, size),
     };
-    b = b.header(header::CONTENT_LENGTH, end - start);
+    if !faults.no_content_length {
+        b = b.header(header::CONTENT_LENGTH, end - start);
+    }
     if head {
         return b.body(empty()).expect("blob head");
     }
