@@ -98,6 +98,9 @@ pub struct Metrics {
     recent_errors: Mutex<VecDeque<RecentError>>,
 }
 
+/// Images whose pulls are counted one by one (the status page shows ten).
+const PULLS_KEPT: usize = 1000;
+
 fn upstream_seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 14))
 }
@@ -265,8 +268,25 @@ impl Metrics {
     }
 
     /// A manifest pulled by tag, for the most-pulled list.
+    /// Counts a pull of `image` for the status page's top list. The map is
+    /// bounded: past [`PULLS_KEPT`] images, a new one takes the place of the
+    /// least pulled, from one (so a flood of new names never reaches the top).
     pub fn pulled(&self, image: &str) {
-        *lock(&self.pulls).entry(image.to_owned()).or_default() += 1;
+        let mut pulls = lock(&self.pulls);
+        if let Some(n) = pulls.get_mut(image) {
+            *n += 1;
+            return;
+        }
+        if pulls.len() >= PULLS_KEPT {
+            let least = pulls
+                .iter()
+                .min_by_key(|(_, n)| **n)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = least {
+                pulls.remove(&k);
+            }
+        }
+        pulls.insert(image.to_owned(), 1);
     }
 
     pub fn upstream_bytes(&self, bytes: u64) {
@@ -413,6 +433,22 @@ pub fn parse_ratelimit(value: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Unauthenticated pulls of ever new names must not grow memory without
+    /// bound; the images pulled most stay on top.
+    #[test]
+    fn pull_counts_are_bounded_and_keep_the_top() {
+        let m = Metrics::new();
+        for _ in 0..50 {
+            m.pulled("library/alpine:3");
+        }
+        for i in 0..20 * PULLS_KEPT {
+            m.pulled(&format!("flood/{i}:latest"));
+        }
+        assert!(lock(&m.pulls).len() <= PULLS_KEPT);
+        let top = m.snapshot().top_pulled;
+        assert_eq!(top[0], ("library/alpine:3".to_owned(), 50));
+    }
 
     #[test]
     fn counters_appear_in_the_exposition() {
