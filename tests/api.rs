@@ -9,7 +9,9 @@ mod common;
 mod fake_selftest;
 
 use common::images::{Format, OCI_MANIFEST};
-use common::{assert_error, header, json, mirror_of, random_bytes, FakeUpstream, MirrorHandle};
+use common::{
+    assert_error, header, json, mirror_of, random_bytes, start_mirror, FakeUpstream, MirrorHandle,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const REPO: &str = "library/alpine";
@@ -320,8 +322,40 @@ async fn tags_list_is_passed_through() {
         json(r).await,
         serde_json::json!({"name": REPO, "tags": ["edge", "latest"]})
     );
-    assert_eq!(fake.count("GET", "/v2/library/alpine/tags/list"), 3);
+    // Fetched whole once, paginated here (and kept for the tag TTL).
+    assert_eq!(fake.count("GET", "/v2/library/alpine/tags/list"), 1);
 
     let r = m.get("/v2/library/nosuch/tags/list").await.unwrap();
     assert_error(r, 404, None).await;
+}
+
+/// A tag list may be many upstream pages: within the tag TTL it is served from memory; with a
+/// TTL of zero every request asks the upstream.
+#[tokio::test]
+async fn a_tag_list_is_fetched_once_per_tag_ttl() {
+    let fake = FakeUpstream::start().await;
+    let img = fake.add_image(REPO, "3.19", vec![random_bytes(100, 6)]);
+    fake.tag(REPO, "edge", &img.manifest_digest);
+    let list = "/v2/library/alpine/tags/list";
+    let m = mirror_of(&fake).await;
+    for _ in 0..3 {
+        let r = m.get(list).await.unwrap();
+        assert_eq!(json(r).await["tags"], serde_json::json!(["3.19", "edge"]));
+    }
+    assert_eq!(
+        fake.count_prefix("GET", list),
+        1,
+        "refetched within the tag TTL"
+    );
+
+    let fresh = FakeUpstream::start().await;
+    fresh.add_image(REPO, "3.19", vec![random_bytes(100, 7)]);
+    let m = start_mirror(&fresh.url(), |c| {
+        c.cache.tag_ttl = std::time::Duration::ZERO
+    })
+    .await;
+    for _ in 0..2 {
+        assert_eq!(m.get(list).await.unwrap().status(), 200);
+    }
+    assert_eq!(fresh.count_prefix("GET", list), 2);
 }

@@ -44,8 +44,9 @@ impl Registry {
         json_reply(body, link, head, outcome)
     }
 
-    /// The whole tag list: from the upstream, or the last one kept when the
-    /// upstream is down or the mirror offline.
+    /// The whole tag list: the one fetched within the tag TTL, else from the
+    /// upstream, or the last one kept when the upstream is down or the
+    /// mirror offline.
     async fn tag_list(&self, route: &Route) -> Result<(Vec<Tag>, Outcome), Error> {
         let kept = || async { self.index.tag_list(&route.key).await };
         if self.offline {
@@ -54,9 +55,18 @@ impl Registry {
                 None => Err(offline_miss(What::Tags, route.key.as_str())),
             };
         }
+        if let Some((at, tags)) = self.fetched_tag_lists.get(&route.key).await {
+            if at.elapsed() < self.default_tag_ttl(route) {
+                return Ok(((*tags).clone(), Outcome::Hit));
+            }
+        }
         match self.upstream(route).get_all_tags(&route.repo).await {
             Ok(tags) => {
                 self.index.set_tag_list(&route.key, tags.clone()).await;
+                let fetched = (std::time::Instant::now(), std::sync::Arc::new(tags.clone()));
+                self.fetched_tag_lists
+                    .insert(route.key.clone(), fetched)
+                    .await;
                 Ok((tags, Outcome::Pass))
             }
             Err(e) if e.is_upstream_outage() => match kept().await {

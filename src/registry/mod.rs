@@ -32,6 +32,11 @@ use crate::upstream::{Upstream, What};
 
 /// Bytes of manifests kept in memory (they are also on disk).
 const MANIFEST_MEMORY: u64 = 64 * 1024 * 1024;
+/// Bytes of referrers answers, and of fetched tag lists, kept in memory.
+const LISTINGS_MEMORY: u64 = 16 * 1024 * 1024;
+
+/// A tag list as the upstream gave it, and when.
+type FetchedTags = (std::time::Instant, Arc<Vec<crate::reference::Tag>>);
 /// How often eviction and the index flush run without being woken.
 const UPKEEP_EVERY: Duration = Duration::from_secs(10);
 /// Every this many upkeep runs, the index is reconciled with a store scan.
@@ -64,6 +69,10 @@ pub struct Registry {
     verifier: Arc<Verifier>,
     /// Referrers answers by (repository key, subject), kept for a tag TTL.
     referrer_cache: moka::future::Cache<(RepoName, Digest), Bytes>,
+    /// Tag lists fetched from the upstream, by repository key, with when:
+    /// served while younger than the route's tag TTL (a list may be many
+    /// upstream pages).
+    fetched_tag_lists: moka::future::Cache<RepoName, FetchedTags>,
     tag_ttl: Duration,
     tag_rules: Vec<TagTtlRule>,
     offline: bool,
@@ -144,8 +153,17 @@ impl Registry {
             upstreams,
             router,
             referrer_cache: moka::future::Cache::builder()
-                .max_capacity(10_000)
+                .weigher(|_, b: &Bytes| u32::try_from(b.len()).unwrap_or(u32::MAX))
+                .max_capacity(LISTINGS_MEMORY)
                 .time_to_live(config.cache.tag_ttl.max(Duration::from_secs(1)))
+                .build(),
+            fetched_tag_lists: moka::future::Cache::builder()
+                .weigher(|_, (_, tags): &FetchedTags| {
+                    let bytes: usize = tags.iter().map(|t| t.as_str().len() + 8).sum();
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
+                })
+                .max_capacity(LISTINGS_MEMORY)
+                .time_to_live(longest_tag_ttl(config))
                 .build(),
             manifests: moka::future::Cache::builder()
                 .weigher(|_, m: &Arc<StoredManifest>| {
@@ -360,6 +378,18 @@ fn offline_miss(what: What, name: &str) -> Error {
         What::Manifest => Error::ManifestUnknown(detail),
         What::Tags => Error::NameUnknown(detail),
     }
+}
+
+/// The longest tag TTL of any upstream: how long a fetched tag list may be
+/// worth keeping in memory at all.
+fn longest_tag_ttl(config: &Config) -> Duration {
+    config
+        .all_upstreams()
+        .filter_map(|u| u.tag_ttl)
+        .chain([config.cache.tag_ttl])
+        .max()
+        .unwrap_or_default()
+        .max(Duration::from_secs(1))
 }
 
 /// The eviction limits a cache configuration sets.
