@@ -197,11 +197,17 @@ async fn on_hangup(tls: Option<Arc<Tls>>) {
     drop(tls);
 }
 
-/// The operator listener: plain HTTP, no auth, operator endpoints only.
+/// The operator listener: plain HTTP, no auth, operator endpoints only, and
+/// the same connection limit as the main listener (it is reachable without
+/// credentials, so it must not be a way to run the process out of files).
 async fn serve_ops(listener: TcpListener, frontend: Arc<Frontend>, limits: Arc<ServerConfig>) {
     // Kept for the life of the loop: a dropped one would end connections.
     let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
@@ -209,6 +215,7 @@ async fn serve_ops(listener: TcpListener, frontend: Arc<Frontend>, limits: Arc<S
         let (frontend, limits) = (frontend.clone(), limits.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _permit = permit;
             serve_connection(stream, frontend, &limits, peer, watcher).await;
         });
     }

@@ -581,3 +581,42 @@ async fn metrics_listener_serves_only_the_ops_endpoints_and_without_auth() {
         1.0
     );
 }
+
+/// The metrics listener needs no credentials, so it keeps to `server.max_connections` like the
+/// main listener: past it a connection waits in the backlog until one closes.
+#[tokio::test]
+async fn the_metrics_listener_keeps_to_max_connections() {
+    use common::front::{read_response, read_until_closed, send_raw};
+    use tokio::io::AsyncWriteExt as _;
+    const HEALTH: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: m\r\n\r\n";
+    let fake = FakeUpstream::start().await;
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let _m = Front::start(&fake.url(), |c| {
+        c.server.max_connections = 2;
+        c.metrics.listen = Some(addr);
+    })
+    .await;
+    let limit = Duration::from_secs(10);
+    let mut a = send_raw(addr, HEALTH).await;
+    assert_eq!(read_response(&mut a, limit).await.0, 200);
+    let mut b = send_raw(addr, HEALTH).await;
+    assert_eq!(read_response(&mut b, limit).await.0, 200);
+    let mut third = send_raw(addr, HEALTH).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let (early, open) = read_until_closed(&mut third, deadline).await;
+    assert!(
+        early.is_empty() && open,
+        "answered past the limit: {early:?}"
+    );
+    drop(a);
+    assert_eq!(
+        read_response(&mut third, limit).await.0,
+        200,
+        "served once one closed"
+    );
+    b.write_all(HEALTH).await.unwrap();
+    assert_eq!(read_response(&mut b, limit).await.0, 200);
+}
