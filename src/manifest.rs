@@ -17,6 +17,17 @@ application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.docker.distribution.manifest.v2+json";
 
+/// The manifest media types the mirror stores from a bundle, where nothing
+/// but the bundle vouches for them: each becomes the `Content-Type` the
+/// manifest is served with, so an arbitrary string (`text/html`) must not.
+/// The same four the mirror asks an upstream for ([`ACCEPT_ALL`]).
+const KNOWN: [&str; 4] = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST];
+
+/// `s` as one of the known manifest media types, or `None`.
+pub fn known_type(s: &str) -> Option<&'static str> {
+    KNOWN.into_iter().find(|k| *k == s)
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Shape {
@@ -109,5 +120,20 @@ mod tests {
             OCI_INDEX
         );
         assert_eq!(media_type(None, br#"{"layers":[]}"#), OCI_MANIFEST);
+    }
+
+    #[test]
+    fn known_types_are_the_four_the_mirror_asks_for() {
+        for t in ACCEPT_ALL.split(", ") {
+            assert_eq!(known_type(t), Some(t));
+        }
+        for t in [
+            "text/html",
+            "application/json",
+            "",
+            &format!("{OCI_MANIFEST} "),
+        ] {
+            assert_eq!(known_type(t), None, "{t:?}");
+        }
     }
 }
