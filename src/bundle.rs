@@ -3,12 +3,13 @@
 //! loads one into a stopped mirror's cache, verifying every digest before
 //! anything is committed, so a damaged bundle leaves the cache as it was.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::SystemTime;
 
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::Config;
@@ -248,9 +249,179 @@ pub struct ImportReport {
     pub bytes: u64,
 }
 
+/// Largest `index.json` or manifest an import reads: what the mirror takes
+/// from an upstream (distribution's manifest limit too).
+const MAX_DOCUMENT: u64 = crate::upstream::MAX_DOCUMENT as u64;
+/// (repository, digest) pairs one bundle may add to the index. Each costs
+/// work and memory: many repositories tagging one wide index would otherwise
+/// cost their product. Real bundles stay far below it.
+const MAX_HOLDS: usize = 1 << 20;
+
+/// A bundle the import will not load, because of what it says (not because
+/// it is damaged).
+fn refused(msg: impl std::fmt::Display) -> io::Error {
+    err(format!("refused bundle: {msg}; nothing was imported"))
+}
+
+fn damaged(msg: impl std::fmt::Display) -> io::Error {
+    err(format!("damaged bundle: {msg}; nothing was imported"))
+}
+
+/// At most 100 characters of a string from the bundle, for an error.
+fn bounded(s: &str) -> String {
+    s.chars().take(100).collect()
+}
+
+/// All of `r` if it is at most [`MAX_DOCUMENT`] bytes, else `None`, having
+/// read at most one byte more.
+fn read_capped(r: impl Read) -> io::Result<Option<Vec<u8>>> {
+    let mut raw = Vec::new();
+    r.take(MAX_DOCUMENT + 1).read_to_end(&mut raw)?;
+    Ok((raw.len() as u64 <= MAX_DOCUMENT).then_some(raw))
+}
+
+/// `index.json`, as far as the import reads it.
+#[derive(Deserialize)]
+struct Layout {
+    #[serde(default)]
+    manifests: Vec<Described>,
+}
+
+/// A descriptor in `index.json` or in an index.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Described {
+    digest: Option<String>,
+    media_type: Option<String>,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
+}
+
+/// A manifest, as far as the walk reads it: its children if it is an index.
+#[derive(Deserialize)]
+struct Children {
+    manifests: Option<Vec<Described>>,
+}
+
+impl Described {
+    fn digest(&self) -> Option<Digest> {
+        self.digest.as_deref().and_then(|d| Digest::parse(d).ok())
+    }
+
+    /// The media type it declares (an OCI manifest when it declares none).
+    fn media_type(&self) -> String {
+        self.media_type
+            .clone()
+            .unwrap_or_else(|| manifest::OCI_MANIFEST.to_owned())
+    }
+}
+
+/// The bundle's files, hashed and parked in `tmp/`, by digest.
+struct Staged(HashMap<Digest, (Parked, u64)>);
+
+impl Staged {
+    fn has(&self, d: &Digest) -> bool {
+        self.0.contains_key(d)
+    }
+
+    /// The bytes of manifest `d`. Its size is what staging wrote to a file
+    /// of ours in the locked data dir, so checking it first bounds the read.
+    fn manifest(&self, d: &Digest) -> io::Result<Vec<u8>> {
+        let (parked, size) = self
+            .0
+            .get(d)
+            .ok_or_else(|| damaged(format!("{d} is missing")))?;
+        if *size > MAX_DOCUMENT {
+            return Err(refused(format!(
+                "manifest {d} is over {} MiB",
+                MAX_DOCUMENT >> 20
+            )));
+        }
+        let buf = parked.read()?;
+        if buf.len() as u64 != *size {
+            return Err(err(format!("staged {d} changed size while importing")));
+        }
+        Ok(buf)
+    }
+}
+
+/// The bundle's manifests, each read and checked once however many indexes
+/// name it: walked path by path, an index naming one child a thousand times,
+/// nested, costs a thousand to the power of its depth.
+#[derive(Default)]
+struct Walk {
+    /// Each manifest's media type and the digests it points at, once each.
+    manifests: HashMap<Digest, (String, Vec<Digest>)>,
+}
+
+impl Walk {
+    /// Checks `root` and every manifest under it not walked yet: within the
+    /// size cap, every blob it needs in the bundle.
+    fn walk(&mut self, staged: &Staged, root: Digest, media_type: String) -> io::Result<()> {
+        let mut todo = vec![(root, media_type)];
+        while let Some((d, mt)) = todo.pop() {
+            if self.manifests.contains_key(&d) {
+                continue;
+            }
+            let bytes = staged.manifest(&d)?;
+            let doc: Children =
+                serde_json::from_slice(&bytes).map_err(|e| damaged(format!("{d}: {e}")))?;
+            let mut refs = BTreeSet::new();
+            if let Some(children) = doc.manifests {
+                for c in children {
+                    let Some(cd) = c.digest() else { continue };
+                    // A child not in the bundle is a platform left out at export.
+                    if staged.has(&cd) && !self.manifests.contains_key(&cd) && !refs.contains(&cd) {
+                        todo.push((cd.clone(), c.media_type()));
+                    }
+                    refs.insert(cd);
+                }
+            } else {
+                for r in manifest::references(&bytes) {
+                    if !staged.has(&r) {
+                        return Err(damaged(format!("{d} needs {r}, which is missing")));
+                    }
+                    refs.insert(r);
+                }
+            }
+            self.manifests.insert(d, (mt, refs.into_iter().collect()));
+        }
+        Ok(())
+    }
+
+    /// Every digest each repository's tagged manifests reach, each once per
+    /// repository, at most [`MAX_HOLDS`] in all.
+    fn holds<'a>(
+        &self,
+        tagged: impl Iterator<Item = (&'a RepoName, &'a Digest)>,
+    ) -> io::Result<HashMap<RepoName, HashSet<Digest>>> {
+        let mut holds: HashMap<RepoName, HashSet<Digest>> = HashMap::new();
+        let mut total = 0usize;
+        for (key, root) in tagged {
+            let held = holds.entry(key.clone()).or_default();
+            let mut todo = vec![root.clone()];
+            while let Some(d) = todo.pop() {
+                if !held.insert(d.clone()) {
+                    continue;
+                }
+                total += 1;
+                if total > MAX_HOLDS {
+                    return Err(refused(format!(
+                        "its images hold over {MAX_HOLDS} (repository, digest) pairs"
+                    )));
+                }
+                if let Some((_, refs)) = self.manifests.get(&d) {
+                    todo.extend(refs.iter().filter(|r| !held.contains(*r)).cloned());
+                }
+            }
+        }
+        Ok(holds)
+    }
+}
+
 /// Loads a bundle into the cache of a stopped mirror. Every file is hashed
-/// against its name first; only when all match and every image is complete
-/// is anything committed.
+/// against its name first; only when all match, every image is complete and
+/// every manifest within the size cap is anything committed.
 pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> {
     let disk = DiskStore::open(&config.data_dir)?;
     let _lock = disk.try_lock()?.ok_or_else(|| {
@@ -266,7 +437,7 @@ pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> 
     // Staged files are parked (closed): a bundle may hold more blobs than
     // the process may have files open.
     let mut staged: HashMap<Digest, (Parked, u64)> = HashMap::new();
-    let mut index_json: Option<serde_json::Value> = None;
+    let mut layout: Option<Layout> = None;
     for entry in archive.entries()? {
         let mut entry = entry.map_err(|e| err(format!("damaged bundle: {e}")))?;
         let path = entry
@@ -275,10 +446,11 @@ pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> 
             .trim_start_matches("./")
             .to_owned();
         if path == "index.json" {
-            let mut raw = Vec::new();
-            entry.read_to_end(&mut raw)?;
-            index_json =
-                Some(serde_json::from_slice(&raw).map_err(|e| err(format!("index.json: {e}")))?);
+            let raw = read_capped(&mut entry)?
+                .ok_or_else(|| refused(format!("index.json is over {} MiB", MAX_DOCUMENT >> 20)))?;
+            layout = Some(
+                serde_json::from_slice(&raw).map_err(|e| damaged(format!("index.json: {e}")))?,
+            );
             continue;
         }
         let Some(rest) = path.strip_prefix("blobs/") else {
@@ -312,136 +484,67 @@ pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> 
         }
         staged.insert(digest, (disk.park(spool).await?, size));
     }
-    let index_json =
-        index_json.ok_or_else(|| err("damaged bundle: no index.json; nothing was imported"))?;
-    let read = |d: &Digest| -> io::Result<Vec<u8>> {
-        let (parked, size) = staged.get(d).ok_or_else(|| {
-            err(format!(
-                "damaged bundle: {d} is missing; nothing was imported"
+    let layout = layout.ok_or_else(|| damaged("no index.json"))?;
+    let staged = Staged(staged);
+    // Check every image is complete, and learn which files are manifests.
+    let mut walk = Walk::default();
+    let mut tags: Vec<(RepoName, Tag, Digest, String)> = Vec::new();
+    for desc in layout.manifests {
+        let digest = desc
+            .digest()
+            .ok_or_else(|| damaged("index.json has a descriptor without a valid digest"))?;
+        let media_type = desc.media_type();
+        let image = desc.annotations.get(IMAGE_ANNOTATION).ok_or_else(|| {
+            refused(format!(
+                "{digest}: no {IMAGE_ANNOTATION} annotation (bundles from regmirror export have one)"
             ))
         })?;
-        let buf = parked.read()?;
-        if buf.len() as u64 != *size {
-            return Err(err(format!("staged {d} changed size while importing")));
-        }
-        Ok(buf)
-    };
-    // Check every image is complete, and learn which files are manifests.
-    let mut manifests: Vec<(Digest, String, Vec<u8>)> = Vec::new();
-    let mut tags: Vec<(RepoName, Tag, Digest, String)> = Vec::new();
-    let mut holds: HashMap<RepoName, Vec<Digest>> = HashMap::new();
-    let descriptors = index_json
-        .get("manifests")
-        .and_then(|m| m.as_array())
-        .cloned()
-        .unwrap_or_default();
-    for desc in descriptors {
-        let digest = desc
-            .get("digest")
-            .and_then(|d| d.as_str())
-            .and_then(|d| Digest::parse(d).ok())
-            .ok_or_else(|| {
-                err("damaged bundle: index.json has a descriptor without a valid digest")
-            })?;
-        let media_type = desc
-            .get("mediaType")
-            .and_then(|m| m.as_str())
-            .unwrap_or(manifest::OCI_MANIFEST)
-            .to_owned();
-        let image = desc
-            .pointer(&format!("/annotations/{}", IMAGE_ANNOTATION.replace('/', "~1")))
-            .and_then(|a| a.as_str())
-            .ok_or_else(|| err(format!("{digest}: no {IMAGE_ANNOTATION} annotation (bundles from regmirror export have one)")))?;
         let (key, tag) = image
             .rsplit_once(':')
             .and_then(|(k, t)| Some((RepoName::parse(k).ok()?, Tag::parse(t).ok()?)))
             .ok_or_else(|| {
-                err(format!(
-                    "{digest}: bad {IMAGE_ANNOTATION} annotation {image:?}"
+                refused(format!(
+                    "{digest}: bad {IMAGE_ANNOTATION} annotation {:?}",
+                    bounded(image)
                 ))
             })?;
         // A wrapper `export` made: the image is its one child.
         let wrapped = desc
-            .pointer(&format!(
-                "/annotations/{}",
-                WRAPPER_ANNOTATION.replace('/', "~1")
-            ))
+            .annotations
+            .get(WRAPPER_ANNOTATION)
             .is_some_and(|a| a == "true");
         let (digest, media_type) = if wrapped {
-            let w: serde_json::Value = serde_json::from_slice(&read(&digest)?)
-                .map_err(|e| err(format!("{digest}: {e}")))?;
-            let child = w.pointer("/manifests/0").cloned().unwrap_or_default();
+            let w: Children = serde_json::from_slice(&staged.manifest(&digest)?)
+                .map_err(|e| damaged(format!("{digest}: {e}")))?;
+            let child = w
+                .manifests
+                .and_then(|m| m.into_iter().next())
+                .ok_or_else(|| damaged(format!("wrapper {digest} has no child")))?;
             let d = child
-                .get("digest")
-                .and_then(|d| d.as_str())
-                .and_then(|d| Digest::parse(d).ok())
-                .ok_or_else(|| err(format!("damaged bundle: wrapper {digest} has no child")))?;
-            let mt = child
-                .get("mediaType")
-                .and_then(|m| m.as_str())
-                .unwrap_or(manifest::OCI_MANIFEST)
-                .to_owned();
+                .digest()
+                .ok_or_else(|| damaged(format!("wrapper {digest} has no child")))?;
+            let mt = child.media_type();
             (d, mt)
         } else {
             (digest, media_type)
         };
-        let bytes = read(&digest)?;
-        let mut held = vec![digest.clone()];
-        let v: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| err(format!("{digest}: {e}")))?;
-        let mut stack = vec![(digest.clone(), media_type.clone(), bytes, v)];
-        while let Some((d, mt, b, v)) = stack.pop() {
-            if let Some(children) = v.get("manifests").and_then(|x| x.as_array()) {
-                for c in children {
-                    let Some(cd) = c
-                        .get("digest")
-                        .and_then(|x| x.as_str())
-                        .and_then(|x| Digest::parse(x).ok())
-                    else {
-                        continue;
-                    };
-                    held.push(cd.clone());
-                    if !staged.contains_key(&cd) {
-                        continue; // a platform left out at export
-                    }
-                    let cb = read(&cd)?;
-                    let cmt = c
-                        .get("mediaType")
-                        .and_then(|x| x.as_str())
-                        .unwrap_or(manifest::OCI_MANIFEST)
-                        .to_owned();
-                    let cv = serde_json::from_slice(&cb).map_err(|e| err(format!("{cd}: {e}")))?;
-                    stack.push((cd, cmt, cb, cv));
-                }
-            } else {
-                for r in manifest::references(&b) {
-                    if !staged.contains_key(&r) {
-                        return Err(err(format!(
-                            "damaged bundle: {d} needs {r}, which is missing; nothing was imported"
-                        )));
-                    }
-                    held.push(r);
-                }
-            }
-            manifests.push((d, mt, b));
-        }
-        tags.push((key.clone(), tag, digest, media_type));
-        holds.entry(key).or_default().extend(held);
+        walk.walk(&staged, digest.clone(), media_type.clone())?;
+        tags.push((key, tag, digest, media_type));
     }
+    let holds = walk.holds(tags.iter().map(|(key, _, d, _)| (key, d)))?;
     // Commit: manifests to the manifest store, everything else as blobs.
     let now = SystemTime::now();
-    let manifest_digests: HashSet<Digest> = manifests.iter().map(|(d, _, _)| d.clone()).collect();
     let mut report = ImportReport::default();
-    for (d, media_type, bytes) in manifests {
+    for (d, (media_type, _)) in &walk.manifests {
         let m = StoredManifest {
-            media_type,
-            bytes: bytes.into(),
+            media_type: media_type.clone(),
+            bytes: staged.manifest(d)?.into(),
         };
-        let size = disk.put_manifest(&d, &m).await?;
-        index.record(&ContentKey::manifest(&d), size, now).await;
+        let size = disk.put_manifest(d, &m).await?;
+        index.record(&ContentKey::manifest(d), size, now).await;
     }
-    for (d, (parked, size)) in staged {
-        if manifest_digests.contains(&d) {
+    for (d, (parked, size)) in staged.0 {
+        if walk.manifests.contains_key(&d) {
             continue;
         }
         disk.commit_parked(parked, &d).await?;
@@ -469,7 +572,7 @@ pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> 
         report.images.push(format!("{key}:{tag}"));
     }
     for (key, digests) in holds {
-        index.add_holds(&key, digests).await;
+        index.add_holds(&key, digests.into_iter().collect()).await;
     }
     index.flush_now()?;
     Ok(report)

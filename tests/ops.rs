@@ -3,10 +3,13 @@
 //! token fetches, upstream bytes and requests, the ratelimit gauge), the `X-Cache` header,
 //! `/healthz` and `/readyz` (503 while the data dir takes no writes), the ops endpoints behind
 //! `[auth]` and on the `metrics.listen` listener. The status page is in `ops/status_page.rs`,
-//! `regmirror prefetch` in `ops/prefetch.rs`.
+//! `regmirror prefetch` in `ops/prefetch.rs`, `regmirror import` of hostile bundles in
+//! `ops/hostile_bundles.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "ops/hostile_bundles.rs"]
+mod hostile_bundles;
 #[path = "ops/prefetch.rs"]
 mod prefetch;
 #[path = "ops/status_page.rs"]

@@ -11,15 +11,15 @@ use crate::common::{random_bytes, start_mirror, FakeUpstream, MirrorHandle};
 use crate::{pull_expecting, REPO};
 
 /// What one run of the binary did.
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-    took: Duration,
+pub struct Run {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub took: Duration,
 }
 
 impl Run {
-    fn show(&self) -> String {
+    pub fn show(&self) -> String {
         format!(
             "--- stdout ---\n{}--- stderr ---\n{}",
             self.stdout, self.stderr
@@ -28,7 +28,7 @@ impl Run {
 }
 
 /// `regmirror ARGS` with no `REGMIRROR_*` variables but `env`; at most 60 s.
-async fn regmirror(args: &[&str], env: &[(&str, &str)]) -> Run {
+pub async fn regmirror(args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_regmirror"));
     cmd.args(args).kill_on_drop(true).env_remove("RUST_LOG");
     for (key, _) in std::env::vars_os() {
