@@ -308,11 +308,16 @@ impl Described {
         self.digest.as_deref().and_then(|d| Digest::parse(d).ok())
     }
 
-    /// The media type it declares (an OCI manifest when it declares none).
-    fn media_type(&self) -> String {
-        self.media_type
-            .clone()
-            .unwrap_or_else(|| manifest::OCI_MANIFEST.to_owned())
+    /// The manifest type it declares (an OCI manifest when it declares
+    /// none), which becomes the manifest's `Content-Type` when served.
+    fn manifest_type(&self, digest: &Digest) -> io::Result<&'static str> {
+        let declared = self.media_type.as_deref().unwrap_or(manifest::OCI_MANIFEST);
+        manifest::known_type(declared).ok_or_else(|| {
+            refused(format!(
+                "manifest {digest} has media type {:?}, which is not a manifest type",
+                bounded(declared)
+            ))
+        })
     }
 }
 
@@ -351,13 +356,13 @@ impl Staged {
 #[derive(Default)]
 struct Walk {
     /// Each manifest's media type and the digests it points at, once each.
-    manifests: HashMap<Digest, (String, Vec<Digest>)>,
+    manifests: HashMap<Digest, (&'static str, Vec<Digest>)>,
 }
 
 impl Walk {
     /// Checks `root` and every manifest under it not walked yet: within the
-    /// size cap, every blob it needs in the bundle.
-    fn walk(&mut self, staged: &Staged, root: Digest, media_type: String) -> io::Result<()> {
+    /// size cap, of a known type, every blob it needs in the bundle.
+    fn walk(&mut self, staged: &Staged, root: Digest, media_type: &'static str) -> io::Result<()> {
         let mut todo = vec![(root, media_type)];
         while let Some((d, mt)) = todo.pop() {
             if self.manifests.contains_key(&d) {
@@ -371,8 +376,11 @@ impl Walk {
                 for c in children {
                     let Some(cd) = c.digest() else { continue };
                     // A child not in the bundle is a platform left out at export.
-                    if staged.has(&cd) && !self.manifests.contains_key(&cd) && !refs.contains(&cd) {
-                        todo.push((cd.clone(), c.media_type()));
+                    if staged.has(&cd) {
+                        let cmt = c.manifest_type(&cd)?;
+                        if !self.manifests.contains_key(&cd) && !refs.contains(&cd) {
+                            todo.push((cd.clone(), cmt));
+                        }
                     }
                     refs.insert(cd);
                 }
@@ -419,9 +427,29 @@ impl Walk {
     }
 }
 
+/// `key` (`<registry>/<repo>`) if its registry is a configured upstream: the
+/// index keys tags by upstream, and a bundle must not set the tags of a
+/// registry this mirror does not mirror (nor, under a name it made up, tags
+/// no client asks for).
+fn configured(key: RepoName, tag: &Tag, upstreams: &[&str]) -> io::Result<RepoName> {
+    let Some((registry, _)) = key.split_first() else {
+        return Err(refused(format!(
+            "{key}:{tag} names no registry (regmirror export writes <registry>/<repo>:<tag>)"
+        )));
+    };
+    if !upstreams.contains(&registry) {
+        return Err(refused(format!(
+            "{key}:{tag} names registry {registry:?}, which is not a configured upstream \
+             (configured: {}; add it as an [[upstreams]] entry to import its images)",
+            upstreams.join(", ")
+        )));
+    }
+    Ok(key)
+}
+
 /// Loads a bundle into the cache of a stopped mirror. Every file is hashed
 /// against its name first; only when all match, every image is complete and
-/// every manifest within the size cap is anything committed.
+/// every manifest, type and tag is acceptable is anything committed.
 pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> {
     let disk = DiskStore::open(&config.data_dir)?;
     let _lock = disk.try_lock()?.ok_or_else(|| {
@@ -486,14 +514,15 @@ pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> 
     }
     let layout = layout.ok_or_else(|| damaged("no index.json"))?;
     let staged = Staged(staged);
+    let upstreams: Vec<&str> = config.all_upstreams().map(|u| u.name.as_str()).collect();
     // Check every image is complete, and learn which files are manifests.
     let mut walk = Walk::default();
-    let mut tags: Vec<(RepoName, Tag, Digest, String)> = Vec::new();
+    let mut tags: Vec<(RepoName, Tag, Digest, &'static str)> = Vec::new();
     for desc in layout.manifests {
         let digest = desc
             .digest()
             .ok_or_else(|| damaged("index.json has a descriptor without a valid digest"))?;
-        let media_type = desc.media_type();
+        let media_type = desc.manifest_type(&digest)?;
         let image = desc.annotations.get(IMAGE_ANNOTATION).ok_or_else(|| {
             refused(format!(
                 "{digest}: no {IMAGE_ANNOTATION} annotation (bundles from regmirror export have one)"
@@ -508,6 +537,7 @@ pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> 
                     bounded(image)
                 ))
             })?;
+        let key = configured(key, &tag, &upstreams)?;
         // A wrapper `export` made: the image is its one child.
         let wrapped = desc
             .annotations
@@ -523,12 +553,12 @@ pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> 
             let d = child
                 .digest()
                 .ok_or_else(|| damaged(format!("wrapper {digest} has no child")))?;
-            let mt = child.media_type();
+            let mt = child.manifest_type(&d)?;
             (d, mt)
         } else {
             (digest, media_type)
         };
-        walk.walk(&staged, digest.clone(), media_type.clone())?;
+        walk.walk(&staged, digest.clone(), media_type)?;
         tags.push((key, tag, digest, media_type));
     }
     let holds = walk.holds(tags.iter().map(|(key, _, d, _)| (key, d)))?;
@@ -537,7 +567,7 @@ pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> 
     let mut report = ImportReport::default();
     for (d, (media_type, _)) in &walk.manifests {
         let m = StoredManifest {
-            media_type: media_type.clone(),
+            media_type: (*media_type).to_owned(),
             bytes: staged.manifest(d)?.into(),
         };
         let size = disk.put_manifest(d, &m).await?;
@@ -563,7 +593,7 @@ pub async fn import(config: &Config, bundle: &Path) -> io::Result<ImportReport> 
                 &tag,
                 TagEntry {
                     digest,
-                    media_type: Some(media_type),
+                    media_type: Some(media_type.to_owned()),
                     size,
                     checked_at: now,
                 },

@@ -94,6 +94,13 @@ enum Command {
     },
     /// Load an archive written by `regmirror export` into the cache of a
     /// stopped mirror; a damaged archive is refused whole.
+    ///
+    /// So is one that asks too much: an index.json or a manifest over 4 MiB,
+    /// a manifest media type other than an OCI image manifest or index or a
+    /// Docker schema 2 manifest or manifest list, or an image
+    /// (<registry>/<repo>:<tag>) of a registry that is not a configured
+    /// upstream: a bundle sets tags only for the registries the mirror
+    /// mirrors (add an [[upstreams]] entry to import another's).
     Import {
         bundle: PathBuf,
         #[command(flatten)]

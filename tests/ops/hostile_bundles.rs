@@ -1,7 +1,8 @@
 //! `regmirror import` of hostile bundles, OCI layout tars written by hand: an `index.json` or a
-//! manifest over the 4 MiB cap, and indexes naming one child thousands of times at every level
-//! (imported in bounded time: each manifest walked once). A refused bundle commits nothing and
-//! leaves nothing in `tmp/`.
+//! manifest over the 4 MiB cap, indexes naming one child thousands of times at every level
+//! (imported in bounded time: each manifest walked once), a manifest media type outside the
+//! allowlist (`text/html`), and a tag for a registry that is not a configured upstream. A refused
+//! bundle commits nothing and leaves nothing in `tmp/`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -212,4 +213,91 @@ async fn indexes_naming_one_child_thousands_of_times_nested_import_in_bounded_ti
     assert_eq!(count_files(&data.join("manifests")), 7, "{}", run.show());
     assert_eq!(count_files(&data.join("blobs")), 2, "{}", run.show());
     assert_eq!(count_files(&data.join("tmp")), 0, "{}", run.show());
+}
+
+/// A manifest's media type is its `Content-Type` when served: only manifest types are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_media_type_outside_the_allowlist_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = Image::new(920);
+    let why = format!(
+        "manifest {} has media type \"text/html\"",
+        img.manifest.digest
+    );
+
+    // The type the tag and the manifest would be served with.
+    let index = index_json(vec![tagged(
+        &img.manifest,
+        "text/html",
+        "docker.io/team/app:v1",
+    )]);
+    let bundle = dir.path().join("top.tar");
+    write_bundle(&bundle, &index, &img.blobs());
+    let data = dir.path().join("top");
+    let run = import(&data, &bundle, &[]).await;
+    assert_refused(&run, &data, &why);
+
+    // The type a child of an index would be stored and served with.
+    let parent = Blob::json(json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [img.manifest.descriptor("text/html")],
+    }));
+    let index = index_json(vec![tagged(&parent, OCI_INDEX, "docker.io/team/app:v1")]);
+    let bundle = dir.path().join("child.tar");
+    let mut blobs = img.blobs();
+    blobs.push(&parent);
+    write_bundle(&bundle, &index, &blobs);
+    let data = dir.path().join("child");
+    let run = import(&data, &bundle, &[]).await;
+    assert_refused(&run, &data, &why);
+}
+
+/// Tags are keyed `<upstream>/<repo>`: a bundle may set them only for the registries this
+/// mirror is configured for, and one image outside them refuses the whole bundle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_for_a_registry_that_is_not_configured_is_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (Image::new(930), Image::new(931));
+    let index = index_json(vec![
+        tagged(&ours.manifest, OCI_MANIFEST, "docker.io/team/app:v1"),
+        tagged(&theirs.manifest, OCI_MANIFEST, "ghcr.io/team/app:v1"),
+    ]);
+    let bundle = dir.path().join("two.tar");
+    let mut blobs = ours.blobs();
+    blobs.extend(theirs.blobs());
+    write_bundle(&bundle, &index, &blobs);
+    let data = dir.path().join("data");
+    let run = import(&data, &bundle, &[]).await;
+    assert_refused(
+        &run,
+        &data,
+        "ghcr.io/team/app:v1 names registry \"ghcr.io\", which is not a configured upstream",
+    );
+
+    // A name with no registry in front is refused too.
+    let index = index_json(vec![tagged(&ours.manifest, OCI_MANIFEST, "app:v1")]);
+    let bundle = dir.path().join("bare.tar");
+    write_bundle(&bundle, &index, &ours.blobs());
+    let data = dir.path().join("bare");
+    let run = import(&data, &bundle, &[]).await;
+    assert_refused(&run, &data, "app:v1 names no registry");
+
+    // Once ghcr.io is configured, the first bundle imports whole.
+    let upstreams = r#"[{name = "ghcr.io", url = "https://ghcr.io"}]"#;
+    let data = dir.path().join("both");
+    let run = import(
+        &data,
+        &dir.path().join("two.tar"),
+        &[("REGMIRROR_UPSTREAMS", upstreams)],
+    )
+    .await;
+    assert!(run.ok, "{}", run.show());
+    for image in ["docker.io/team/app:v1", "ghcr.io/team/app:v1"] {
+        assert!(
+            run.stdout.contains(&format!("imported {image}")),
+            "{}",
+            run.show()
+        );
+    }
 }
