@@ -589,3 +589,42 @@ async fn upstream_credentials_go_only_to_allowed_token_hosts_and_never_into_logs
         "credentials in the log"
     );
 }
+
+#[tokio::test]
+async fn upstream_credentials_are_not_sent_to_a_token_realm_on_another_port() {
+    const USER: &str = "mirror-bot";
+    const PASSWORD: &str = "same-host-other-port";
+    let fake = FakeUpstream::start().await;
+    fake.add_image(REPO, "1", vec![random_bytes(700, 21)]);
+    // The mirror reaches the fake through a proxy on another port of 127.0.0.1; the fake's
+    // challenge still names http://127.0.0.1:<its own port>/token: same host, another port,
+    // so possibly another service on that host.
+    let proxy = common::observe::RatelimitProxy::start(&fake.url()).await;
+    let m = start_mirror(&proxy.url(), |c| {
+        c.upstream.username = Some(USER.into());
+        c.upstream.password = Some(Secret::new(PASSWORD));
+    })
+    .await;
+    m.get_ok(&format!("/v2/{REPO}/manifests/1")).await;
+    let fetches = fake.token_fetches();
+    assert!(!fetches.is_empty(), "no token fetched");
+    for f in &fetches {
+        assert_eq!(f.basic, None, "credentials went to a realm on another port");
+    }
+
+    // Named with its port in credential_hosts, that realm receives them.
+    fake.reset_counts();
+    let realm_host = fake.url().trim_start_matches("http://").to_owned();
+    let m = start_mirror(&proxy.url(), |c| {
+        c.upstream.username = Some(USER.into());
+        c.upstream.password = Some(Secret::new(PASSWORD));
+        c.upstream.credential_hosts = vec![realm_host];
+    })
+    .await;
+    m.get_ok(&format!("/v2/{REPO}/manifests/1")).await;
+    let fetches = fake.token_fetches();
+    assert!(!fetches.is_empty(), "no token fetched");
+    for f in &fetches {
+        assert_eq!(f.basic, Some((USER.to_owned(), PASSWORD.to_owned())));
+    }
+}

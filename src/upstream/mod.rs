@@ -3,6 +3,7 @@
 //! registry errors. It knows nothing of the cache.
 
 pub mod challenge;
+pub mod reach;
 pub mod token;
 
 use std::sync::{Arc, RwLock};
@@ -19,6 +20,7 @@ use crate::manifest::ACCEPT_ALL;
 use crate::metrics::{parse_ratelimit, Metrics};
 use crate::reference::{Digest, Reference, RepoName, Tag};
 use challenge::Challenge;
+use reach::Reach;
 use token::{Token, TokenCache, TokenKey, TokenResponse};
 
 /// Largest manifest or tag list the mirror accepts from the upstream.
@@ -83,6 +85,8 @@ pub struct Upstream {
     username: Option<String>,
     password: Option<Secret>,
     credential_hosts: Vec<String>,
+    /// Which redirect and realm targets are followed.
+    reach: Reach,
     timeout: Duration,
     read_timeout: Duration,
     tokens: TokenCache,
@@ -115,6 +119,7 @@ impl Upstream {
             username: config.username.clone(),
             password: config.password.clone(),
             credential_hosts: config.credential_hosts.clone(),
+            reach: Reach::new(&config.url),
             timeout: config.timeout,
             read_timeout: config.read_timeout,
             tokens: TokenCache::default(),
@@ -410,11 +415,7 @@ impl Upstream {
     async fn fetch_token(&self, key: &TokenKey) -> Result<Token, Error> {
         let mut realm = Url::parse(&key.realm)
             .map_err(|_| Error::UpstreamFailed("upstream sent an invalid token realm".into()))?;
-        if !matches!(realm.scheme(), "http" | "https") {
-            return Err(Error::UpstreamFailed(
-                "upstream token realm is not http(s)".into(),
-            ));
-        }
+        self.reach.check(&realm, "token realm").await?;
         {
             let mut q = realm.query_pairs_mut();
             if let Some(s) = &key.service {
@@ -426,12 +427,14 @@ impl Upstream {
         }
         let mut req = self.http.get(realm.clone());
         if let (Some(user), Some(pass)) = (&self.username, &self.password) {
-            if self.may_receive_credentials(&realm) {
+            if reach::may_receive_credentials(&self.base, &self.credential_hosts, &realm) {
                 req = req.basic_auth(user, Some(pass.expose()));
             } else {
                 tracing::warn!(
                     realm_host = realm.host_str().unwrap_or(""),
-                    "token realm is on another host than the upstream; fetching an anonymous token"
+                    realm_scheme = realm.scheme(),
+                    realm_port = realm.port_or_known_default().unwrap_or(0),
+                    "token realm is on another host, port or scheme than the upstream; fetching an anonymous token"
                 );
             }
         }
@@ -456,21 +459,6 @@ impl Upstream {
             .ok_or_else(|| Error::UpstreamFailed("upstream token realm sent no token".into()))
     }
 
-    /// Credentials go only to the upstream's own host, to the token host
-    /// Docker Hub is known to use, or to hosts the configuration allows.
-    fn may_receive_credentials(&self, realm: &Url) -> bool {
-        let (Some(realm_host), Some(upstream_host)) = (realm.host_str(), self.base.host_str())
-        else {
-            return false;
-        };
-        realm_host == upstream_host
-            || (upstream_host == "registry-1.docker.io" && realm_host == "auth.docker.io")
-            || self
-                .credential_hosts
-                .iter()
-                .any(|h| h.eq_ignore_ascii_case(realm_host))
-    }
-
     /// Follows redirects (Hub's CDN) with the same method and no Authorization.
     async fn follow_redirects(
         &self,
@@ -488,11 +476,7 @@ impl Upstream {
                 .url()
                 .join(location)
                 .map_err(|_| Error::UpstreamFailed("upstream redirect to an invalid URL".into()))?;
-            if !matches!(next.scheme(), "http" | "https") {
-                return Err(Error::UpstreamFailed(
-                    "upstream redirect to a non-HTTP URL".into(),
-                ));
-            }
+            self.reach.check(&next, "redirect").await?;
             resp = self
                 .execute(self.request(method.clone(), next, accept, None))
                 .await?;
