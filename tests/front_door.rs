@@ -628,3 +628,46 @@ async fn upstream_credentials_are_not_sent_to_a_token_realm_on_another_port() {
         assert_eq!(f.basic, Some((USER.to_owned(), PASSWORD.to_owned())));
     }
 }
+
+#[tokio::test]
+async fn credentials_on_an_open_mirror_are_warned_about_and_used_only_for_credentials_for() {
+    const USER: &str = "org-bot";
+    const PASSWORD: &str = "scoped-password";
+    let logs = captured_logs();
+    let fake = FakeUpstream::start().await;
+    fake.add_image("myorg/app", "1", vec![random_bytes(700, 31)]);
+    fake.add_image(REPO, "1", vec![random_bytes(700, 32)]);
+    let m = start_mirror(&fake.url(), |c| {
+        c.upstream.name = "open-creds.example".into();
+        c.upstream.username = Some(USER.into());
+        c.upstream.password = Some(Secret::new(PASSWORD));
+        c.upstream.credentials_for = vec!["myorg/*".into()];
+    })
+    .await;
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let warning = logs
+        .lines()
+        .find(|l| l.contains("upstream open-creds.example has credentials"))
+        .unwrap_or_else(|| panic!("no startup warning in:\n{logs}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains("[auth] is off") && warning.contains("auth.htpasswd"));
+
+    m.get_ok("/v2/myorg/app/manifests/1").await;
+    m.get_ok(&format!("/v2/{REPO}/manifests/1")).await;
+    let fetches = fake.token_fetches();
+    let basic_for = |repo: &str| {
+        let scope = format!("repository:{repo}:pull");
+        let f: Vec<_> = fetches
+            .iter()
+            .filter(|f| f.scope.as_deref() == Some(scope.as_str()))
+            .collect();
+        assert!(!f.is_empty(), "no token fetched for {repo}: {fetches:?}");
+        f.iter().map(|f| f.basic.clone()).collect::<Vec<_>>()
+    };
+    let creds = Some((USER.to_owned(), PASSWORD.to_owned()));
+    assert!(basic_for("myorg/app").iter().all(|b| *b == creds));
+    assert!(
+        basic_for(REPO).iter().all(Option::is_none),
+        "credentials used for a repository outside credentials_for"
+    );
+}

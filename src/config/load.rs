@@ -39,6 +39,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("cache.tag_ttl", Kind::Str),
     ("cache.tag_ttl_rules", Kind::Toml),
     ("upstream.credential_hosts", Kind::Toml),
+    ("upstream.credentials_for", Kind::Toml),
     ("upstream.tag_ttl", Kind::Str),
     ("upstream.allow", Kind::Toml),
     ("upstream.deny", Kind::Toml),
@@ -258,6 +259,7 @@ mod tests {
                 r#"[{pattern = "*:latest", ttl = "1m"}]"#,
             ),
             ("upstream.credential_hosts", r#"["auth.example"]"#),
+            ("upstream.credentials_for", r#"["myorg/*"]"#),
             ("upstream.name", "docker.io"),
             ("upstream.tag_ttl", "2m"),
             ("upstream.allow", r#"["library/*"]"#),
@@ -293,6 +295,7 @@ mod tests {
         assert_eq!(CacheConfig::idle_ttl(c.cache.manifest_idle_ttl), None);
         assert_eq!(c.cache.tag_rules()[0].ttl, Duration::from_secs(60));
         assert_eq!(c.upstream.credential_hosts, vec!["auth.example".to_owned()]);
+        assert_eq!(c.upstream.credentials_for, vec!["myorg/*".to_owned()]);
         assert_eq!(c.tls.key, Some(PathBuf::from("/k.pem")));
         assert_eq!(c.server.max_connections, 10);
         assert_eq!(c.server.max_header_size, ByteSize(16384));

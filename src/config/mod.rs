@@ -147,6 +147,31 @@ impl Config {
         std::iter::once(&self.upstream).chain(&self.upstreams)
     }
 
+    /// What the configuration exposes that the operator should hear about
+    /// at startup: upstream credentials on a mirror without `[auth]`, which
+    /// lends them to anyone who reaches the listener.
+    pub fn exposure_warnings(&self) -> Vec<String> {
+        if self.auth.htpasswd.is_some() {
+            return Vec::new();
+        }
+        self.all_upstreams()
+            .filter(|u| u.username.is_some() && u.password.is_some())
+            .map(|u| {
+                let scope = if u.credentials_for.is_empty() {
+                    "every repository".to_owned()
+                } else {
+                    format!("the repositories {}", u.credentials_for.join(", "))
+                };
+                format!(
+                    "upstream {} has credentials and [auth] is off: anyone who reaches {} pulls \
+                     what they can read, private repositories included ({scope}); set \
+                     auth.htpasswd, or limit them with credentials_for",
+                    u.name, self.listen
+                )
+            })
+            .collect()
+    }
+
     pub(crate) fn check(&self) -> Result<(), String> {
         let mut seen = std::collections::HashSet::new();
         for (i, u) in self.all_upstreams().enumerate() {
@@ -211,6 +236,10 @@ pub struct UpstreamConfig {
     /// at a token realm (Docker Hub's `auth.docker.io` is always allowed
     /// for `registry-1.docker.io`).
     pub credential_hosts: Vec<String>,
+    /// Repository globs `username`/`password` are used for (all when
+    /// empty); other repositories are fetched anonymously. Without `[auth]`
+    /// anyone reaching the mirror pulls what the credentials can read.
+    pub credentials_for: Vec<String>,
     /// This upstream's tag TTL, instead of `cache.tag_ttl`.
     #[serde(with = "humantime_serde_compat::option")]
     pub tag_ttl: Option<Duration>,
@@ -231,6 +260,7 @@ impl Default for UpstreamConfig {
             timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(60),
             credential_hosts: Vec::new(),
+            credentials_for: Vec::new(),
             tag_ttl: None,
             allow: Vec::new(),
             deny: Vec::new(),
@@ -429,4 +459,35 @@ pub fn parse_upstream_url(s: &str) -> Result<Url, String> {
         ));
     }
     Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_without_auth_are_warned_about() {
+        let mut c = Config::default();
+        assert!(
+            c.exposure_warnings().is_empty(),
+            "anonymous: nothing to lend"
+        );
+        c.upstream.username = Some("bot".into());
+        c.upstream.password = Some(Secret::new("pw"));
+        let w = c.exposure_warnings();
+        assert_eq!(w.len(), 1);
+        for what in [
+            "docker.io",
+            "0.0.0.0:5000",
+            "auth.htpasswd",
+            "credentials_for",
+        ] {
+            assert!(w[0].contains(what), "{what} in {}", w[0]);
+        }
+        assert!(!w[0].contains("pw"), "{}", w[0]);
+        c.upstream.credentials_for = vec!["myorg/*".into()];
+        assert!(c.exposure_warnings()[0].contains("myorg/*"));
+        c.auth.htpasswd = Some(PathBuf::from("/h"));
+        assert!(c.exposure_warnings().is_empty());
+    }
 }

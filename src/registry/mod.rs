@@ -127,6 +127,9 @@ impl Registry {
         index: Arc<dyn Index>,
     ) -> Result<Self, Error> {
         let metrics = Arc::new(Metrics::new());
+        for warning in config.exposure_warnings() {
+            tracing::warn!("{warning}");
+        }
         let mut upstreams = Vec::new();
         for u in config.all_upstreams() {
             upstreams.push(Slot {

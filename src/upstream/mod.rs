@@ -18,6 +18,7 @@ use crate::config::{Secret, UpstreamConfig};
 use crate::error::Error;
 use crate::manifest::ACCEPT_ALL;
 use crate::metrics::{parse_ratelimit, Metrics};
+use crate::policy;
 use crate::reference::{Digest, Reference, RepoName, Tag};
 use challenge::Challenge;
 use reach::Reach;
@@ -85,6 +86,8 @@ pub struct Upstream {
     username: Option<String>,
     password: Option<Secret>,
     credential_hosts: Vec<String>,
+    /// Repository globs the credentials are used for (all when empty).
+    credentials_for: Vec<String>,
     /// Which redirect and realm targets are followed.
     reach: Reach,
     timeout: Duration,
@@ -119,6 +122,7 @@ impl Upstream {
             username: config.username.clone(),
             password: config.password.clone(),
             credential_hosts: config.credential_hosts.clone(),
+            credentials_for: config.credentials_for.clone(),
             reach: Reach::new(&config.url),
             timeout: config.timeout,
             read_timeout: config.read_timeout,
@@ -286,6 +290,7 @@ impl Upstream {
             .join(path_and_query)
             .map_err(|e| Error::internal("building the upstream URL", e))?;
         let scope = format!("repository:{repo}:pull");
+        let credentials = self.credentials(repo);
         let known_realm = self.realm.read().map(|g| g.clone()).unwrap_or(None);
         let mut auth = match known_realm {
             Some((realm, service)) => {
@@ -293,8 +298,9 @@ impl Upstream {
                     realm,
                     service,
                     scope: Some(scope.clone()),
+                    with_credentials: credentials.is_some(),
                 };
-                let token = self.token(&key).await?;
+                let token = self.token(&key, credentials).await?;
                 Some(Auth::Bearer(key, token.value.clone()))
             }
             None => None,
@@ -308,7 +314,9 @@ impl Upstream {
                 if let Some(Auth::Bearer(key, _)) = &auth {
                     self.tokens.invalidate(key).await;
                 }
-                auth = self.answer_challenge(resp.headers(), &scope).await?;
+                auth = self
+                    .answer_challenge(resp.headers(), &scope, credentials)
+                    .await?;
                 if auth.is_some() {
                     continue;
                 }
@@ -369,12 +377,26 @@ impl Upstream {
         result
     }
 
+    /// The credentials to use for `repo`: the configured ones when
+    /// `credentials_for` is empty or one of its globs matches, else none, so
+    /// an open mirror does not lend them to every repository.
+    fn credentials(&self, repo: &RepoName) -> Option<Credentials<'_>> {
+        let (user, pass) = (self.username.as_ref()?, self.password.as_ref()?);
+        let in_scope = self.credentials_for.is_empty()
+            || self
+                .credentials_for
+                .iter()
+                .any(|p| policy::glob_match(p, repo.as_str()));
+        in_scope.then_some((user.as_str(), pass))
+    }
+
     /// Works out credentials for a 401: a bearer token for the challenge's
     /// scope, or Basic credentials. `None` when there is nothing to try.
     async fn answer_challenge(
         &self,
         headers: &HeaderMap,
         default_scope: &str,
+        credentials: Option<Credentials<'_>>,
     ) -> Result<Option<Auth>, Error> {
         let challenge = headers
             .get_all(header::WWW_AUTHENTICATE)
@@ -394,25 +416,33 @@ impl Upstream {
                     realm,
                     service,
                     scope: Some(scope.unwrap_or_else(|| default_scope.to_owned())),
+                    with_credentials: credentials.is_some(),
                 };
-                let token = self.token(&key).await?;
+                let token = self.token(&key, credentials).await?;
                 Ok(Some(Auth::Bearer(key, token.value.clone())))
             }
-            Some(Challenge::Basic) => Ok(match (&self.username, &self.password) {
-                (Some(u), Some(p)) => Some(Auth::Basic(u.clone(), p.clone())),
-                _ => None,
-            }),
+            Some(Challenge::Basic) => {
+                Ok(credentials.map(|(u, p)| Auth::Basic(u.to_owned(), p.clone())))
+            }
             None => Ok(None),
         }
     }
 
-    async fn token(&self, key: &TokenKey) -> Result<Arc<Token>, Error> {
+    async fn token(
+        &self,
+        key: &TokenKey,
+        credentials: Option<Credentials<'_>>,
+    ) -> Result<Arc<Token>, Error> {
         self.tokens
-            .get_or_fetch(key.clone(), self.fetch_token(key))
+            .get_or_fetch(key.clone(), self.fetch_token(key, credentials))
             .await
     }
 
-    async fn fetch_token(&self, key: &TokenKey) -> Result<Token, Error> {
+    async fn fetch_token(
+        &self,
+        key: &TokenKey,
+        credentials: Option<Credentials<'_>>,
+    ) -> Result<Token, Error> {
         let mut realm = Url::parse(&key.realm)
             .map_err(|_| Error::UpstreamFailed("upstream sent an invalid token realm".into()))?;
         self.reach.check(&realm, "token realm").await?;
@@ -426,7 +456,7 @@ impl Upstream {
             }
         }
         let mut req = self.http.get(realm.clone());
-        if let (Some(user), Some(pass)) = (&self.username, &self.password) {
+        if let Some((user, pass)) = credentials {
             if reach::may_receive_credentials(&self.base, &self.credential_hosts, &realm) {
                 req = req.basic_auth(user, Some(pass.expose()));
             } else {
@@ -490,6 +520,9 @@ impl Upstream {
         Err(Error::UpstreamFailed("too many upstream redirects".into()))
     }
 }
+
+/// A user and password of the upstream configuration.
+type Credentials<'a> = (&'a str, &'a Secret);
 
 enum Auth {
     Bearer(TokenKey, Secret),

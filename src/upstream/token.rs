@@ -17,6 +17,10 @@ pub struct TokenKey {
     pub realm: String,
     pub service: Option<String>,
     pub scope: Option<String>,
+    /// Whether the token is fetched with the upstream credentials: an
+    /// anonymous token and a credentialed one for the same scope are
+    /// different tokens (`upstream.credentials_for`).
+    pub with_credentials: bool,
 }
 
 /// A bearer token and how long the cache may keep it.
@@ -133,6 +137,7 @@ mod tests {
             realm: "r".into(),
             service: None,
             scope: None,
+            with_credentials: false,
         };
         let mut tasks = Vec::new();
         for _ in 0..8 {
