@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use regmirror::config::{self, Flags};
 use regmirror::imageref::ImageRef;
-use regmirror::prefetch::{Platforms, Session};
+use regmirror::prefetch::{PasswordSource, Platforms, Session};
 use regmirror::units::human_bytes;
 
 /// A pull-through caching mirror for container registries.
@@ -76,9 +76,15 @@ enum Command {
         /// A running mirror to pull through (default: the one of the config).
         #[arg(long, value_name = "URL")]
         mirror: Option<String>,
-        /// USER:PASSWORD for a mirror with [auth].
-        #[arg(long, value_name = "USER:PASSWORD")]
+        /// User for a mirror with [auth]. The password comes from
+        /// --password-file or the REGMIRROR_PREFETCH_PASSWORD environment
+        /// variable; USER:PASSWORD still works but shows the password to
+        /// every user of the machine (ps), so it warns.
+        #[arg(long, value_name = "USER")]
         user: Option<String>,
+        /// A file holding the password for --user (one trailing newline is dropped).
+        #[arg(long, value_name = "FILE", requires = "user")]
+        password_file: Option<PathBuf>,
         #[command(flatten)]
         cache: CacheArgs,
     },
@@ -239,8 +245,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             all_platforms,
             mirror,
             user,
+            password_file,
             cache,
         } => {
+            let basic = match user {
+                Some(user) => Some(prefetch_credentials(&user, password_file.as_deref())?),
+                None => None,
+            };
             let config = cache.load()?;
             let images = image_list(&images, from_file.as_deref())?;
             let platforms = if all_platforms {
@@ -248,7 +259,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 Platforms::One(platform)
             };
-            prefetch(config, images, platforms, mirror, user)
+            prefetch(config, images, platforms, mirror, basic)
         }
         Command::Export {
             images,
@@ -321,16 +332,39 @@ fn image_list(args: &[String], file: Option<&std::path::Path>) -> anyhow::Result
         .collect()
 }
 
+/// The user and password of `prefetch --user`: the password from the file,
+/// else the environment, else (with a warning) after the user's colon.
+fn prefetch_credentials(
+    user: &str,
+    password_file: Option<&std::path::Path>,
+) -> anyhow::Result<(String, config::Secret)> {
+    let password = match password_file {
+        Some(f) => PasswordSource::File(
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        ),
+        None => match std::env::var(regmirror::prefetch::PASSWORD_ENV) {
+            Ok(p) => PasswordSource::Env(p),
+            Err(_) => PasswordSource::None,
+        },
+    };
+    let (basic, warning) =
+        regmirror::prefetch::credentials(user, password).map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
+    Ok(basic)
+}
+
 fn prefetch(
     config: config::Config,
     images: Vec<ImageRef>,
     platforms: Platforms,
     mirror: Option<String>,
-    user: Option<String>,
+    basic: Option<(String, config::Secret)>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let session = Session::open(&config, mirror, user)
+        let session = Session::open(&config, mirror, basic)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let (mut fetched, mut cached, mut failed) = (0u64, 0u64, Vec::new());

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use http::header;
 use serde::Deserialize;
 
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::imageref::ImageRef;
 use crate::manifest::ACCEPT_ALL;
 use crate::reference::Digest;
@@ -39,8 +39,8 @@ pub struct Target {
     /// `http://127.0.0.1:5000`, no trailing slash.
     pub base: String,
     pub client: reqwest::Client,
-    /// `user:password` for a mirror with `[auth]`.
-    pub basic: Option<(String, String)>,
+    /// User and password for a mirror with `[auth]`.
+    pub basic: Option<(String, Secret)>,
     /// The mirror's default upstream name (`docker.io`).
     pub default_registry: String,
 }
@@ -61,16 +61,12 @@ type LocalMirror = (
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Session {
-    /// `user` is `USER:PASSWORD` for a mirror with `[auth]`.
+    /// `basic` is the user and password for a mirror with `[auth]`.
     pub async fn open(
         config: &Config,
         mirror: Option<String>,
-        user: Option<String>,
+        basic: Option<(String, Secret)>,
     ) -> Result<Self, BoxError> {
-        let basic = user.map(|u| match u.split_once(':') {
-            Some((a, b)) => (a.to_owned(), b.to_owned()),
-            None => (u, String::new()),
-        });
         let running = crate::store::disk::DiskStore::open(&config.data_dir)?
             .try_lock()?
             .is_none();
@@ -126,6 +122,49 @@ impl Session {
     }
 }
 
+/// The environment variable `prefetch` takes the mirror password from.
+pub const PASSWORD_ENV: &str = "REGMIRROR_PREFETCH_PASSWORD";
+
+/// Where the password of `prefetch --user` came from, besides the user.
+#[derive(Debug)]
+pub enum PasswordSource {
+    /// The contents of `--password-file` (one trailing newline dropped).
+    File(String),
+    /// [`PASSWORD_ENV`].
+    Env(String),
+    None,
+}
+
+/// The user and password for `--user`, and a warning when the password was
+/// given on the command line, where every user of the machine sees it
+/// (`ps`, `/proc/*/cmdline`). `USER:PASSWORD` still works, but only alone.
+pub fn credentials(
+    user: &str,
+    password: PasswordSource,
+) -> Result<((String, Secret), Option<String>), String> {
+    let inline_warning = format!(
+        "--user USER:PASSWORD shows the password in the process list; \
+         give --user USER with --password-file FILE or {PASSWORD_ENV}"
+    );
+    match (user.split_once(':'), password) {
+        (Some(_), PasswordSource::File(_)) => Err(
+            "--user USER:PASSWORD and --password-file both give a password; give it once".into(),
+        ),
+        (Some((u, p)), _) => Ok(((u.to_owned(), Secret::new(p)), Some(inline_warning))),
+        (None, PasswordSource::File(text)) => {
+            let p = text
+                .strip_suffix('\n')
+                .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                .unwrap_or(&text);
+            Ok(((user.to_owned(), Secret::new(p)), None))
+        }
+        (None, PasswordSource::Env(p)) => Ok(((user.to_owned(), Secret::new(p)), None)),
+        (None, PasswordSource::None) => Err(format!(
+            "--user {user}: no password; give --password-file FILE or set {PASSWORD_ENV}"
+        )),
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Shape {
@@ -171,7 +210,7 @@ impl Target {
             .get(format!("{}{path}", self.base))
             .header(header::ACCEPT, ACCEPT_ALL);
         match &self.basic {
-            Some((u, p)) => req.basic_auth(u, Some(p)),
+            Some((u, p)) => req.basic_auth(u, Some(p.expose())),
             None => req,
         }
     }
@@ -290,4 +329,32 @@ fn progress_bar(len: Option<u64>, digest: &Digest) -> Option<indicatif::Progress
     bar.set_message(digest.hex().chars().take(12).collect::<String>());
     bar.enable_steady_tick(Duration::from_millis(200));
     Some(bar)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_comes_from_a_file_or_the_environment() {
+        let ((u, p), warn) =
+            credentials("moby", PasswordSource::File("gordon\r\n".into())).unwrap();
+        assert_eq!((u.as_str(), p.expose(), warn), ("moby", "gordon", None));
+        let ((_, p), warn) = credentials("moby", PasswordSource::Env("g:1\n".into())).unwrap();
+        assert_eq!((p.expose(), warn), ("g:1\n", None));
+        let e = credentials("moby", PasswordSource::None).unwrap_err();
+        assert!(
+            e.contains("--password-file") && e.contains(PASSWORD_ENV),
+            "{e}"
+        );
+        // The old form still works, with a warning that does not repeat the password.
+        let ((u, p), warn) = credentials("moby:gordon", PasswordSource::None).unwrap();
+        assert_eq!((u.as_str(), p.expose()), ("moby", "gordon"));
+        let warn = warn.unwrap();
+        assert!(
+            warn.contains("process list") && !warn.contains("gordon"),
+            "{warn}"
+        );
+        assert!(credentials("moby:gordon", PasswordSource::File("x".into())).is_err());
+    }
 }

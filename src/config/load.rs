@@ -57,7 +57,7 @@ const KEYS: &[(&str, Kind)] = &[
 ];
 
 /// Environment variables that are not config keys but belong to the binary.
-const ENV_NOT_KEYS: &[&str] = &["REGMIRROR_CONFIG"];
+const ENV_NOT_KEYS: &[&str] = &["REGMIRROR_CONFIG", crate::prefetch::PASSWORD_ENV];
 
 /// Kubernetes puts `REGMIRROR_SERVICE_HOST`, `REGMIRROR_PORT_5000_TCP` and
 /// the like into every pod of a namespace with a Service named `regmirror`.
@@ -380,6 +380,8 @@ mod tests {
             ("REGMIRROR_SERVICE_HOST", "10.0.0.1"),
             ("REGMIRROR_PORT", "tcp://10.0.0.1:5000"),
             ("REGMIRROR_PORT_5000_TCP_ADDR", "10.0.0.1"),
+            // prefetch's password, not a key of the mirror.
+            ("REGMIRROR_PREFETCH_PASSWORD", "gordon"),
         ]);
         assert!(load(None, k8s, &Flags::default()).is_ok());
         let e = load(None, env(&[("REGMIRROR_NOPE", "1")]), &Flags::default())

@@ -365,3 +365,70 @@ async fn a_bundle_with_more_blobs_than_the_open_file_limit_imports() {
         fake.requests()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_through_a_mirror_with_auth_takes_the_password_from_a_file_or_the_environment() {
+    let fake = FakeUpstream::start().await;
+    let imgs: Vec<ImageInfo> = (1..=3)
+        .map(|i| small_image(&fake, &format!("v{i}"), 70 + i))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("htpasswd");
+    std::fs::write(
+        &users,
+        crate::common::front::htpasswd_line("moby", "gordon") + "\n",
+    )
+    .unwrap();
+    let m =
+        crate::common::front::Front::start(&fake.url(), |c| c.auth.htpasswd = Some(users.clone()))
+            .await;
+    let (url, data) = (
+        format!("http://{}", m.addr),
+        m.data_dir.to_str().unwrap().to_owned(),
+    );
+    let run_as = |image: &str, extra: Vec<String>, env: Vec<(&'static str, &'static str)>| {
+        let mut args: Vec<String> = ["prefetch", image, "--mirror", &url, "--data-dir", &data]
+            .map(str::to_owned)
+            .to_vec();
+        args.extend(extra);
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            regmirror(&args, &env).await
+        }
+    };
+    let user = |u: &str| vec!["--user".to_owned(), u.to_owned()];
+
+    let run = run_as(
+        "team/app:v1",
+        user("moby"),
+        vec![("REGMIRROR_PREFETCH_PASSWORD", "gordon")],
+    )
+    .await;
+    assert!(run.ok, "password from the environment:\n{}", run.show());
+    assert_fetched_once(&fake, &imgs[0], "password from the environment");
+
+    let file = dir.path().join("password");
+    std::fs::write(&file, "gordon\n").unwrap();
+    let mut args = user("moby");
+    args.extend(["--password-file".to_owned(), file.display().to_string()]);
+    let run = run_as("team/app:v2", args, vec![]).await;
+    assert!(run.ok, "password from a file:\n{}", run.show());
+    assert!(!run.stderr.contains("warning"), "{}", run.show());
+    assert_fetched_once(&fake, &imgs[1], "password from a file");
+
+    let run = run_as("team/app:v3", user("moby"), vec![]).await;
+    assert!(!run.ok, "no password, yet it succeeded:\n{}", run.show());
+    assert!(
+        run.stderr.contains("--password-file")
+            && run.stderr.contains("REGMIRROR_PREFETCH_PASSWORD"),
+        "{}",
+        run.show()
+    );
+    assert_eq!(fake.blob_gets(&imgs[2].blobs()[0].0), 0);
+
+    // The old form still works, with a warning.
+    let run = run_as("team/app:v3", user("moby:gordon"), vec![]).await;
+    assert!(run.ok, "{}", run.show());
+    assert!(run.stderr.contains("process list"), "{}", run.show());
+    assert_fetched_once(&fake, &imgs[2], "USER:PASSWORD");
+}
