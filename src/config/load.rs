@@ -109,7 +109,17 @@ pub fn load(
             let path = e.path().to_string();
             let origin = from_env
                 .get(&path)
+                .or_else(|| {
+                    path.starts_with("upstreams")
+                        .then(|| from_env.get("upstreams"))?
+                })
                 .map_or_else(|| source.clone(), |var| format!("environment {var}"));
+            if path.ends_with("password") {
+                // serde quotes the value it refused; this one is a secret.
+                return ConfigError(format!(
+                    "{origin}: key {path}: not a string (the value is not shown)"
+                ));
+            }
             ConfigError(format!("{origin}: key {path}: {}", e.inner()))
         })?;
     if let Some(l) = flags.listen {
@@ -154,10 +164,19 @@ fn overlay_env(
         };
         let value = match kind {
             Kind::Str => toml::Value::String(value),
-            Kind::Toml => parse_toml_value(&value).ok_or_else(|| {
-                ConfigError(format!(
-                    "environment {var}: {value:?} is not a valid value for {key}"
-                ))
+            Kind::Toml => parse_toml_value(&value).map_err(|e| {
+                // `upstreams` carries passwords: name where it broke, not the value
+                // (nor the TOML error's snippet of it).
+                ConfigError(if may_hold_secrets(key) {
+                    format!(
+                        "environment {var}: not a valid value for {key} ({} at character {}; \
+                         the value is not shown, it may hold passwords)",
+                        e.message().trim_end(),
+                        e.span().map_or(0, |s| s.start.saturating_sub(VALUE_AT) + 1),
+                    )
+                } else {
+                    format!("environment {var}: {value:?} is not a valid value for {key}")
+                })
             })?,
         };
         insert_path(table, key, value);
@@ -166,10 +185,19 @@ fn overlay_env(
     Ok(applied)
 }
 
+/// Where the value starts in the document [`parse_toml_value`] parses.
+const VALUE_AT: usize = "v = ".len();
+
 /// A TOML value written alone, e.g. `true`, `90` or `[{pattern = "*", ttl = "1m"}]`.
-fn parse_toml_value(s: &str) -> Option<toml::Value> {
-    let table: toml::Table = toml::from_str(&format!("v = {s}")).ok()?;
-    table.get("v").cloned()
+fn parse_toml_value(s: &str) -> Result<toml::Value, toml::de::Error> {
+    let mut table: toml::Table = toml::from_str(&format!("v = {s}"))?;
+    // The document has exactly the key `v`.
+    Ok(table.remove("v").unwrap_or(toml::Value::Boolean(false)))
+}
+
+/// Keys whose values may carry credentials, never quoted in an error.
+fn may_hold_secrets(key: &str) -> bool {
+    key == "upstreams" || key.ends_with("password")
 }
 
 fn insert_path(table: &mut toml::Table, key: &str, value: toml::Value) {
@@ -334,6 +362,42 @@ mod tests {
             .to_string();
             assert!(e.contains("upstreams[0].name") && e.contains(why), "{e}");
         }
+    }
+
+    #[test]
+    fn errors_never_quote_upstream_passwords() {
+        let cases = [
+            ("REGMIRROR_UPSTREAM_URL", "https://bot:hunter2@r.example"),
+            (
+                "REGMIRROR_UPSTREAMS",
+                r#"[{name = "ghcr.io", url = "https://ghcr.io", password = "hunter2"#,
+            ),
+            (
+                "REGMIRROR_UPSTREAMS",
+                r#"[{name = "ghcr.io", url = "https://bot:hunter2@ghcr.io"}]"#,
+            ),
+            (
+                "REGMIRROR_UPSTREAMS",
+                r#"[{name = "ghcr.io", url = "https://ghcr.io", password = 4242}]"#,
+            ),
+        ];
+        for (var, value) in cases {
+            let e = load(None, env(&[(var, value)]), &Flags::default())
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains("hunter2") && !e.contains("4242"), "{e}");
+            assert!(e.contains(var), "the error names its origin: {e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.toml");
+        std::fs::write(&f, "[upstream]\npassword = 4242\n").unwrap();
+        let e = load(Some(&f), env(&[]), &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("upstream.password") && !e.contains("4242"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -446,24 +446,68 @@ fn de_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Url, D::Error> {
 }
 
 /// An upstream URL: http or https, a host, no path, query or credentials.
+/// Errors quote the URL without its `user:password@`, which is refused
+/// precisely because it is a secret.
 pub fn parse_upstream_url(s: &str) -> Result<Url, String> {
-    let url = Url::parse(s).map_err(|e| format!("invalid URL {s:?}: {e}"))?;
+    let shown = without_userinfo(s);
+    let url = Url::parse(s).map_err(|e| format!("invalid URL {shown:?}: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
         return Err(format!(
-            "invalid URL {s:?}: must be http:// or https:// with a host"
+            "invalid URL {shown:?}: must be http:// or https:// with a host"
         ));
     }
     if url.path() != "/" || url.query().is_some() || !url.username().is_empty() {
         return Err(format!(
-            "invalid URL {s:?}: give scheme, host and port only (credentials go in upstream.username/password)"
+            "invalid URL {shown:?}: give scheme, host and port only (credentials go in upstream.username/password)"
         ));
     }
     Ok(url)
 }
 
+/// `s` with whatever precedes the last `@` of its authority replaced, so a
+/// URL (even one that does not parse) can be quoted in an error.
+pub(crate) fn without_userinfo(s: &str) -> String {
+    let start = s.find("://").map_or(0, |i| i + 3);
+    let end = s[start..]
+        .find(['/', '?', '#'])
+        .map_or(s.len(), |i| start + i);
+    match s[start..end].rfind('@') {
+        Some(at) => format!("{}<redacted>{}", &s[..start], &s[start + at..]),
+        None => s.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_in_errors_lose_their_userinfo() {
+        for (url, shown) in [
+            (
+                "https://bot:hunter2@r.example",
+                "https://<redacted>@r.example",
+            ),
+            (
+                "https://bot:hunter2@r.example/v2?x",
+                "https://<redacted>@r.example/v2?x",
+            ),
+            ("bot:hunter2@r.example", "<redacted>@r.example"),
+            ("https://r.example/a@b", "https://r.example/a@b"),
+            ("https://a@b:pw@r.example", "https://<redacted>@r.example"),
+        ] {
+            assert_eq!(without_userinfo(url), shown);
+        }
+        for bad in [
+            "https://bot:hunter2@r.example",
+            "ftp://bot:hunter2@r.example",
+            "https://bot:hunter2@",
+            "https://bot:hunter2@r.example/path",
+        ] {
+            let e = parse_upstream_url(bad).unwrap_err();
+            assert!(!e.contains("hunter2") && e.contains("<redacted>"), "{e}");
+        }
+    }
 
     #[test]
     fn credentials_without_auth_are_warned_about() {
