@@ -1,8 +1,14 @@
 //! Closes connections that carry no traffic for a while: a wrapper around
-//! the socket whose reads fail with `TimedOut` once neither a read nor a
-//! write has moved a byte for the idle timeout. A connection that has sent
-//! nothing yet gets a shorter first deadline (the header read timeout), so a
-//! silent client does not hold a connection slot for the whole idle time.
+//! the socket whose reads, and writes that cannot proceed, fail with
+//! `TimedOut` once neither a read nor a write has moved a byte for the idle
+//! timeout. A connection that has sent nothing yet gets a shorter first
+//! deadline (the header read timeout), so a silent client does not hold a
+//! connection slot for the whole idle time.
+//!
+//! The write side matters as much as the read side: while hyper writes a
+//! response it does not always poll reads (not at all when a pipelined
+//! request waits in its buffer), so a client that stops reading would
+//! otherwise hold its connection, and its slot, for as long as it likes.
 
 use std::future::Future;
 use std::io;
@@ -32,6 +38,35 @@ impl<T> IdleTimeout<T> {
     fn active(&mut self) {
         self.deadline.as_mut().reset(Instant::now() + self.timeout);
     }
+
+    /// What a poll that moved nothing returns: `TimedOut` once the deadline
+    /// passed, else `Pending` (the deadline's timer wakes the task then).
+    fn stalled<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connection idle for too long",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// A write's result: progress pushes the deadline back, a write the peer
+    /// does not make room for counts toward it.
+    fn wrote(
+        &mut self,
+        r: Poll<io::Result<usize>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.active();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => self.stalled(cx),
+            other => other,
+        }
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
@@ -48,13 +83,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "connection idle for too long",
-                ))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => self.stalled(cx),
         }
     }
 }
@@ -66,18 +95,24 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.active();
-        }
-        r
+        self.wrote(r, cx)
     }
 
+    // A flush or shutdown that waits (TLS records the peer does not take)
+    // counts toward the deadline like a write; their progress is not seen
+    // here, the next write's or read's is.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => self.stalled(cx),
+            done => done,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        match Pin::new(&mut self.inner).poll_shutdown(cx) {
+            Poll::Pending => self.stalled(cx),
+            done => done,
+        }
     }
 
     fn poll_write_vectored(
@@ -86,10 +121,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.active();
-        }
-        r
+        self.wrote(r, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -100,7 +132,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test(start_paused = true)]
     async fn traffic_keeps_it_open_and_silence_closes_it() {
@@ -135,5 +167,42 @@ mod tests {
         let err = conn.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+
+    /// A peer that stops reading: the write blocks on the full pipe and fails
+    /// once it made no progress for the idle timeout, though nobody reads.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_peer_never_takes_times_out() {
+        let (a, _b) = tokio::io::duplex(64);
+        let mut conn = IdleTimeout::new(a, Duration::from_secs(9), Duration::from_secs(10));
+        let started = Instant::now();
+        // Bounded, so a write that never times out fails the test instead of hanging it.
+        let write = tokio::time::timeout(Duration::from_secs(60), conn.write_all(&[7u8; 1024]));
+        let err = write.await.expect("still blocked after 60 s").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // The first 64 bytes went through at once and reset the deadline.
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    /// A slow reader is not an idle one: each bit of room it makes pushes
+    /// the deadline back, so a write that takes far longer than the timeout
+    /// in all still completes.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_keeps_the_write_going() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut conn = IdleTimeout::new(a, Duration::from_secs(9), Duration::from_secs(10));
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = [0u8; 64];
+            while got < 1024 {
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                got += b.read(&mut buf).await.unwrap();
+            }
+            got
+        });
+        let started = Instant::now();
+        conn.write_all(&[7u8; 1024]).await.unwrap();
+        assert!(started.elapsed() > Duration::from_secs(100));
+        assert_eq!(reader.await.unwrap(), 1024);
     }
 }

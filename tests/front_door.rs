@@ -526,6 +526,75 @@ async fn connections_without_traffic_for_idle_timeout_are_closed() {
     );
 }
 
+/// A client that never reads the blob it asked for, with a second request pipelined behind
+/// the first so hyper has no reason to poll the socket for reads: the stalled write alone
+/// must end the connection after `idle_timeout`, free its slot, and leave others served.
+#[tokio::test]
+async fn a_client_that_never_reads_its_blob_is_cut_after_idle_timeout() {
+    let fake = FakeUpstream::start().await;
+    let size = 64 * 1024 * 1024;
+    let digest = fake.add_blob(REPO, random_bytes(size, 14));
+    let m = Front::start(&fake.url(), |c| {
+        c.server.idle_timeout = Duration::from_secs(1);
+        c.server.header_read_timeout = Duration::from_secs(30);
+        c.server.max_connections = 2;
+    })
+    .await;
+    let limit = Duration::from_secs(10);
+    let url = m.http(&format!("/v2/{REPO}/blobs/{digest}"));
+    let cached = client()
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(cached.len(), size);
+
+    let req = format!("GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: m\r\n\r\n");
+    let mut stalled = send_raw(
+        m.addr,
+        (req + std::str::from_utf8(PING).unwrap()).as_bytes(),
+    )
+    .await;
+
+    // The other slot: a keep-alive client served every 300 ms throughout (so it never idles).
+    let mut other = send_raw(m.addr, PING).await;
+    assert_eq!(read_response(&mut other, limit).await.0, 200);
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let pinger = tokio::spawn(async move {
+        loop {
+            other.write_all(PING).await.unwrap();
+            assert_eq!(read_response(&mut other, limit).await.0, 200);
+            tokio::select! {
+                _ = &mut stopped => return,
+                () = tokio::time::sleep(Duration::from_millis(300)) => {}
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Both slots were taken; a third connection is served only once the stalled one is gone.
+    let whole = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let third = exchange(m.addr, whole, Duration::from_secs(5)).await;
+    assert_eq!(
+        third.status(),
+        Some(200),
+        "the stalled reader still holds its connection slot: {third:?}"
+    );
+    stop.send(()).unwrap();
+    pinger.await.unwrap();
+
+    // Reading now gets what the socket buffers held, then the end: not the whole blob.
+    let (raw, open) = read_until_closed(&mut stalled, after(20)).await;
+    assert!(!open, "the stalled reader's connection is still open");
+    let got = Reply::Status(200, raw).body().len();
+    assert!(
+        got < size,
+        "stalled 3 s (idle_timeout 1 s), still got all {size} bytes"
+    );
+}
+
 #[tokio::test]
 async fn upstream_credentials_go_only_to_allowed_token_hosts_and_never_into_logs() {
     const USER: &str = "mirror-bot";
