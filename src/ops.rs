@@ -83,10 +83,14 @@ pub async fn answer(registry: &Registry, which: OpsEndpoint, head: bool) -> Resu
             ),
         ),
     };
-    let response = response::builder(status)
+    let mut b = response::builder(status)
         .header(header::CONTENT_TYPE, content_type)
         .header(header::CONTENT_LENGTH, body.len())
-        .header(header::CACHE_CONTROL, "no-store")
+        .header(header::CACHE_CONTROL, "no-store");
+    if which == OpsEndpoint::Status {
+        b = b.header(header::CONTENT_SECURITY_POLICY, STATUS_PAGE_CSP);
+    }
+    let response = b
         .body(if head {
             response::empty()
         } else {
@@ -98,6 +102,13 @@ pub async fn answer(registry: &Registry, which: OpsEndpoint, head: bool) -> Resu
         outcome: Outcome::None,
     })
 }
+
+/// The status page has no script, image, font or form, only its own inline
+/// `<style>` and `style=` attributes (the usage bar): anything else that got
+/// into it (an escaping bug) is not loaded or run, and no other site may
+/// frame it.
+pub const STATUS_PAGE_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; \
+     base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// Escapes text for HTML.
 fn esc(s: &str) -> String {

@@ -67,12 +67,18 @@ where
     })))
 }
 
-/// A response builder with the headers every registry answer carries.
+/// A response builder with the headers every answer carries (registry API,
+/// errors and operator endpoints alike).
 pub fn builder(status: StatusCode) -> http::response::Builder {
     Response::builder()
         .status(status)
         .header(API_VERSION, "registry/2.0")
+        // A browser pointed at a blob (bytes the upstream chose) must not
+        // guess it is HTML or script and run it under the mirror's origin.
+        .header(header::X_CONTENT_TYPE_OPTIONS, NOSNIFF)
 }
+
+const NOSNIFF: &str = "nosniff";
 
 /// Renders an error: the JSON envelope (no body for HEAD), its status, and
 /// `Retry-After` for rate limits.
@@ -108,5 +114,9 @@ pub fn error(err: &Error, head: bool) -> Response<Body> {
 pub fn fallback() -> Response<Body> {
     let mut r = Response::new(empty());
     *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    r.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static(NOSNIFF),
+    );
     r
 }

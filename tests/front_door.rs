@@ -595,6 +595,47 @@ async fn a_client_that_never_reads_its_blob_is_cut_after_idle_timeout() {
     );
 }
 
+/// A browser pointed at the mirror must never sniff a blob (bytes the upstream chose) or an
+/// error into HTML: every kind of answer says `nosniff`, hits, misses, errors and the operator
+/// endpoints alike.
+#[tokio::test]
+async fn every_response_says_nosniff() {
+    let fake = FakeUpstream::start().await;
+    let html = b"<html><script>alert(1)</script></html>".to_vec();
+    let img = fake.add_image(REPO, "v1", vec![html]);
+    let m = Front::start(&fake.url(), |_| {}).await;
+    let layer = format!("/v2/{REPO}/blobs/{}", img.layer_digests[0]);
+    let long = format!("/v2/{}", "a".repeat(9000));
+    let c = client();
+    for (method, path, status) in [
+        ("GET", "/v2/", 200),
+        ("GET", &format!("/v2/{REPO}/manifests/v1") as &str, 200),
+        ("GET", &layer, 200),
+        ("GET", &layer, 200),
+        ("HEAD", &layer, 200),
+        ("GET", &format!("/v2/{REPO}/manifests/nope"), 404),
+        ("GET", "/v2/no/such/thing/", 404),
+        ("GET", &long, 414),
+        ("GET", "/metrics", 200),
+        ("GET", "/healthz", 200),
+        ("GET", "/readyz", 200),
+        ("GET", "/_/status", 200),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let r = c
+            .request(method.clone(), m.http(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{method} {path}");
+        assert_eq!(
+            header(&r, "x-content-type-options"),
+            "nosniff",
+            "{method} {path} ({status})"
+        );
+    }
+}
+
 #[tokio::test]
 async fn upstream_credentials_go_only_to_allowed_token_hosts_and_never_into_logs() {
     const USER: &str = "mirror-bot";

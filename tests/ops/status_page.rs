@@ -171,6 +171,19 @@ async fn status_page_shows_what_metrics_count() {
     assert_eq!(r.status(), 200);
     let ct = crate::common::header(&r, "content-type");
     assert!(ct.starts_with("text/html"), "{ct}");
+    // Nothing that got into the page could load or run anything, and the page is not framed.
+    let csp = crate::common::header(&r, "content-security-policy");
+    for directive in ["default-src 'none'", "frame-ancestors 'none'"] {
+        assert!(csp.contains(directive), "CSP without {directive}: {csp:?}");
+    }
+    assert!(
+        !csp.contains("script-src"),
+        "the page needs no script: {csp:?}"
+    );
+    assert_eq!(
+        crate::common::header(&r, "x-content-type-options"),
+        "nosniff"
+    );
     let html = r.text().await.unwrap();
     assert_page(&html, &want, "");
     let s: Scrape = scrape(&m).await;
