@@ -1,7 +1,8 @@
 //! Restarts after what goes wrong on the mirror's own machine: a `regmirror serve` process
 //! killed (SIGKILL) in the middle of a download, cached blobs damaged on disk, cached files
 //! deleted or damaged while it serves (the index forgets them), a full disk; and the cache
-//! commands (`regmirror gc`, `ls`, `du`) on a stopped mirror's data dir.
+//! commands (`regmirror gc`, `ls`, `du`) on a stopped mirror's data dir; and who else on
+//! the machine may read that data dir (nobody, whatever the umask).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -659,4 +660,68 @@ async fn full_disk_fails_the_download_cleanly_and_keeps_serving() {
     assert!(m.blob(REPO, &d_after).await == after, "a blob pulled after");
     assert!(m.committed(&d_after).await, "and cached");
     drop(m.stop().await);
+}
+
+/// Blobs pulled with the mirror's upstream credentials, and the index naming every
+/// repository, are the mirror's alone: under the common umask 022 (files 0644, dirs 0755
+/// by default) every file and directory the mirror creates has no group or other bits.
+#[tokio::test]
+async fn the_cache_is_private_whatever_the_umask() {
+    use rustix::fs::Mode;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    // Process-wide; 022 is what most services start with, so tests beside it see no change.
+    let before = rustix::process::umask(Mode::from_raw_mode(0o022));
+    let fake = FakeUpstream::start().await;
+    let img = fake.add_image(
+        REPO,
+        "v1",
+        vec![random_bytes(300_000, 41), random_bytes(1000, 42)],
+    );
+    let outer = tempfile::tempdir().unwrap();
+    // A data dir the mirror creates itself, parents included.
+    let data_dir = outer.path().join("var/cache/regmirror");
+    let dir = data_dir.clone();
+    let m = start_mirror(&fake.url(), move |c| c.data_dir = dir).await;
+    pull(&m, REPO, "v1").await;
+    m.stop().await;
+    rustix::process::umask(before);
+
+    let mut seen = Vec::new();
+    let mut open = Vec::new();
+    let mut todo = vec![outer.path().join("var")];
+    while let Some(path) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            open.push(format!("{:o} {}", mode, path.display()));
+        }
+        if meta.is_dir() {
+            todo.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+        seen.push(path.strip_prefix(&data_dir).unwrap_or(&path).to_path_buf());
+    }
+    assert!(open.is_empty(), "readable by others: {open:#?}");
+    // The walk saw what a mirror writes: not an empty directory passing by default.
+    let hex = |d: &str| d.trim_start_matches("sha256:").to_owned();
+    for want in [
+        "lock".to_owned(),
+        "index.json".to_owned(),
+        "tmp".to_owned(),
+        format!(
+            "blobs/sha256/{}/{}",
+            &hex(&img.layer_digests[0])[..2],
+            hex(&img.layer_digests[0])
+        ),
+        format!(
+            "manifests/sha256/{}/{}",
+            &hex(&img.manifest_digest)[..2],
+            hex(&img.manifest_digest)
+        ),
+    ] {
+        assert!(
+            seen.contains(&PathBuf::from(&want)),
+            "{want} not in {seen:#?}"
+        );
+    }
 }

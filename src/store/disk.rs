@@ -5,8 +5,10 @@
 //! bytes), `tmp/` for downloads in progress. Paths come only from parsed
 //! digests. Everything is written to `tmp/`, fsynced, renamed into place and
 //! the directory fsynced, so a crash never leaves a half-written committed file.
+//! Directories are created 0700 and files 0600 whatever the umask.
 
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -18,6 +20,28 @@ use super::{BlobFile, BlobStore, ContentKey, Found, Kind, Spool, StoredManifest}
 use crate::hashing::digest_of;
 use crate::reference::{Algorithm, Digest};
 
+/// The cache holds what was pulled with the mirror's upstream credentials
+/// (private images among them) and its index names them: it is the mirror's
+/// alone, not every local user's, whatever umask the service started with.
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
+
+/// Creates `dir` and its missing ancestors with the private mode.
+fn private_dirs(dir: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+}
+
+/// Options that create a file with the private mode (an existing file keeps
+/// its own).
+pub(super) fn private_file() -> std::fs::OpenOptions {
+    let mut options = std::fs::OpenOptions::new();
+    options.mode(FILE_MODE);
+    options
+}
+
 #[derive(Debug, Clone)]
 pub struct DiskStore {
     root: PathBuf,
@@ -27,7 +51,7 @@ impl DiskStore {
     /// Opens (creating) the store under `root`.
     pub fn open(root: &Path) -> io::Result<Self> {
         for dir in ["blobs", "manifests", "tmp"] {
-            std::fs::create_dir_all(root.join(dir))?;
+            private_dirs(&root.join(dir))?;
         }
         Ok(Self {
             root: root.to_path_buf(),
@@ -41,7 +65,7 @@ impl DiskStore {
     /// Takes the data dir's lock, held by a serving mirror for its lifetime.
     /// `None` when another process holds it.
     pub fn try_lock(&self) -> io::Result<Option<std::fs::File>> {
-        let file = std::fs::OpenOptions::new()
+        let file = private_file()
             .create(true)
             .truncate(false)
             .write(true)
@@ -193,7 +217,7 @@ fn create_dirs_durably(dir: &Path) -> io::Result<()> {
             .ok_or_else(|| io::Error::other(format!("no directory above {}", dir.display())))?;
     }
     for level in missing.into_iter().rev() {
-        match std::fs::create_dir(level) {
+        match std::fs::DirBuilder::new().mode(DIR_MODE).create(level) {
             Ok(()) => {}
             // Created meanwhile by another commit, which may not have
             // fsynced its parent yet: this one does it too.
@@ -240,7 +264,7 @@ impl BlobStore for DiskStore {
     async fn spool(&self) -> io::Result<Spool> {
         let path = self.temp_path();
         blocking(move || {
-            let file = std::fs::OpenOptions::new()
+            let file = private_file()
                 .read(true)
                 .write(true)
                 .create_new(true)
@@ -294,10 +318,7 @@ impl BlobStore for DiskStore {
         let manifest = manifest.clone();
         blocking(move || {
             let result = (|| {
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&temp)?;
+                let mut f = private_file().write(true).create_new(true).open(&temp)?;
                 f.write_all(manifest.media_type.as_bytes())?;
                 f.write_all(b"\n")?;
                 f.write_all(&manifest.bytes)?;

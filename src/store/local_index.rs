@@ -213,7 +213,17 @@ fn write_atomically(path: &Path, snapshot: &Snapshot) -> io::Result<()> {
     let write = || -> io::Result<()> {
         #[cfg(test)]
         WROTE_HERE.with(|w| w.set(true));
-        let mut f = io::BufWriter::new(std::fs::File::create(&tmp)?);
+        // Private like the rest of the cache: it names every repository
+        // pulled. Created anew, so a leftover of a crash does not lend it its mode.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let file = super::disk::private_file()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        let mut f = io::BufWriter::new(file);
         serde_json::to_writer(&mut f, snapshot)?;
         f.flush()?;
         let f = f.into_inner().map_err(io::IntoInnerError::into_error)?;
