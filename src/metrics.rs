@@ -52,6 +52,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabels {
+    cert: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -89,6 +94,7 @@ pub struct Metrics {
     cache_bytes: Gauge,
     cache_entries: Family<KindLabels, Gauge>,
     stale_serves: Counter,
+    tls_expiry: Family<CertLabels, Gauge>,
     // For the status page (not all of it fits Prometheus' model).
     hits: AtomicU64,
     lookups: AtomicU64,
@@ -96,6 +102,7 @@ pub struct Metrics {
     pulls: Mutex<HashMap<String, u64>>,
     upstream_health: Mutex<HashMap<String, UpstreamHealth>>,
     recent_errors: Mutex<VecDeque<RecentError>>,
+    tls_not_after: Mutex<Option<SystemTime>>,
 }
 
 /// Images whose pulls are counted one by one (the status page shows ten).
@@ -133,12 +140,14 @@ impl Metrics {
             cache_bytes: Gauge::default(),
             cache_entries: Family::default(),
             stale_serves: Counter::default(),
+            tls_expiry: Family::default(),
             hits: AtomicU64::new(0),
             lookups: AtomicU64::new(0),
             bytes_from_cache: AtomicU64::new(0),
             pulls: Mutex::new(HashMap::new()),
             upstream_health: Mutex::new(HashMap::new()),
             recent_errors: Mutex::new(VecDeque::new()),
+            tls_not_after: Mutex::new(None),
         };
         // Every series an alert may watch exists from the start, at zero.
         for kind in ["manifest", "blob"] {
@@ -220,6 +229,13 @@ impl Metrics {
             "stale_serves",
             "Tags and tag lists served from cache because the upstream failed",
             m.stale_serves.clone(),
+        );
+        // A family, so that a mirror without TLS has no series (a 0 would
+        // look like a certificate expired in 1970 to an alert).
+        r.register(
+            "tls_certificate_expiry_seconds",
+            "When the served TLS certificate expires (its notAfter, Unix time)",
+            m.tls_expiry.clone(),
         );
         m
     }
@@ -367,6 +383,26 @@ impl Metrics {
             .set(i64::try_from(manifests).unwrap_or(i64::MAX));
     }
 
+    /// The certificate `cert` now served expires at `not_after` (unknown:
+    /// its series is removed rather than left at an old value).
+    pub fn tls_certificate(&self, cert: &str, not_after: Option<SystemTime>) {
+        let labels = CertLabels {
+            cert: cert.to_owned(),
+        };
+        let unix = not_after
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        match unix {
+            Some(secs) => {
+                self.tls_expiry.get_or_create(&labels).set(secs);
+            }
+            None => {
+                self.tls_expiry.remove(&labels);
+            }
+        }
+        *lock(&self.tls_not_after) = not_after;
+    }
+
     pub fn stale_serve(&self) {
         self.stale_serves.inc();
     }
@@ -409,6 +445,7 @@ impl Metrics {
             top_pulled: top,
             upstreams,
             recent_errors: lock(&self.recent_errors).iter().rev().cloned().collect(),
+            tls_not_after: *lock(&self.tls_not_after),
         }
     }
 }
@@ -423,6 +460,8 @@ pub struct Snapshot {
     pub top_pulled: Vec<(String, u64)>,
     pub upstreams: Vec<(String, UpstreamHealth)>,
     pub recent_errors: Vec<RecentError>,
+    /// The served TLS certificate's expiry (`None` without TLS, or unread).
+    pub tls_not_after: Option<SystemTime>,
 }
 
 /// The `ratelimit-remaining` header: `100;w=21600` → 100.

@@ -11,6 +11,7 @@ use crate::error::Error;
 use crate::metrics::Snapshot;
 use crate::registry::Registry;
 use crate::response::{self, Outcome, Reply};
+use crate::tls::EXPIRY_WARNING;
 use crate::units::human_bytes;
 
 /// An operator endpoint, by path.
@@ -128,6 +129,23 @@ fn ago(t: SystemTime, now: SystemTime) -> String {
     }
 }
 
+/// The served certificate's expiry, red from [`EXPIRY_WARNING`] before it.
+fn tls_card(at: SystemTime, now: SystemTime) -> String {
+    let days = |d: std::time::Duration| match d.as_secs() / 86400 {
+        1 => "1 day".to_owned(),
+        n => format!("{n} days"),
+    };
+    let (class, what) = match at.duration_since(now) {
+        Ok(left) if left >= EXPIRY_WARNING => ("ok", format!("expires in {}", days(left))),
+        Ok(left) => ("bad", format!("expires in {}", days(left))),
+        Err(past) => ("bad", format!("expired {} ago", days(past.duration()))),
+    };
+    format!(
+        "\n<div class=card id=tls>TLS certificate<b class={class}>{what}</b>{}</div>",
+        humantime::format_rfc3339_seconds(at)
+    )
+}
+
 /// The status page: a pure function of a metrics snapshot and the budget.
 pub fn status_page(s: &Snapshot, max_size: u64, now: SystemTime) -> String {
     let used_pct = if max_size == 0 {
@@ -174,6 +192,9 @@ pub fn status_page(s: &Snapshot, max_size: u64, now: SystemTime) -> String {
     if ups.is_empty() {
         ups.push_str("<tr><td colspan=4 class=none>not contacted yet</td></tr>");
     }
+    let tls = s
+        .tls_not_after
+        .map_or_else(String::new, |at| tls_card(at, now));
     let mut errors = String::new();
     for e in &s.recent_errors {
         errors.push_str(&format!(
@@ -206,7 +227,7 @@ table{{border-collapse:collapse;width:100%}} td,th{{text-align:left;padding:.3em
 <div class=cards>
 <div class=card id=usage>cache use<b>{used} of {budget}</b><div class=bar><span style="width:{bar:.1}%"></span></div>{used_pct:.1}%</div>
 <div class=card id=hits>hit ratio<b>{hit_ratio}</b>{hits} hits of {lookups} lookups</div>
-<div class=card id=saved>served from cache<b>{saved}</b>not fetched from upstream</div>
+<div class=card id=saved>served from cache<b>{saved}</b>not fetched from upstream</div>{tls}
 </div>
 <h2>Most pulled images</h2>
 <table id=top><tr><th>image</th><th class=n>pulls</th></tr>{top}</table>
@@ -252,6 +273,7 @@ mod tests {
                 path: "/v2/<script>".into(),
                 message: "upstream answered 503".into(),
             }],
+            tls_not_after: None,
         };
         let html = status_page(&s, 1024 * 1024 * 1024, now);
         assert!(html.contains("512.0 MiB of 1.0 GiB"), "{html}");
@@ -260,6 +282,19 @@ mod tests {
         assert!(html.contains("/v2/&lt;script&gt;"));
         assert!(!html.contains("<script>"));
         assert!(html.contains("healthy"));
+        assert!(!html.contains("id=tls"), "no TLS, no certificate card");
+    }
+
+    #[test]
+    fn certificate_card_turns_red_two_weeks_before_expiry() {
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+        let day = std::time::Duration::from_secs(86400);
+        assert!(tls_card(now + 90 * day, now).contains("<b class=ok>expires in 90 days</b>"));
+        assert!(
+            tls_card(now + 3 * day + day / 2, now).contains("<b class=bad>expires in 3 days</b>")
+        );
+        assert!(tls_card(now - day, now).contains("<b class=bad>expired 1 day ago</b>"));
+        assert!(tls_card(now, now).contains("2001-09-09T01:46:40Z"));
     }
 
     #[test]

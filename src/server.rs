@@ -73,6 +73,9 @@ pub async fn run(
         None => None,
     };
     let registry = Arc::new(Registry::open(&config).await?);
+    if let Some(t) = &tls {
+        t.report_to(registry.metrics.clone());
+    }
     let mut background = vec![tokio::spawn(registry.clone().maintain())];
     if let Some(t) = &tls {
         background.push(tokio::spawn(t.clone().watch()));

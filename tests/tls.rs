@@ -2,7 +2,8 @@
 //! intermediate, ALPN (HTTP/2 or HTTP/1.1 as the client offers), untrusting clients refused,
 //! certificates replaced on disk or by SIGHUP reaching new connections while open ones keep
 //! theirs, broken files (at startup an error naming the file, at reload the old certificate
-//! kept), and the handshake deadline. Certificates are made with the `openssl` CLI.
+//! kept), the handshake deadline, and a certificate near its expiry (logged, on `/metrics`
+//! and the status page). Certificates are made with the `openssl` CLI.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::front::{read_until_closed, startup_config, startup_error, Front};
+use common::front::{captured_logs, read_until_closed, startup_config, startup_error, Front};
 use common::{random_bytes, FakeUpstream};
 use regmirror::server::ServeError;
 use tokio::io::AsyncWriteExt as _;
@@ -70,8 +71,16 @@ fn openssl(dir: &Path, args: &str) {
     assert!(out.status.success(), "openssl {args}: {err}");
 }
 
+/// How long test certificates are valid: far from the expiry warning.
+const DAYS: u32 = 90;
+
 /// `NAME.key` of `kind`, and `NAME.crt` signed by `ca` (self-signed when `None`) with `ext`.
 fn issue(dir: &Path, name: &str, kind: Key, ca: Option<&str>, ext: &str) {
+    issue_for(dir, name, kind, ca, ext, DAYS);
+}
+
+/// [`issue`], valid for `days` from now.
+fn issue_for(dir: &Path, name: &str, kind: Key, ca: Option<&str>, ext: &str, days: u32) {
     std::fs::create_dir_all(dir).unwrap();
     openssl(dir, &kind.command().replace("KEY", &format!("{name}.key")));
     std::fs::write(dir.join(format!("{name}.ext")), ext.replace(';', "\n")).unwrap();
@@ -82,8 +91,9 @@ fn issue(dir: &Path, name: &str, kind: Key, ca: Option<&str>, ext: &str) {
         Some(ca) => format!("-CA {ca}.crt -CAkey {ca}.key -set_serial {serial}"),
         None => format!("-key {name}.key -set_serial {serial}"),
     };
-    let x509 =
-        format!("x509 -req -in {name}.csr {signer} -days 2 -extfile {name}.ext -out {name}.crt");
+    let x509 = format!(
+        "x509 -req -in {name}.csr {signer} -days {days} -extfile {name}.ext -out {name}.crt"
+    );
     openssl(dir, &x509);
 }
 
@@ -94,7 +104,12 @@ const CA: &str = "basicConstraints=critical,CA:TRUE;keyUsage=critical,keyCertSig
 /// A self-signed server certificate for 127.0.0.1 and localhost. `CA:FALSE`, because
 /// rustls (webpki) refuses a CA certificate as the server's own.
 fn self_signed(dir: &Path, name: &str, kind: Key) -> Cert {
-    issue(dir, name, kind, None, LEAF);
+    self_signed_for(dir, name, kind, DAYS)
+}
+
+/// [`self_signed`], valid for `days` from now.
+fn self_signed_for(dir: &Path, name: &str, kind: Key, days: u32) -> Cert {
+    issue_for(dir, name, kind, None, LEAF, days);
     let cert = dir.join(format!("{name}.crt"));
     let trust = std::fs::read(&cert).unwrap();
     let key = dir.join(format!("{name}.key"));
@@ -523,5 +538,109 @@ async fn http2_header_lists_over_max_header_size_are_refused() {
     assert_eq!(
         (r.status(), r.version()),
         (reqwest::StatusCode::OK, reqwest::Version::HTTP_2)
+    );
+}
+
+/// `regmirror_tls_certificate_expiry_seconds{cert}` on the mirror's `/metrics`, if any.
+async fn expiry_metric(m: &Front, trust: &[u8], cert: &Path) -> Option<f64> {
+    let text = client(&[trust], false)
+        .get(m.https("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!(
+        "regmirror_tls_certificate_expiry_seconds{{cert=\"{}\"}} ",
+        cert.display()
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// Seconds from now until the Unix time `at`.
+fn seconds_until(at: f64) -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    at - now.as_secs_f64()
+}
+
+/// A certificate three days from its end is something an operator must hear of before
+/// clients refuse it: a warning at startup naming the file, its notAfter on `/metrics` (for
+/// an alert) and a red card on the status page; a renewed one put in its place moves both.
+#[tokio::test]
+async fn a_certificate_near_its_expiry_is_logged_on_metrics_and_on_the_status_page() {
+    let logs = captured_logs();
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let soon = self_signed_for(dir.path(), "soon", Key::EcPkcs8, 3);
+    let renewed = self_signed_for(dir.path(), "renewed", Key::EcPkcs8, 90);
+    let live = Cert {
+        cert: dir.path().join("live.crt"),
+        key: dir.path().join("live.key"),
+        trust: vec![],
+    };
+    replace(&soon, &live);
+    let m = tls_mirror(&fake.url(), &live.cert, &live.key).await;
+    let day = 86400.0;
+
+    let at = expiry_metric(&m, &soon.trust, &live.cert)
+        .await
+        .expect("an expiry series for the served certificate");
+    let left = seconds_until(at);
+    assert!(
+        (3.0 * day - 600.0..=3.0 * day + 5.0).contains(&left),
+        "notAfter {at} is {left} s away, not 3 days"
+    );
+
+    let path = live.cert.display().to_string();
+    let warned = String::from_utf8_lossy(&logs.lock().unwrap())
+        .lines()
+        .any(|l| {
+            l.contains("WARN") && l.contains("TLS certificate expires soon") && l.contains(&path)
+        });
+    assert!(warned, "no warning naming {path}");
+
+    let page = client(&[&soon.trust], false)
+        .get(m.https("/_/status"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("<b class=bad>expires in 2 days</b>"),
+        "no red expiry on the status page:\n{page}"
+    );
+
+    replace(&renewed, &live);
+    wait_served_to(&m, &renewed.trust, "the renewed certificate").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let at = expiry_metric(&m, &renewed.trust, &live.cert).await.unwrap();
+        if seconds_until(at) > 89.0 * day {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the metric kept {at} after the renewal"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let page = client(&[&renewed.trust], false)
+        .get(m.https("/_/status"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("<b class=ok>expires in 89 days</b>"),
+        "{page}"
     );
 }
