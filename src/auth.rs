@@ -1,9 +1,19 @@
 //! Client authentication: HTTP Basic against an htpasswd file of bcrypt
-//! users (`htpasswd -B`). bcrypt runs off the async workers, and a verified
-//! (user, password) is remembered for a few minutes so a pull of 30 layers
-//! costs one bcrypt. The file is reloaded when it changes.
+//! users (`htpasswd -B`). A verified (user, password) is remembered for a few
+//! minutes so a pull of 30 layers costs one bcrypt. The file is reloaded when
+//! it changes.
+//!
+//! bcrypt is what a client without credentials can make the mirror spend, so
+//! it is bounded three ways: it runs on a few threads of its own
+//! ([`pool`]), concurrent checks of the same credentials share one run
+//! (and its outcome, right or wrong, is remembered), and each client address
+//! may cause only a few failed runs per window ([`backoff`]).
+
+mod backoff;
+mod pool;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -11,10 +21,21 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 
+use crate::config::AuthConfig;
 use crate::error::Error;
+use crate::metrics::Metrics;
 
-/// How long a verified (user, password) is trusted without bcrypt.
+use backoff::Backoff;
+use pool::BcryptPool;
+
+/// How long the outcome of a check of (user, hash, password) is trusted
+/// without bcrypt. The outcome never changes (bcrypt is deterministic and a
+/// changed file changes the hash); this only bounds how long it takes memory.
 const REMEMBER: Duration = Duration::from_secs(300);
+/// How many outcomes are remembered. The cache admits by frequency, so a
+/// flood of one-off wrong passwords does not push out the credentials every
+/// pull uses.
+const OUTCOMES: u64 = 10_000;
 /// How often the file is checked for changes.
 const WATCH_EVERY: Duration = Duration::from_secs(2);
 
@@ -58,9 +79,11 @@ impl Htpasswd {
     }
 }
 
-/// The key of a remembered verification: user, the hash it was checked
-/// against (a changed file invalidates it), and a digest of the password.
-type Verified = (String, String, [u8; 32]);
+/// The key of a check's outcome: a keyed hash of user, the hash checked
+/// against (a changed file makes new keys) and password, so the password
+/// itself is not kept, and a memory dump does not give a fast offline test
+/// of guesses without the per-process key.
+type CheckKey = [u8; 32];
 
 /// Checks `Authorization: Basic` headers.
 pub struct Authenticator {
@@ -68,25 +91,37 @@ pub struct Authenticator {
     path: PathBuf,
     users: RwLock<Arc<Htpasswd>>,
     modified: Mutex<Option<SystemTime>>,
-    verified: moka::future::Cache<Verified, ()>,
+    /// Outcomes of checks, right and wrong; also where concurrent checks of
+    /// the same credentials wait for the one that runs.
+    outcomes: moka::future::Cache<CheckKey, bool>,
+    /// The per-process key of [`CheckKey`]s.
+    secret: [u8; 32],
+    pool: BcryptPool,
+    backoff: Backoff,
+    metrics: Arc<Metrics>,
 }
 
 impl Authenticator {
-    pub fn new(path: &Path, realm: &str) -> Result<Self, String> {
-        let users = Htpasswd::load(path)?;
-        Ok(Self {
-            realm: realm.to_owned(),
+    /// Checks against `users`, loaded from `path` (watched for changes).
+    pub fn new(path: &Path, users: Htpasswd, config: &AuthConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            realm: config.realm.clone(),
             path: path.to_path_buf(),
             users: RwLock::new(Arc::new(users)),
             modified: Mutex::new(modified(path)),
-            verified: moka::future::Cache::builder()
-                .max_capacity(10_000)
+            outcomes: moka::future::Cache::builder()
+                .max_capacity(OUTCOMES)
                 .time_to_live(REMEMBER)
                 .build(),
-        })
+            secret: rand::random(),
+            pool: BcryptPool::new(config.bcrypt_threads),
+            backoff: Backoff::new(config.max_failures, config.failure_window),
+            metrics,
+        }
     }
 
-    fn unauthorized(&self, detail: &str) -> Error {
+    fn unauthorized(&self, reason: &'static str, detail: &str) -> Error {
+        self.metrics.auth_refusal(reason);
         Error::Unauthorized {
             realm: self.realm.clone(),
             detail: detail.to_owned(),
@@ -94,36 +129,56 @@ impl Authenticator {
     }
 
     /// `Ok` when the header carries the credentials of a user in the file.
-    pub async fn check(&self, authorization: Option<&str>) -> Result<(), Error> {
+    /// `client` is the address failures are held against.
+    pub async fn check(&self, authorization: Option<&str>, client: IpAddr) -> Result<(), Error> {
         let Some(value) = authorization else {
-            return Err(self.unauthorized("authentication required"));
+            return Err(self.unauthorized("missing", "authentication required"));
         };
-        let (user, password) =
-            parse_basic(value).ok_or_else(|| self.unauthorized("malformed Basic credentials"))?;
+        let Some((user, password)) = parse_basic(value) else {
+            return Err(self.unauthorized("malformed", "malformed Basic credentials"));
+        };
         let hash = {
             let users = self.users.read().unwrap_or_else(|p| p.into_inner());
             users.users.get(&user).cloned()
         };
         let Some(hash) = hash else {
-            return Err(self.unauthorized("invalid username or password"));
+            return Err(self.unauthorized("invalid", "invalid username or password"));
         };
-        let key: Verified = (
-            user,
-            hash.clone(),
-            Sha256::digest(password.as_bytes()).into(),
-        );
-        if self.verified.contains_key(&key) {
-            return Ok(());
+        let key = check_key(&self.secret, &user, &hash, &password);
+        // The one check of these credentials runs here; concurrent callers
+        // with the same key wait for its outcome. An error (backoff, a lost
+        // thread) is not remembered.
+        let verified = self
+            .outcomes
+            .try_get_with(key, async move {
+                let charge =
+                    self.backoff
+                        .charge(client)
+                        .await
+                        .map_err(|wait| Error::LoginBackoff {
+                            retry_after: wait.as_secs().max(1),
+                        })?;
+                self.metrics.auth_bcrypt();
+                let ok = self
+                    .pool
+                    .run(move || bcrypt::verify(password, &hash).unwrap_or(false))
+                    .await?;
+                if ok {
+                    charge.succeeded();
+                }
+                Ok::<_, Error>(ok)
+            })
+            .await;
+        match verified {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.unauthorized("invalid", "invalid username or password")),
+            Err(e) => {
+                if matches!(*e, Error::LoginBackoff { .. }) {
+                    self.metrics.auth_refusal("backoff");
+                }
+                Err((*e).clone())
+            }
         }
-        let ok =
-            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
-                .await
-                .unwrap_or(false);
-        if !ok {
-            return Err(self.unauthorized("invalid username or password"));
-        }
-        self.verified.insert(key, ()).await;
-        Ok(())
     }
 
     /// Reloads the file when it changes, until the process ends. A broken
@@ -151,6 +206,34 @@ impl Authenticator {
             }
         }
     }
+}
+
+/// HMAC-SHA256 (RFC 2104) of user, hash and password under `secret`, each
+/// part length-prefixed so no two triples give the same message.
+fn check_key(secret: &[u8; 32], user: &str, hash: &str, password: &str) -> CheckKey {
+    let mut message = Vec::with_capacity(24 + user.len() + hash.len() + password.len());
+    for part in [user, hash, password] {
+        message.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        message.extend_from_slice(part.as_bytes());
+    }
+    hmac_sha256(secret, &message)
+}
+
+/// HMAC-SHA256 with a key of at most one block (64 bytes), all this needs.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    let mut block = [0u8; 64];
+    let n = key.len().min(64);
+    block[..n].copy_from_slice(&key[..n]);
+    let pad = |byte: u8| block.map(|k| k ^ byte);
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {
@@ -199,36 +282,125 @@ mod tests {
         assert_eq!(parse_basic("Basic bm9jb2xvbg=="), None);
     }
 
-    #[tokio::test]
-    async fn verifies_once_then_remembers() {
+    fn encoded(user_password: &str) -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(user_password)
+        )
+    }
+
+    /// The `regmirror_auth_*` sample `name` (with its labels) in `metrics`.
+    fn sample(metrics: &Metrics, name: &str) -> u64 {
+        let text = metrics.encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in {text}"));
+        line.rsplit_once(' ').unwrap().1.parse().unwrap()
+    }
+
+    fn authenticator(users: &str, config: &AuthConfig) -> (Authenticator, Arc<Metrics>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("htpasswd");
+        std::fs::write(&path, users).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let users = Htpasswd::load(&path).unwrap();
+        let auth = Authenticator::new(&path, users, config, metrics.clone());
+        (auth, metrics)
+    }
+
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[tokio::test]
+    async fn verifies_once_then_remembers() {
         let hash = bcrypt::hash("gordon", 4).unwrap();
-        std::fs::write(&path, format!("moby:{hash}\n")).unwrap();
-        let auth = Authenticator::new(&path, "regmirror").unwrap();
-        let good = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode("moby:gordon")
-        );
-        let bad = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode("moby:wrong")
-        );
-        assert!(auth.check(Some(&good)).await.is_ok());
-        auth.verified.run_pending_tasks().await;
+        let (auth, metrics) = authenticator(&format!("moby:{hash}\n"), &AuthConfig::default());
+        let good = encoded("moby:gordon");
+        let bad = encoded("moby:wrong");
+        assert!(auth.check(Some(&good), CLIENT).await.is_ok());
+        assert!(auth.check(Some(&good), CLIENT).await.is_ok());
+        assert_eq!(sample(&metrics, "regmirror_auth_bcrypt_total"), 1);
+        for _ in 0..3 {
+            assert!(matches!(
+                auth.check(Some(&bad), CLIENT).await,
+                Err(Error::Unauthorized { .. })
+            ));
+        }
         assert_eq!(
-            auth.verified.entry_count(),
-            1,
-            "remembered after one bcrypt"
+            sample(&metrics, "regmirror_auth_bcrypt_total"),
+            2,
+            "a known wrong password is refused without another bcrypt"
         );
-        assert!(auth.check(Some(&good)).await.is_ok());
         assert!(matches!(
-            auth.check(Some(&bad)).await,
+            auth.check(None, CLIENT).await,
             Err(Error::Unauthorized { .. })
         ));
-        assert!(matches!(
-            auth.check(None).await,
-            Err(Error::Unauthorized { .. })
-        ));
+        let invalid = "regmirror_auth_refusals_total{reason=\"invalid\"}";
+        assert_eq!(sample(&metrics, invalid), 3);
+    }
+
+    #[test]
+    fn check_keys_are_hmac_sha256_and_tell_every_part_apart() {
+        // RFC 4231, test case 2.
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(
+            hex::encode(mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        let k = [7u8; 32];
+        let key = |u, h, p| check_key(&k, u, h, p);
+        assert_ne!(key("ab", "h", "c"), key("a", "h", "bc"));
+        assert_ne!(key("a", "h", "b"), key("a", "h2", "b"));
+        assert_ne!(key("a", "h", "b"), check_key(&[8u8; 32], "a", "h", "b"));
+    }
+
+    #[tokio::test]
+    async fn concurrent_identical_credentials_share_one_bcrypt() {
+        let moby = bcrypt::hash("gordon", 6).unwrap();
+        let (auth, metrics) = authenticator(&format!("moby:{moby}\n"), &AuthConfig::default());
+        let (good, bad) = (encoded("moby:gordon"), encoded("moby:wrong"));
+        let checks = (0..40).map(|i| {
+            let (auth, value) = (&auth, if i % 2 == 0 { &good } else { &bad });
+            async move { auth.check(Some(value), CLIENT).await.is_ok() }
+        });
+        let oks = futures_util::future::join_all(checks).await;
+        assert_eq!(oks.iter().filter(|ok| **ok).count(), 20);
+        assert_eq!(sample(&metrics, "regmirror_auth_bcrypt_total"), 2);
+    }
+
+    #[tokio::test]
+    async fn an_address_past_its_failures_is_refused_without_bcrypt_but_known_credentials_pass() {
+        let moby = bcrypt::hash("gordon", 4).unwrap();
+        let config = AuthConfig {
+            max_failures: 3,
+            ..AuthConfig::default()
+        };
+        let (auth, metrics) = authenticator(&format!("moby:{moby}\n"), &config);
+        let good = encoded("moby:gordon");
+        assert!(auth.check(Some(&good), CLIENT).await.is_ok());
+        for i in 0..3 {
+            let wrong = encoded(&format!("moby:wrong{i}"));
+            assert!(matches!(
+                auth.check(Some(&wrong), CLIENT).await,
+                Err(Error::Unauthorized { .. })
+            ));
+        }
+        let e = auth.check(Some(&encoded("moby:wrong3")), CLIENT).await;
+        assert!(
+            matches!(e, Err(Error::LoginBackoff { retry_after }) if retry_after <= 60),
+            "{e:?}"
+        );
+        assert!(
+            auth.check(Some(&good), CLIENT).await.is_ok(),
+            "verified before"
+        );
+        let other: IpAddr = "192.0.2.7".parse().unwrap();
+        assert!(auth
+            .check(Some(&encoded("moby:wrong3")), other)
+            .await
+            .is_err());
+        assert_eq!(sample(&metrics, "regmirror_auth_bcrypt_total"), 5);
+        let backoff = "regmirror_auth_refusals_total{reason=\"backoff\"}";
+        assert_eq!(sample(&metrics, backoff), 1);
     }
 }

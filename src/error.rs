@@ -38,6 +38,9 @@ pub enum Error {
     UriTooLong(String),
     #[error("upstream rate limit reached")]
     TooManyRequests { retry_after: Option<String> },
+    /// A client address past `auth.max_failures`: refused without a check.
+    #[error("too many failed logins from this address; retry in {retry_after} s")]
+    LoginBackoff { retry_after: u64 },
     #[error("denied: {0}")]
     Denied(String),
     #[error("upstream denied access: {0}")]
@@ -125,6 +128,11 @@ impl Error {
                 "TOOMANYREQUESTS",
                 "too many requests",
             ),
+            Error::LoginBackoff { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOOMANYREQUESTS",
+                "too many failed logins",
+            ),
             Error::Denied(_) => (
                 StatusCode::FORBIDDEN,
                 "DENIED",
@@ -185,6 +193,9 @@ impl Error {
             | Error::Internal(d) => d.clone(),
             Error::Unauthorized { detail, .. } => detail.clone(),
             Error::RangeNotSatisfiable { size } => format!("blob size is {size}"),
+            Error::LoginBackoff { retry_after } => {
+                format!("too many failed logins from this address; retry in {retry_after} s")
+            }
             Error::TooManyRequests { retry_after } => match retry_after {
                 Some(r) => format!("upstream asks to retry after {r}"),
                 None => "upstream rate limit reached".to_owned(),

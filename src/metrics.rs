@@ -17,6 +17,9 @@ use prometheus_client::registry::Registry as PromRegistry;
 /// How many recent errors the status page shows.
 const RECENT_ERRORS: usize = 20;
 
+/// Why client credentials are refused (the `reason` of `auth_refusals`).
+pub const AUTH_REFUSALS: [&str; 4] = ["missing", "malformed", "invalid", "backoff"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     endpoint: &'static str,
@@ -95,6 +98,8 @@ pub struct Metrics {
     cache_entries: Family<KindLabels, Gauge>,
     stale_serves: Counter,
     tls_expiry: Family<CertLabels, Gauge>,
+    auth_bcrypt: Counter,
+    auth_refusals: Family<ReasonLabels, Counter>,
     // For the status page (not all of it fits Prometheus' model).
     hits: AtomicU64,
     lookups: AtomicU64,
@@ -141,6 +146,8 @@ impl Metrics {
             cache_entries: Family::default(),
             stale_serves: Counter::default(),
             tls_expiry: Family::default(),
+            auth_bcrypt: Counter::default(),
+            auth_refusals: Family::default(),
             hits: AtomicU64::new(0),
             lookups: AtomicU64::new(0),
             bytes_from_cache: AtomicU64::new(0),
@@ -158,6 +165,9 @@ impl Metrics {
         for reason in ["idle", "size"] {
             drop(m.evictions.get_or_create(&ReasonLabels { reason }));
             drop(m.evicted_bytes.get_or_create(&ReasonLabels { reason }));
+        }
+        for reason in AUTH_REFUSALS {
+            drop(m.auth_refusals.get_or_create(&ReasonLabels { reason }));
         }
         let r = &mut m.registry;
         r.register(
@@ -236,6 +246,16 @@ impl Metrics {
             "tls_certificate_expiry_seconds",
             "When the served TLS certificate expires (its notAfter, Unix time)",
             m.tls_expiry.clone(),
+        );
+        r.register(
+            "auth_bcrypt",
+            "bcrypt checks run for client credentials",
+            m.auth_bcrypt.clone(),
+        );
+        r.register(
+            "auth_refusals",
+            "Client credentials refused: missing, malformed, invalid, or backoff (too many failures from the address)",
+            m.auth_refusals.clone(),
         );
         m
     }
@@ -405,6 +425,18 @@ impl Metrics {
 
     pub fn stale_serve(&self) {
         self.stale_serves.inc();
+    }
+
+    /// One bcrypt check started.
+    pub fn auth_bcrypt(&self) {
+        self.auth_bcrypt.inc();
+    }
+
+    /// Credentials refused, for one of [`AUTH_REFUSALS`].
+    pub fn auth_refusal(&self, reason: &'static str) {
+        self.auth_refusals
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// An error a client saw (4xx are the client's; only 5xx are kept).

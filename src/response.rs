@@ -81,7 +81,7 @@ pub fn builder(status: StatusCode) -> http::response::Builder {
 const NOSNIFF: &str = "nosniff";
 
 /// Renders an error: the JSON envelope (no body for HEAD), its status, and
-/// `Retry-After` for rate limits.
+/// `Retry-After` for rate limits and login backoff.
 pub fn error(err: &Error, head: bool) -> Response<Body> {
     let wire = err.wire();
     let json = err.to_json();
@@ -95,6 +95,9 @@ pub fn error(err: &Error, head: bool) -> Response<Body> {
             if let Ok(v) = HeaderValue::from_str(r) {
                 b = b.header(header::RETRY_AFTER, v);
             }
+        }
+        Error::LoginBackoff { retry_after } => {
+            b = b.header(header::RETRY_AFTER, *retry_after);
         }
         Error::Unauthorized { realm, .. } => {
             let realm = realm.replace(['"', '\\'], "");

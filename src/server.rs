@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::access_log::{LoggedBody, RequestInfo};
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Htpasswd};
 use crate::config::{Config, ServerConfig};
 use crate::endpoint;
 use crate::error::Error;
@@ -66,16 +67,23 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(Arc::new(Tls::new(cert, key)?)),
         _ => None,
     };
-    let auth = match &config.auth.htpasswd {
-        Some(path) => Some(Arc::new(
-            Authenticator::new(path, &config.auth.realm).map_err(ServeError::Htpasswd)?,
-        )),
+    // The file is read before anything else, so a broken one stops startup at once.
+    let users = match &config.auth.htpasswd {
+        Some(path) => Some((path, Htpasswd::load(path).map_err(ServeError::Htpasswd)?)),
         None => None,
     };
     let registry = Arc::new(Registry::open(&config).await?);
     if let Some(t) = &tls {
         t.report_to(registry.metrics.clone());
     }
+    let auth = users.map(|(path, users)| {
+        Arc::new(Authenticator::new(
+            path,
+            users,
+            &config.auth,
+            registry.metrics.clone(),
+        ))
+    });
     let mut background = vec![tokio::spawn(registry.clone().maintain())];
     if let Some(t) = &tls {
         background.push(tokio::spawn(t.clone().watch()));
@@ -233,9 +241,10 @@ async fn serve_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let client = peer.ip();
     let service = hyper::service::service_fn(move |req| {
         let frontend = frontend.clone();
-        async move { Ok::<_, Infallible>(frontend.handle(req).await) }
+        async move { Ok::<_, Infallible>(frontend.handle(req, client).await) }
     });
     let first_byte = FirstByte::of(limits);
     let stream = first_byte.stream(stream, limits.idle_timeout);
@@ -289,13 +298,14 @@ impl FirstByte {
 impl Frontend {
     /// Authenticates, parses, dispatches, renders errors, and wraps the body
     /// for the access log.
-    async fn handle(&self, req: Request<Incoming>) -> Response<LoggedBody> {
+    /// `client` is the peer's address, which failed logins are held against.
+    async fn handle(&self, req: Request<Incoming>, client: IpAddr) -> Response<LoggedBody> {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let head = method == http::Method::HEAD;
         let mut label = "other";
-        let result = self.answer(&req, &mut label).await;
+        let result = self.answer(&req, client, &mut label).await;
         let (response, outcome) = match result {
             Ok(mut reply) => {
                 if reply.outcome != Outcome::None {
@@ -354,6 +364,7 @@ impl Frontend {
     async fn answer(
         &self,
         req: &Request<Incoming>,
+        client: IpAddr,
         label: &mut &'static str,
     ) -> Result<response::Reply, Error> {
         let uri_len = req.uri().path().len() + req.uri().query().map_or(0, |q| q.len() + 1);
@@ -384,7 +395,7 @@ impl Frontend {
                     .headers()
                     .get(header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok());
-                auth.check(value).await?;
+                auth.check(value, client).await?;
             }
         }
         match target {

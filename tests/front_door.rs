@@ -1,20 +1,23 @@
 //! The front door with users and limits: HTTP Basic against htpasswd bcrypt users (the
-//! challenge, a pull of many layers, reloads, startup errors), each `server` limit (URL
-//! length, head size, connections, header read and idle timeouts), and which token realms
-//! may receive the upstream credentials (never logs or error bodies).
+//! challenge, a pull of many layers, reloads, startup errors, what wrong passwords may cost:
+//! bounded bcrypt, per-address backoff), each `server`
+//! limit (URL length, head size, connections, header read and idle timeouts), and which
+//! token realms may receive the upstream credentials (never logs or error bodies).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::net::IpAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::front::{
     after, basic, captured_logs, closed_within, exchange, htpasswd_line, read_response,
     read_until_closed, send_raw, startup_config, startup_error, Front, Reply,
 };
-use common::images::sha256_digest;
+use common::images::{sha256_digest, ImageInfo};
+use common::observe::Scrape;
 use common::{assert_error, header, random_bytes, start_mirror, FakeUpstream};
 use regmirror::config::Secret;
 use regmirror::server::ServeError;
@@ -48,6 +51,51 @@ async fn auth_mirror(fake: &FakeUpstream, htpasswd: &Path) -> Front {
         c.auth.realm = REALM.into();
     })
     .await
+}
+
+/// A client whose connections come from `local` (any 127.x address is this host), so a
+/// test can be two clients of the mirror at once.
+fn client_from(local: &str) -> reqwest::ClientBuilder {
+    let ip: IpAddr = local.parse().unwrap();
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(120))
+        .local_address(ip)
+}
+
+/// An htpasswd line of bcrypt `cost` (the crate's `$2b$`).
+fn htpasswd_line_cost(user: &str, password: &str, cost: u32) -> String {
+    format!("{user}:{}", bcrypt::hash(password, cost).unwrap())
+}
+
+/// `/metrics` as `auth` (a user verified before, so the scrape itself runs no bcrypt).
+async fn scrape(m: &Front, auth: &str) -> Scrape {
+    let r = send_as(&client(), "GET", &m.http("/metrics"), auth).await;
+    assert_eq!(r.status(), 200);
+    Scrape::parse(&r.text().await.unwrap())
+}
+
+const BCRYPT_RUNS: &str = "regmirror_auth_bcrypt_total";
+const REFUSALS: &str = "regmirror_auth_refusals_total";
+
+/// Pulls `img` (its manifest by digest, then every blob at once, each on its own
+/// connection, as a client pulling layers does) as `auth`, checking the bytes: how long it took.
+async fn timed_pull(m: &Front, img: &ImageInfo, auth: &str) -> Duration {
+    let started = Instant::now();
+    let url = m.http(&format!("/v2/{REPO}/manifests/{}", img.manifest_digest));
+    let r = send_as(&client(), "GET", &url, auth).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), img.manifest);
+    let gets = img.blobs().into_iter().map(|(digest, bytes)| {
+        let url = m.http(&format!("/v2/{REPO}/blobs/{digest}"));
+        async move {
+            let r = send_as(&client(), "GET", &url, auth).await;
+            assert_eq!(r.status(), 200, "{digest}");
+            assert_eq!(r.bytes().await.unwrap(), bytes, "{digest}");
+        }
+    });
+    futures_util::future::join_all(gets).await;
+    started.elapsed()
 }
 
 /// `method url` with `authorization`.
@@ -780,4 +828,133 @@ async fn credentials_on_an_open_mirror_are_warned_about_and_used_only_for_creden
         basic_for(REPO).iter().all(Option::is_none),
         "credentials used for a repository outside credentials_for"
     );
+}
+/// The reviewer's attack: hundreds of wrong passwords for a real user at once (here over one
+/// HTTP/2 connection) ran one bcrypt each on the blocking pool that also serves the disk, and
+/// an authenticated warm pull of 30 layers took 8.7 s instead of 0.33 s. Now bcrypt runs on two
+/// threads of its own, and the attacking address gets `max_failures` checks, then 429s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_wrong_passwords_runs_few_bcrypts_and_does_not_stall_a_users_pull() {
+    let fake = FakeUpstream::start().await;
+    let layers = (0..30).map(|i| random_bytes(3000 + 97 * i, 300 + i as u64));
+    let img = fake.add_image(REPO, "3.19", layers.collect());
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("htpasswd");
+    // Cost 8: what a flood costs shows on a debug build as it would in production at 10 and up.
+    write_users(&users, &[htpasswd_line_cost("moby", "gordon", 8)]);
+    let m = auth_mirror(&fake, &users).await;
+    let good = basic("moby", "gordon");
+
+    // Warm: every blob cached, moby's credentials verified (the one bcrypt of the user).
+    timed_pull(&m, &img, &good).await;
+    let alone = timed_pull(&m, &img, &good).await;
+    let before = scrape(&m, &good).await;
+
+    // 200 wrong passwords, all different (so no outcome is shared), from another address.
+    let attacker = client_from("127.0.0.2")
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let ping = m.http("/v2/");
+    let flood = (0..200).map(|i| {
+        let (c, url) = (attacker.clone(), ping.clone());
+        tokio::spawn(async move {
+            let auth = basic("moby", &format!("guess-{i}"));
+            let r = send_as(&c, "GET", &url, &auth).await;
+            (r.status().as_u16(), header(&r, "retry-after"))
+        })
+    });
+    let flood: Vec<_> = flood.collect();
+    let flooded = timed_pull(&m, &img, &good).await;
+    let mut statuses = std::collections::BTreeMap::new();
+    for answer in futures_util::future::join_all(flood).await {
+        let (status, retry_after) = answer.unwrap();
+        if status == 429 {
+            let secs: u64 = retry_after.parse().unwrap();
+            assert!((1..=60).contains(&secs), "Retry-After: {retry_after}");
+        }
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    let after = scrape(&m, &good).await;
+    eprintln!("pull alone {alone:?}, during the flood {flooded:?}; flood answers {statuses:?}");
+
+    // Counts first: they cannot flake. The default auth.max_failures is 10.
+    let bcrypts = after.get(BCRYPT_RUNS, &[]) - before.get(BCRYPT_RUNS, &[]);
+    assert_eq!(bcrypts, 10.0, "bcrypt runs for 200 wrong passwords");
+    assert_eq!(statuses, [(401, 10), (429, 190)].into_iter().collect());
+    let refused = |s: &Scrape, reason| s.get(REFUSALS, &[("reason", reason)]);
+    assert_eq!(
+        refused(&after, "backoff") - refused(&before, "backoff"),
+        190.0
+    );
+    assert_eq!(
+        refused(&after, "invalid") - refused(&before, "invalid"),
+        10.0
+    );
+    // The issue asks for at most twice the time alone; a loaded 2-core machine gets a margin.
+    // Before the fix this pull waited behind 200 bcrypts of cost 8 (tens of seconds of CPU).
+    let bound = alone * 3 + Duration::from_secs(2);
+    assert!(
+        flooded <= bound,
+        "pull during the flood took {flooded:?}, alone {alone:?}"
+    );
+}
+
+/// A second address is another client: past its failures it is refused even the right
+/// password (that would need a bcrypt) until the window ends, while credentials it verified
+/// before and every other address are served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_past_its_failures_gets_429_until_the_window_ends_and_others_do_not() {
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("htpasswd");
+    write_users(
+        &users,
+        &lines(&[("moby", "gordon"), ("carol", "c"), ("alice", "a")]),
+    );
+    let path = users.clone();
+    let m = Front::start(&fake.url(), move |c| {
+        c.auth.htpasswd = Some(path);
+        c.auth.max_failures = 3;
+        c.auth.failure_window = Duration::from_secs(3);
+    })
+    .await;
+    let ping = m.http("/v2/");
+    let attacker = client_from("127.0.0.2").build().unwrap();
+    let user = client_from("127.0.0.1").build().unwrap();
+    assert_eq!(status_as(&attacker, &ping, "moby", "gordon").await, 200);
+    for i in 0..3 {
+        let wrong = format!("wrong-{i}");
+        assert_eq!(status_as(&attacker, &ping, "moby", &wrong).await, 401);
+    }
+    // The same wrong password again is known wrong: 401, no check, nothing more held against it.
+    assert_eq!(status_as(&attacker, &ping, "moby", "wrong-0").await, 401);
+    let r = send_as(&attacker, "GET", &ping, &basic("carol", "c")).await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = header(&r, "retry-after").parse().unwrap();
+    assert!((1..=3).contains(&retry), "Retry-After {retry}");
+    assert_error(r, 429, Some("TOOMANYREQUESTS")).await;
+    assert_eq!(
+        status_as(&attacker, &ping, "moby", "gordon").await,
+        200,
+        "verified before the backoff"
+    );
+    // Another address is not held back (alice needs a check, and gets it).
+    assert_eq!(status_as(&user, &ping, "alice", "a").await, 200);
+    assert_eq!(status_as(&user, &ping, "moby", "wrong-9").await, 401);
+
+    // The window ends (3 s after the attacker's first check): carol is let in from there too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = status_as(&attacker, &ping, "carol", "c").await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429);
+        assert!(Instant::now() < deadline, "still refused after 20 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let s = scrape(&m, &basic("moby", "gordon")).await;
+    // moby, three wrong, alice, wrong-9, carol at last.
+    assert_eq!(s.get(BCRYPT_RUNS, &[]), 7.0, "{}", s.show("regmirror_auth"));
 }

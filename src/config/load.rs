@@ -48,6 +48,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("tls.key", Kind::Str),
     ("auth.htpasswd", Kind::Str),
     ("auth.realm", Kind::Str),
+    ("auth.bcrypt_threads", Kind::Toml),
+    ("auth.max_failures", Kind::Toml),
+    ("auth.failure_window", Kind::Str),
     ("server.max_header_size", Kind::Str),
     ("server.max_url_length", Kind::Toml),
     ("server.max_connections", Kind::Toml),
@@ -300,6 +303,9 @@ mod tests {
             ("tls.key", "/k.pem"),
             ("auth.htpasswd", "/h"),
             ("auth.realm", "r"),
+            ("auth.bcrypt_threads", "3"),
+            ("auth.max_failures", "0"),
+            ("auth.failure_window", "5m"),
             ("server.max_header_size", "16KiB"),
             ("server.max_url_length", "4096"),
             ("server.max_connections", "10"),
@@ -326,6 +332,9 @@ mod tests {
         assert_eq!(c.upstream.credentials_for, vec!["myorg/*".to_owned()]);
         assert_eq!(c.tls.key, Some(PathBuf::from("/k.pem")));
         assert_eq!(c.server.max_connections, 10);
+        assert_eq!(c.auth.bcrypt_threads, 3);
+        assert_eq!(c.auth.max_failures, 0);
+        assert_eq!(c.auth.failure_window, Duration::from_secs(300));
         assert_eq!(c.server.max_header_size, ByteSize(16384));
         assert_eq!(c.upstream.tag_ttl, Some(Duration::from_secs(120)));
         assert!(c.upstream.permits("library/alpine"));

@@ -83,6 +83,17 @@ pub struct AuthConfig {
     pub htpasswd: Option<PathBuf>,
     /// The realm named in the `WWW-Authenticate` challenge.
     pub realm: String,
+    /// bcrypt checks run at once, on threads of their own (never the
+    /// blocking pool that reads the disk), so wrong passwords cost a bounded
+    /// share of the CPU.
+    pub bcrypt_threads: usize,
+    /// Failed checks a client address (an IPv6 /64) may cause within
+    /// `failure_window`; past them it gets 429 without a check until the
+    /// window ends. Credentials verified before still pass. 0: no limit.
+    pub max_failures: u32,
+    /// The window of `max_failures`, from the address's first check in it.
+    #[serde(with = "humantime_serde_compat")]
+    pub failure_window: Duration,
 }
 
 impl Default for AuthConfig {
@@ -90,6 +101,9 @@ impl Default for AuthConfig {
         Self {
             htpasswd: None,
             realm: "regmirror".to_owned(),
+            bcrypt_threads: 2,
+            max_failures: 10,
+            failure_window: Duration::from_secs(60),
         }
     }
 }
@@ -195,6 +209,15 @@ impl Config {
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err("keys tls.cert and tls.key: give both files, or neither".into());
+        }
+        if self.auth.bcrypt_threads == 0 {
+            return Err("key auth.bcrypt_threads: must be at least 1".into());
+        }
+        if self.auth.max_failures > 0 && self.auth.failure_window.is_zero() {
+            return Err(
+                "key auth.failure_window: must be longer than 0s (or set auth.max_failures = 0)"
+                    .into(),
+            );
         }
         if self.server.max_connections == 0 {
             return Err("key server.max_connections: must be at least 1".into());
