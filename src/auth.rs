@@ -7,7 +7,9 @@
 //! it is bounded three ways: it runs on a few threads of its own
 //! ([`pool`]), concurrent checks of the same credentials share one run
 //! (and its outcome, right or wrong, is remembered), and each client address
-//! may cause only a few failed runs per window ([`backoff`]).
+//! may cause only a few failed runs per window ([`backoff`]). An unknown user
+//! is checked against a dummy hash of the file's cost, so the time of a
+//! refusal does not tell which user names exist.
 
 mod backoff;
 mod pool;
@@ -38,11 +40,16 @@ const REMEMBER: Duration = Duration::from_secs(300);
 const OUTCOMES: u64 = 10_000;
 /// How often the file is checked for changes.
 const WATCH_EVERY: Duration = Duration::from_secs(2);
+/// The cost of the dummy hash when the file has no users (`htpasswd -B`'s).
+const DEFAULT_COST: u32 = 5;
 
 /// Users and their bcrypt hashes.
 #[derive(Debug, Default, Clone)]
 pub struct Htpasswd {
     users: HashMap<String, String>,
+    /// What an unknown user is checked against: a hash of the cost most of
+    /// the users have, that no password matches.
+    dummy: String,
 }
 
 impl Htpasswd {
@@ -69,7 +76,8 @@ impl Htpasswd {
             }
             users.insert(user.to_owned(), hash.to_owned());
         }
-        Ok(Self { users })
+        let dummy = dummy_hash(usual_cost(users.values()));
+        Ok(Self { users, dummy })
     }
 
     pub fn load(path: &Path) -> Result<Self, String> {
@@ -77,6 +85,37 @@ impl Htpasswd {
             .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
+}
+
+/// The cost most hashes have (the higher of a tie), so an unknown user takes
+/// as long as most known ones.
+fn usual_cost<'a>(hashes: impl Iterator<Item = &'a String>) -> u32 {
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    for h in hashes {
+        if let Ok(parts) = h.parse::<bcrypt::HashParts>() {
+            *counts.entry(parts.get_cost()).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|&(cost, n)| (n, cost))
+        .map_or(DEFAULT_COST, |(cost, _)| cost)
+}
+
+/// A well-formed bcrypt hash of `cost` with a random salt and a random
+/// digest: checking a password against it costs a full bcrypt of that cost
+/// (a malformed one would be refused at once, which is the leak this
+/// avoids), and no password is known to match it; its outcome is ignored
+/// anyway.
+fn dummy_hash(cost: u32) -> String {
+    let b64 = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::BCRYPT,
+        base64::engine::general_purpose::NO_PAD,
+    );
+    let cost = cost.clamp(4, 31);
+    let salt: [u8; 16] = rand::random();
+    let digest: [u8; 23] = rand::random();
+    format!("$2b${cost:02}${}{}", b64.encode(salt), b64.encode(digest))
 }
 
 /// The key of a check's outcome: a keyed hash of user, the hash checked
@@ -137,12 +176,12 @@ impl Authenticator {
         let Some((user, password)) = parse_basic(value) else {
             return Err(self.unauthorized("malformed", "malformed Basic credentials"));
         };
-        let hash = {
+        let (hash, known) = {
             let users = self.users.read().unwrap_or_else(|p| p.into_inner());
-            users.users.get(&user).cloned()
-        };
-        let Some(hash) = hash else {
-            return Err(self.unauthorized("invalid", "invalid username or password"));
+            match users.users.get(&user) {
+                Some(hash) => (hash.clone(), true),
+                None => (users.dummy.clone(), false),
+            }
         };
         let key = check_key(&self.secret, &user, &hash, &password);
         // The one check of these credentials runs here; concurrent callers
@@ -159,10 +198,12 @@ impl Authenticator {
                             retry_after: wait.as_secs().max(1),
                         })?;
                 self.metrics.auth_bcrypt();
-                let ok = self
+                let matched = self
                     .pool
                     .run(move || bcrypt::verify(password, &hash).unwrap_or(false))
                     .await?;
+                // An unknown user is refused whatever the dummy check said.
+                let ok = matched && known;
                 if ok {
                     charge.succeeded();
                 }
@@ -340,6 +381,25 @@ mod tests {
     }
 
     #[test]
+    fn the_dummy_hash_costs_a_full_bcrypt_of_the_usual_cost_and_matches_nothing() {
+        let h = |cost| bcrypt::hash("x", cost).unwrap();
+        assert_eq!(usual_cost([h(4), h(6), h(6)].iter()), 6);
+        assert_eq!(usual_cost([h(4), h(5)].iter()), 5, "a tie: the higher");
+        assert_eq!(usual_cost([].iter()), DEFAULT_COST);
+        for cost in [4, 5, 12] {
+            let dummy = dummy_hash(cost);
+            let parts: bcrypt::HashParts = dummy.parse().unwrap();
+            assert_eq!(parts.get_cost(), cost);
+            // Ok(false), not an error: an error would mean no bcrypt ran.
+            if cost < 12 {
+                assert!(!bcrypt::verify("", &dummy).unwrap(), "{dummy}");
+            }
+        }
+        let file = Htpasswd::parse(&format!("a:{}\nb:{}\n", h(5), h(5))).unwrap();
+        assert!(file.dummy.starts_with("$2b$05$"), "{}", file.dummy);
+    }
+
+    #[test]
     fn check_keys_are_hmac_sha256_and_tell_every_part_apart() {
         // RFC 4231, test case 2.
         let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
@@ -352,6 +412,17 @@ mod tests {
         assert_ne!(key("ab", "h", "c"), key("a", "h", "bc"));
         assert_ne!(key("a", "h", "b"), key("a", "h2", "b"));
         assert_ne!(key("a", "h", "b"), check_key(&[8u8; 32], "a", "h", "b"));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_user_costs_a_bcrypt_and_is_refused_whatever_the_password() {
+        let moby = bcrypt::hash("gordon", 4).unwrap();
+        let (auth, metrics) = authenticator(&format!("moby:{moby}\n"), &AuthConfig::default());
+        assert!(matches!(
+            auth.check(Some(&encoded("nobody:gordon")), CLIENT).await,
+            Err(Error::Unauthorized { .. })
+        ));
+        assert_eq!(sample(&metrics, "regmirror_auth_bcrypt_total"), 1);
     }
 
     #[tokio::test]

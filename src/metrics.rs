@@ -249,7 +249,7 @@ impl Metrics {
         );
         r.register(
             "auth_bcrypt",
-            "bcrypt checks run for client credentials",
+            "bcrypt checks run for client credentials (unknown users included)",
             m.auth_bcrypt.clone(),
         );
         r.register(

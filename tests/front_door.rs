@@ -1,6 +1,6 @@
 //! The front door with users and limits: HTTP Basic against htpasswd bcrypt users (the
 //! challenge, a pull of many layers, reloads, startup errors, what wrong passwords may cost:
-//! bounded bcrypt, per-address backoff), each `server`
+//! bounded bcrypt, per-address backoff, unknown users as slow as known ones), each `server`
 //! limit (URL length, head size, connections, header read and idle timeouts), and which
 //! token realms may receive the upstream credentials (never logs or error bodies).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -957,4 +957,59 @@ async fn an_address_past_its_failures_gets_429_until_the_window_ends_and_others_
     let s = scrape(&m, &basic("moby", "gordon")).await;
     // moby, three wrong, alice, wrong-9, carol at last.
     assert_eq!(s.get(BCRYPT_RUNS, &[]), 7.0, "{}", s.show("regmirror_auth"));
+}
+
+/// An unknown user was refused at once and a known one after a bcrypt, so the time of a
+/// refusal told which user names exist. Now an unknown user is checked against a dummy hash
+/// of the file's cost: counted as a bcrypt, and about as slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_users_refusal_costs_a_bcrypt_like_a_known_users() {
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("htpasswd");
+    write_users(
+        &users,
+        &[
+            htpasswd_line_cost("moby", "gordon", 8),
+            htpasswd_line_cost("carol", "c", 8),
+        ],
+    );
+    let path = users.clone();
+    let m = Front::start(&fake.url(), move |c| {
+        c.auth.htpasswd = Some(path);
+        c.auth.max_failures = 0;
+    })
+    .await;
+    let c = client();
+    let ping = m.http("/v2/");
+    assert_eq!(status_as(&c, &ping, "moby", "gordon").await, 200);
+    let base = scrape(&m, &basic("moby", "gordon"))
+        .await
+        .get(BCRYPT_RUNS, &[]);
+    // Alternating, each password new, so neither kind gets a quieter moment of the machine.
+    let (mut known, mut unknown) = (Vec::new(), Vec::new());
+    for i in 0..5 {
+        for (user, times) in [("carol", &mut known), ("nobody", &mut unknown)] {
+            let started = Instant::now();
+            assert_eq!(status_as(&c, &ping, user, &format!("p{i}")).await, 401);
+            times.push(started.elapsed());
+        }
+    }
+    let runs = scrape(&m, &basic("moby", "gordon"))
+        .await
+        .get(BCRYPT_RUNS, &[])
+        - base;
+    assert_eq!(runs, 10.0, "one bcrypt per refusal, unknown users included");
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (known, unknown) = (median(&mut known), median(&mut unknown));
+    eprintln!("median refusal: known user {known:?}, unknown user {unknown:?}");
+    // Before the fix the unknown user's refusal took a fraction of a millisecond against tens
+    // of milliseconds; a ratio of 4 either way is far from both.
+    assert!(
+        unknown * 4 >= known && known * 4 >= unknown,
+        "known {known:?}, unknown {unknown:?}"
+    );
 }
