@@ -88,7 +88,7 @@ pub async fn run(
     if let Some(t) = &tls {
         background.push(tokio::spawn(t.clone().watch()));
     }
-    background.push(tokio::spawn(on_hangup(tls.clone())));
+    background.push(tokio::spawn(on_hangup(tls.clone())?));
     if let Some(a) = &auth {
         background.push(tokio::spawn(a.clone().watch()));
     }
@@ -187,14 +187,14 @@ pub async fn run(
 }
 
 /// SIGHUP reloads the certificate; without TLS it is logged and ignored
-/// (its default action would end the process, and `systemctl reload` sends it).
-async fn on_hangup(tls: Option<Arc<Tls>>) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
+/// (its default action would end the process, and `systemctl reload` sends
+/// it). The handler is installed here, before the mirror says it listens:
+/// installed by the task instead, a reload right after the start could meet
+/// the default action (seen under load in the systemd test).
+fn on_hangup(tls: Option<Arc<Tls>>) -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(async move {
         while hup.recv().await.is_some() {
             match &tls {
                 Some(t) => t.reload_logged("SIGHUP"),
@@ -203,9 +203,7 @@ async fn on_hangup(tls: Option<Arc<Tls>>) {
                 }
             }
         }
-    }
-    #[cfg(not(unix))]
-    drop(tls);
+    })
 }
 
 /// The operator listener: plain HTTP, no auth, operator endpoints only, and
