@@ -51,6 +51,8 @@ pub enum Error {
     UpstreamUnreachable(String),
     #[error("upstream timed out: {0}")]
     UpstreamTimeout(String),
+    #[error("the mirror is busy: {0}")]
+    Busy(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -158,6 +160,11 @@ impl Error {
                 "UNAVAILABLE",
                 "upstream registry timed out",
             ),
+            Error::Busy(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                "the mirror is busy; retry later",
+            ),
             Error::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "UNKNOWN",
@@ -190,6 +197,7 @@ impl Error {
             | Error::UpstreamUnreachable(d)
             | Error::UpstreamTimeout(d)
             | Error::UriTooLong(d)
+            | Error::Busy(d)
             | Error::Internal(d) => d.clone(),
             Error::Unauthorized { detail, .. } => detail.clone(),
             Error::RangeNotSatisfiable { size } => format!("blob size is {size}"),

@@ -461,20 +461,61 @@ async fn healthz_and_readyz_and_not_ready_while_tmp_cannot_be_written() {
     let tmp = m.data_dir.join("tmp");
     std::fs::remove_dir_all(&tmp).unwrap();
     std::fs::write(&tmp, b"not a directory").unwrap();
-    let r = m.get("/readyz").await.unwrap();
-    let status = r.status();
-    let text = r.text().await.unwrap();
+    // A probe's answer stands for a second (each one writes a file), so poll.
+    let (status, text) = readyz_until(&m, 503).await;
     std::fs::remove_file(&tmp).unwrap();
     std::fs::create_dir(&tmp).unwrap();
     assert_eq!(status, 503, "/readyz with tmp/ unwritable: {text}");
     assert!(text.starts_with("not ready"), "{text}");
-    let r = m.get("/readyz").await.unwrap();
-    assert_eq!(r.status(), 200, "/readyz after tmp/ is back");
+    let (status, _) = readyz_until(&m, 200).await;
+    assert_eq!(status, 200, "/readyz after tmp/ is back");
     assert_eq!(m.get("/healthz").await.unwrap().status(), 200);
     let s = scrape(&m).await;
     let hr = "regmirror_http_requests_total";
-    assert_eq!(s.get(hr, &[("endpoint", "readyz"), ("status", "503")]), 1.0);
+    assert!(s.get(hr, &[("endpoint", "readyz"), ("status", "503")]) >= 1.0);
     assert!(s.get(hr, &[("endpoint", "healthz"), ("status", "200")]) >= 2.0);
+}
+
+/// GETs /readyz until it answers `want` (at most 5 s): its status and text.
+async fn readyz_until(m: &MirrorHandle, want: u16) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = m.get("/readyz").await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        if status == want || Instant::now() > deadline {
+            return (status, text);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A flood of /readyz probes costs one write to the data dir a second, not one per probe.
+#[tokio::test]
+async fn readyz_probes_the_disk_at_most_once_a_second() {
+    let fake = FakeUpstream::start().await;
+    let m = start_mirror(&fake.url(), |_| {}).await;
+    assert_eq!(m.get("/readyz").await.unwrap().status(), 200);
+    // tmp/ made unwritable right after a probe: the next ones within the second still say
+    // ready (the last probe's answer), so no file was attempted for them.
+    let tmp = m.data_dir.join("tmp");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::write(&tmp, b"not a directory").unwrap();
+    let started = Instant::now();
+    let mut ready = 0;
+    for _ in 0..50 {
+        if m.get("/readyz").await.unwrap().status() == 200 {
+            ready += 1;
+        }
+    }
+    let quick = started.elapsed() < Duration::from_millis(900);
+    let (status, _) = readyz_until(&m, 503).await;
+    std::fs::remove_file(&tmp).unwrap();
+    std::fs::create_dir(&tmp).unwrap();
+    assert_eq!(status, 503, "a broken tmp/ is seen within the next second");
+    if quick {
+        assert_eq!(ready, 50, "a probe within the second wrote to the disk");
+    }
 }
 
 /// A mirror of `fake` requiring user `moby`/`gordon`; `tweak` adjusts the config further.

@@ -11,8 +11,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::images::{sha256_digest, OCI_INDEX};
 use common::{
-    header, mirror_of, random_bytes, read_body, spawn_get, start_mirror, statuses, test_config,
-    wait_until, FakeUpstream, MirrorHandle,
+    header, json, mirror_of, random_bytes, read_body, spawn_get, start_mirror, statuses,
+    test_config, wait_until, FakeUpstream, MirrorHandle,
 };
 use http_body_util::BodyExt as _;
 use regmirror::registry::Registry;
@@ -865,4 +865,48 @@ async fn a_manifest_the_store_cannot_take_is_served_anyway() {
     assert_eq!(m.get_ok(&path).await, img.manifest);
     assert_eq!(fake.count("GET", &path), 1, "{:?}", fake.requests());
     assert!(m.manifest_path(&img.manifest_digest).is_file());
+}
+
+/// Downloads in flight are bounded (`cache.max_downloads`): past it a miss is refused with 503
+/// at once, clients following a running download still join it, and once it ends the next
+/// miss is fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn downloads_past_max_downloads_are_refused_with_503_until_one_ends() {
+    let fake = FakeUpstream::start().await;
+    let a = random_bytes(1 << 20, 8);
+    let b = random_bytes(1 << 20, 9);
+    let (da, db) = (
+        fake.add_blob(ALPINE, a.clone()),
+        fake.add_blob(ALPINE, b.clone()),
+    );
+    let m = start_mirror(&fake.url(), |c| c.cache.max_downloads = 1).await;
+    fake.hold_requests("/blobs/");
+    let first = spawn_get(&m.client, m.url_for(&format!("/v2/{ALPINE}/blobs/{da}")));
+    fake.wait_progress("the first blob request to be held", |p| p.held >= 1)
+        .await;
+    let r = m.get(&format!("/v2/{ALPINE}/blobs/{db}")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body = json(r).await;
+    assert_eq!(body["errors"][0]["code"], "UNAVAILABLE", "{body}");
+    let joiner = spawn_get(&m.client, m.url_for(&format!("/v2/{ALPINE}/blobs/{da}")));
+    fake.release();
+    assert!(first.body.await.unwrap().is_ok_and(|x| x == a));
+    assert!(joiner.body.await.unwrap().is_ok_and(|x| x == a));
+    assert!(m.committed(&da).await);
+    // The first download leaves the map just after its commit.
+    let path = format!("/v2/{ALPINE}/blobs/{db}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        let r = m.get(&path).await.unwrap();
+        if r.status() != 503 || std::time::Instant::now() > deadline {
+            break (r.status(), r.bytes().await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        got.0 == 200 && got.1 == b,
+        "the next miss after the download ended: {}",
+        got.0
+    );
+    assert_eq!(fake.blob_gets(&da), 1);
 }

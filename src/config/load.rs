@@ -38,6 +38,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("cache.manifest_idle_ttl", Kind::Str),
     ("cache.tag_ttl", Kind::Str),
     ("cache.tag_ttl_rules", Kind::Toml),
+    ("cache.max_downloads", Kind::Toml),
     ("upstream.credential_hosts", Kind::Toml),
     ("upstream.credentials_for", Kind::Toml),
     ("upstream.tag_ttl", Kind::Str),

@@ -210,6 +210,9 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err("keys tls.cert and tls.key: give both files, or neither".into());
         }
+        if self.cache.max_downloads == 0 {
+            return Err("key cache.max_downloads: must be at least 1".into());
+        }
         if self.auth.bcrypt_threads == 0 {
             return Err("key auth.bcrypt_threads: must be at least 1".into());
         }
@@ -338,6 +341,9 @@ pub struct CacheConfig {
     pub tag_ttl: Duration,
     /// Per-pattern tag TTLs; the first matching rule wins over `tag_ttl`.
     pub tag_ttl_rules: Vec<TagTtlRuleConfig>,
+    /// Blob downloads from the upstream at once; past it a miss is refused
+    /// with 503 until one ends (each holds a spool file and a connection).
+    pub max_downloads: usize,
 }
 
 impl Default for CacheConfig {
@@ -350,6 +356,7 @@ impl Default for CacheConfig {
             manifest_idle_ttl: Duration::from_secs(30 * 86400),
             tag_ttl: Duration::from_secs(5 * 60),
             tag_ttl_rules: Vec::new(),
+            max_downloads: 512,
         }
     }
 }

@@ -112,6 +112,8 @@ pub struct Downloads {
     index: Arc<dyn Index>,
     /// A blob larger than this is served but not kept.
     keep_limit: u64,
+    /// Downloads at once; past it a new one is refused (`Error::Busy`).
+    max_active: usize,
     /// Woken after a commit or a failed write, so eviction runs.
     space_changed: Arc<Notify>,
     /// Vouches for what a download committed, so it is not hashed again.
@@ -127,6 +129,7 @@ impl Downloads {
         store: Arc<dyn BlobStore>,
         index: Arc<dyn Index>,
         keep_limit: u64,
+        max_active: usize,
         space_changed: Arc<Notify>,
         verifier: Arc<Verifier>,
         metrics: Arc<Metrics>,
@@ -135,6 +138,7 @@ impl Downloads {
             store,
             index,
             keep_limit,
+            max_active,
             space_changed,
             verifier,
             metrics,
@@ -180,6 +184,12 @@ impl Downloads {
             let mut active = self.active();
             if let Some(joined) = Self::join_in(&active, digest) {
                 return Ok(joined);
+            }
+            if active.len() >= self.max_active {
+                return Err(Error::Busy(format!(
+                    "{} blob downloads in flight (cache.max_downloads)",
+                    active.len()
+                )));
             }
             // Replaces a download that can no longer serve from the start.
             active.insert(digest.clone(), download.clone());
@@ -472,6 +482,7 @@ mod tests {
             store.clone(),
             index.clone(),
             u64::MAX,
+            8,
             Arc::new(Notify::new()),
             Arc::new(Verifier::new(store, index)),
             Arc::new(Metrics::new()),

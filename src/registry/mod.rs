@@ -32,6 +32,8 @@ use crate::upstream::{Upstream, What};
 
 /// Bytes of manifests kept in memory (they are also on disk).
 const MANIFEST_MEMORY: u64 = 64 * 1024 * 1024;
+/// How long a readiness probe's answer stands.
+const READY_PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Bytes of referrers answers, and of fetched tag lists, kept in memory.
 const LISTINGS_MEMORY: u64 = 16 * 1024 * 1024;
 
@@ -78,6 +80,8 @@ pub struct Registry {
     offline: bool,
     pub metrics: Arc<Metrics>,
     max_size: u64,
+    /// The last readiness probe and when it ran.
+    readiness: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
     /// The data dir's lock, held while this registry lives.
     _lock: Option<std::fs::File>,
 }
@@ -145,6 +149,7 @@ impl Registry {
                 store.clone(),
                 index.clone(),
                 config.cache.max_size.0,
+                config.cache.max_downloads,
                 space_changed.clone(),
                 verifier.clone(),
                 metrics.clone(),
@@ -180,6 +185,7 @@ impl Registry {
             offline: config.offline,
             metrics,
             max_size: config.cache.max_size.0,
+            readiness: tokio::sync::Mutex::new(None),
             _lock: None,
         })
     }
@@ -318,15 +324,25 @@ impl Registry {
         self.max_size
     }
 
-    /// Whether the mirror can serve: the data dir takes a write.
+    /// Whether the mirror can serve: the data dir takes a write. Probed at
+    /// most once a second (`/readyz` needs no credentials, and each probe
+    /// creates and removes a file).
     pub async fn ready(&self) -> Result<(), String> {
-        match self.store.spool().await {
+        let mut last = self.readiness.lock().await;
+        if let Some((at, answer)) = &*last {
+            if at.elapsed() < READY_PROBE_EVERY {
+                return answer.clone();
+            }
+        }
+        let answer = match self.store.spool().await {
             Ok(spool) => {
                 drop(spool);
                 Ok(())
             }
             Err(e) => Err(format!("the cache cannot be written: {e}")),
-        }
+        };
+        *last = Some((std::time::Instant::now(), answer.clone()));
+        answer
     }
 
     /// Persists the index (at shutdown).
