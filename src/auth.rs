@@ -241,6 +241,12 @@ impl Authenticator {
                     *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(users);
                     tracing::info!(users = count, "htpasswd file reloaded");
                 }
+                Err(_) if !self.path.exists() => {
+                    // Kept rather than dropped: an empty user list would
+                    // lock every client out, and no list at all would open
+                    // the mirror; the file is read again when it is back.
+                    tracing::error!(path = %self.path.display(), "htpasswd file is gone; keeping the previous users until it is back")
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "htpasswd reload failed; keeping the previous users")
                 }

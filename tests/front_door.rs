@@ -1013,3 +1013,44 @@ async fn an_unknown_users_refusal_costs_a_bcrypt_like_a_known_users() {
         "known {known:?}, unknown {unknown:?}"
     );
 }
+
+/// An htpasswd file that disappears (a botched deploy, a volume unmounted) is an error in the
+/// log, and its users stay as they were: no user list would lock everyone out, and no file
+/// would open the mirror. The file is read again when it is back.
+#[tokio::test]
+async fn an_htpasswd_file_that_disappears_is_logged_and_its_users_are_kept() {
+    let logs = captured_logs();
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("htpasswd");
+    write_users(&users, &lines(&[("alice", "a1")]));
+    let m = auth_mirror(&fake, &users).await;
+    let c = client();
+    let ping = m.http("/v2/");
+    assert_eq!(status_as(&c, &ping, "alice", "a1").await, 200);
+    std::fs::remove_file(&users).unwrap();
+    let said = |logs: &std::sync::Arc<std::sync::Mutex<Vec<u8>>>| {
+        String::from_utf8_lossy(&logs.lock().unwrap())
+            .lines()
+            .any(|l| l.contains("htpasswd file is gone") && l.contains("ERROR"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !said(&logs) {
+        assert!(
+            Instant::now() < deadline,
+            "no error logged for the missing file"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status_as(&c, &ping, "alice", "a1").await, 200, "kept");
+    assert_eq!(status_as(&c, &ping, "bob", "b").await, 401);
+    write_users(&users, &lines(&[("bob", "b")]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_as(&c, &ping, "bob", "b").await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the file that came back was not read"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
