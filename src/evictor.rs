@@ -142,7 +142,7 @@ mod tests {
     use crate::reference::{RepoName, Tag};
     use crate::store::disk::DiskStore;
     use crate::store::local_index::LocalIndex;
-    use crate::store::{BlobFile, Found, ScanMark, Spool, StoredManifest, TagEntry};
+    use crate::store::{BlobFile, Flush, Found, ScanMark, Spool, StoredManifest, TagEntry};
     use async_trait::async_trait;
     use std::os::unix::fs::FileExt;
     use std::sync::Mutex;
@@ -315,8 +315,8 @@ mod tests {
         async fn reconcile(&self, mark: ScanMark, found: Vec<Found>) {
             self.inner.reconcile(mark, found).await
         }
-        async fn flush(&self) -> io::Result<()> {
-            self.inner.flush().await
+        async fn flush(&self, what: Flush) -> io::Result<()> {
+            self.inner.flush(what).await
         }
     }
 
@@ -426,6 +426,66 @@ mod tests {
         assert_eq!(pulled.last_access, at(20));
         assert!(store.open_blob(&keys[0].digest).await.unwrap().is_some());
         assert_eq!(ev.usage().await.unwrap(), 200);
+    }
+
+    /// What pulls recorded for an evicted blob and manifest (memberships,
+    /// tags, a tag list) goes with them, from memory and from the snapshot;
+    /// the membership of a blob not downloaded yet stays.
+    #[tokio::test]
+    async fn eviction_drops_the_memberships_and_tags_only_the_evicted_items_had() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
+        let path = dir.path().join("index.json");
+        let index: Arc<dyn Index> = Arc::new(LocalIndex::load(&path, Vec::new()));
+        let blob = commit(store.as_ref(), 1).await;
+        let bytes = bytes::Bytes::from_static(b"{}");
+        let manifest = digest_of(Algorithm::Sha256, &bytes);
+        let m = StoredManifest {
+            media_type: "application/vnd.oci.image.manifest.v1+json".to_owned(),
+            bytes,
+        };
+        let size = store.put_manifest(&manifest, &m).await.unwrap();
+        index.record(&ContentKey::blob(&blob), 100, at(0)).await;
+        index
+            .record(&ContentKey::manifest(&manifest), size, at(0))
+            .await;
+        let not_yet = digest_of(Algorithm::Sha256, b"not downloaded");
+        let (app, other) = (
+            RepoName::parse("app").unwrap(),
+            RepoName::parse("other").unwrap(),
+        );
+        let latest = Tag::parse("latest").unwrap();
+        index
+            .add_holds(&app, vec![manifest.clone(), blob.clone(), not_yet.clone()])
+            .await;
+        index.add_holds(&other, vec![blob.clone()]).await;
+        let entry = TagEntry {
+            digest: manifest.clone(),
+            media_type: None,
+            size: None,
+            checked_at: at(0),
+        };
+        index.set_tag(&app, &latest, entry).await;
+        index.set_tag_list(&other, vec![latest.clone()]).await;
+
+        let ev = Evictor::new(store.clone(), index.clone(), budget(10));
+        let report = ev.run_once(at(10)).await.unwrap();
+        assert_eq!(report.evicted.len(), 2, "{report:?}");
+        assert!(!index.holds(&app, &blob).await);
+        assert!(!index.holds(&app, &manifest).await);
+        assert!(!index.holds(&other, &blob).await);
+        assert_eq!(index.tag(&app, &latest).await, None);
+        assert_eq!(index.tag_list(&other).await, None);
+        assert!(index.holds(&app, &not_yet).await);
+        assert_eq!(index.repositories().await, vec![app.clone()]);
+
+        index.flush(Flush::Changes).await.unwrap();
+        let json = std::fs::read_to_string(&path).unwrap();
+        for gone in [&blob, &manifest] {
+            assert!(!json.contains(gone.hex()), "{gone} in {json}");
+        }
+        assert!(!json.contains("\"other\""), "{json}");
+        assert!(json.contains(not_yet.hex()), "{json}");
     }
 
     /// A removal that fails leaves the item indexed (it is still on disk)

@@ -26,7 +26,7 @@ use crate::response::{self, Outcome, Reply};
 use crate::routing::{Route, Router};
 use crate::store::Kind;
 use crate::store::{
-    disk::DiskStore, local_index::LocalIndex, BlobStore, ContentKey, Index, StoredManifest,
+    disk::DiskStore, local_index::LocalIndex, BlobStore, ContentKey, Flush, Index, StoredManifest,
 };
 use crate::upstream::{Upstream, What};
 
@@ -43,6 +43,10 @@ type FetchedTags = (std::time::Instant, Arc<Vec<crate::reference::Tag>>);
 const UPKEEP_EVERY: Duration = Duration::from_secs(10);
 /// Every this many upkeep runs, the index is reconciled with a store scan.
 const RESCAN_EVERY: u32 = 60;
+/// Every this many upkeep runs (about a minute), the index snapshot is
+/// written for access times alone: hits change them all the time, and the
+/// snapshot is the whole index.
+const ACCESS_TIMES_EVERY: u32 = 6;
 /// The header naming the registry a `?ns=` request was routed to.
 const OCI_NAMESPACE: &str = "OCI-Namespace";
 /// Name of the index snapshot in the data dir.
@@ -288,7 +292,12 @@ impl Registry {
                 }
             }
             self.evict_now().await;
-            if let Err(e) = self.index.flush().await {
+            let what = if runs.is_multiple_of(ACCESS_TIMES_EVERY) {
+                Flush::All
+            } else {
+                Flush::Changes
+            };
+            if let Err(e) = self.index.flush(what).await {
                 tracing::warn!(error = %e, "cannot write the index snapshot");
             }
         }
@@ -345,9 +354,9 @@ impl Registry {
         answer
     }
 
-    /// Persists the index (at shutdown).
+    /// Persists the index, access times included (at shutdown).
     pub async fn flush(&self) -> std::io::Result<()> {
-        self.index.flush().await
+        self.index.flush(Flush::All).await
     }
 
     /// Waits for verified downloads to finish their commits.

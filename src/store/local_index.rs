@@ -1,8 +1,13 @@
 //! The [`Index`] of one mirror process: hash maps in memory, persisted as a
-//! JSON snapshot (`index.json` in the data dir) written atomically when it
-//! changed, on a timer and at shutdown, on the blocking pool. At start the snapshot is loaded and
-//! reconciled with a scan of the store, so a crash loses at most the access
-//! times since the last flush, never the truth about what is on disk.
+//! JSON snapshot (`index.json` in the data dir) written atomically on the
+//! blocking pool: at the next flush after a change of what is stored, tagged
+//! or held; after hits alone (access times) only when the caller asks for
+//! [`Flush::All`] (every few upkeep runs, and at shutdown). At start the
+//! snapshot is loaded and reconciled with a scan of the store, so a crash
+//! loses at most the access times since the last snapshot that had them,
+//! never the truth about what is on disk. Forgetting an item also drops what
+//! only existed for it: its digest's memberships, the tags pointing at it
+//! (a manifest), and the kept tag list of a repository left with neither.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
@@ -14,7 +19,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{ContentEntry, ContentKey, Found, Index, ScanMark, TagEntry};
+use super::{ContentEntry, ContentKey, Flush, Found, Index, Kind, ScanMark, TagEntry};
 use crate::reference::{Digest, RepoName, Tag};
 
 /// The snapshot format's version; a snapshot of another version is ignored.
@@ -23,9 +28,16 @@ const VERSION: u32 = 1;
 #[derive(Debug, Default)]
 struct State {
     contents: HashMap<ContentKey, ContentEntry>,
-    tags: HashMap<(RepoName, Tag), TagEntry>,
+    /// By repository, so a prune sees at once whether one has tags left.
+    tags: HashMap<RepoName, HashMap<Tag, TagEntry>>,
     holds: HashMap<RepoName, HashSet<Digest>>,
     tag_lists: HashMap<RepoName, Vec<Tag>>,
+    /// `holds` the other way round, so forgetting a digest visits only the
+    /// repositories that hold it, not every one. Memory only: rebuilt from
+    /// `holds` on load.
+    held_by: HashMap<Digest, HashSet<RepoName>>,
+    /// The tags pointing at each digest, for the same reason. Memory only.
+    tagged: HashMap<Digest, HashSet<(RepoName, Tag)>>,
     /// How many scans have begun: the number of the latest mark.
     scans_begun: u64,
     /// The scan in progress, if any.
@@ -40,6 +52,21 @@ struct Scan {
 }
 
 impl State {
+    fn from_snapshot(s: Snapshot) -> Self {
+        let mut state = State {
+            contents: s.contents.into_iter().collect(),
+            tag_lists: s.tag_lists.into_iter().collect(),
+            ..State::default()
+        };
+        for (repo, tag, entry) in s.tags {
+            state.set_tag(&repo, &tag, entry);
+        }
+        for (repo, digests) in s.holds {
+            state.add_holds(&repo, digests);
+        }
+        state
+    }
+
     /// Notes that `key` was recorded or forgotten, for the scan in progress.
     fn changed(&mut self, key: &ContentKey) {
         if let Some(scan) = &mut self.scan {
@@ -47,11 +74,132 @@ impl State {
         }
     }
 
+    fn set_tag(&mut self, repo: &RepoName, tag: &Tag, entry: TagEntry) {
+        let target = entry.digest.clone();
+        let old = self
+            .tags
+            .entry(repo.clone())
+            .or_default()
+            .insert(tag.clone(), entry);
+        if let Some(old) = old {
+            if old.digest != target {
+                self.untag(&old.digest, repo, tag);
+            }
+        }
+        self.tagged
+            .entry(target)
+            .or_default()
+            .insert((repo.clone(), tag.clone()));
+    }
+
+    fn remove_tag(&mut self, repo: &RepoName, tag: &Tag) {
+        let Some(tags) = self.tags.get_mut(repo) else {
+            return;
+        };
+        let old = tags.remove(tag);
+        if tags.is_empty() {
+            self.tags.remove(repo);
+        }
+        if let Some(old) = old {
+            self.untag(&old.digest, repo, tag);
+        }
+    }
+
+    /// Takes `repo:tag` out of the reverse map of `digest`.
+    fn untag(&mut self, digest: &Digest, repo: &RepoName, tag: &Tag) {
+        if let Some(set) = self.tagged.get_mut(digest) {
+            set.remove(&(repo.clone(), tag.clone()));
+            if set.is_empty() {
+                self.tagged.remove(digest);
+            }
+        }
+    }
+
+    /// Returns whether anything was new.
+    fn add_holds(&mut self, repo: &RepoName, digests: Vec<Digest>) -> bool {
+        let set = self.holds.entry(repo.clone()).or_default();
+        let mut added = Vec::new();
+        for d in digests {
+            if set.insert(d.clone()) {
+                added.push(d);
+            }
+        }
+        if set.is_empty() {
+            // An empty list of digests leaves no empty set behind.
+            self.holds.remove(repo);
+        }
+        let new = !added.is_empty();
+        for d in added {
+            self.held_by.entry(d).or_default().insert(repo.clone());
+        }
+        new
+    }
+
+    fn forget(&mut self, key: &ContentKey) {
+        self.contents.remove(key);
+        self.changed(key);
+        self.prune(key);
+    }
+
+    /// Drops what only existed for the forgotten item `key`: the digest's
+    /// memberships (unless the digest is still stored as the other kind),
+    /// the tags pointing at it when it was a manifest (the next pull
+    /// resolves them again; stale serving needs the manifest anyway), then
+    /// the kept tag list of each repository this left with no tag and no
+    /// membership. Memberships of other digests stay, stored or not: a
+    /// repository holds a manifest's references before their blobs arrive.
+    fn prune(&mut self, key: &ContentKey) {
+        let digest = &key.digest;
+        let other = ContentKey {
+            kind: match key.kind {
+                Kind::Blob => Kind::Manifest,
+                Kind::Manifest => Kind::Blob,
+            },
+            digest: digest.clone(),
+        };
+        let mut visited = Vec::new();
+        if !self.contents.contains_key(&other) {
+            for repo in self.held_by.remove(digest).unwrap_or_default() {
+                if let Some(set) = self.holds.get_mut(&repo) {
+                    set.remove(digest);
+                    if set.is_empty() {
+                        self.holds.remove(&repo);
+                    }
+                }
+                visited.push(repo);
+            }
+        }
+        if key.kind == Kind::Manifest {
+            for (repo, tag) in self.tagged.remove(digest).unwrap_or_default() {
+                if let Some(tags) = self.tags.get_mut(&repo) {
+                    tags.remove(&tag);
+                    if tags.is_empty() {
+                        self.tags.remove(&repo);
+                    }
+                }
+                visited.push(repo);
+            }
+        }
+        for repo in visited {
+            if !self.tags.contains_key(&repo) && !self.holds.contains_key(&repo) {
+                self.tag_lists.remove(&repo);
+            }
+        }
+    }
+
     /// Makes the contents match `found`, except the items in `keep`.
     fn reconcile(&mut self, found: Vec<Found>, keep: &HashSet<ContentKey>) {
         let present: HashSet<&ContentKey> = found.iter().map(|f| &f.key).collect();
-        self.contents
-            .retain(|k, _| present.contains(k) || keep.contains(k));
+        let gone: Vec<ContentKey> = self
+            .contents
+            .keys()
+            .filter(|k| !present.contains(k) && !keep.contains(k))
+            .cloned()
+            .collect();
+        drop(present);
+        for key in &gone {
+            self.contents.remove(key);
+        }
         // A known item keeps its recorded size: a file whose size changed on
         // disk is then caught as damaged before it is served.
         for f in found {
@@ -61,6 +209,36 @@ impl State {
                     last_access: f.modified,
                 });
             }
+        }
+        // After the additions: a digest gone as one kind and found as the
+        // other keeps its memberships.
+        for key in &gone {
+            self.prune(key);
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            version: VERSION,
+            contents: self.contents.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            tags: self
+                .tags
+                .iter()
+                .flat_map(|(r, tags)| {
+                    tags.iter()
+                        .map(move |(t, e)| (r.clone(), t.clone(), e.clone()))
+                })
+                .collect(),
+            holds: self
+                .holds
+                .iter()
+                .map(|(r, d)| (r.clone(), d.iter().cloned().collect()))
+                .collect(),
+            tag_lists: self
+                .tag_lists
+                .iter()
+                .map(|(r, t)| (r.clone(), t.clone()))
+                .collect(),
         }
     }
 }
@@ -85,7 +263,12 @@ pub struct LocalIndex {
 struct Inner {
     path: Option<PathBuf>,
     state: Mutex<State>,
+    /// Something a crash must not lose changed: what is stored, tagged or
+    /// held.
     dirty: AtomicBool,
+    /// Only access times changed (hits): written with [`Flush::All`] only,
+    /// since under traffic every flush would rewrite the whole snapshot.
+    touched: AtomicBool,
     /// Held by a flush from its snapshot to its rename: two at once would
     /// write the same temp file, or put an older snapshot over a newer one.
     writing: Mutex<()>,
@@ -102,17 +285,7 @@ impl LocalIndex {
     pub fn load(path: &Path, found: Vec<Found>) -> Self {
         let mut state = match std::fs::read(path) {
             Ok(raw) => match serde_json::from_slice::<Snapshot>(&raw) {
-                Ok(s) if s.version == VERSION => State {
-                    contents: s.contents.into_iter().collect(),
-                    tags: s.tags.into_iter().map(|(r, t, e)| ((r, t), e)).collect(),
-                    holds: s
-                        .holds
-                        .into_iter()
-                        .map(|(r, d)| (r, d.into_iter().collect()))
-                        .collect(),
-                    tag_lists: s.tag_lists.into_iter().collect(),
-                    ..State::default()
-                },
+                Ok(s) if s.version == VERSION => State::from_snapshot(s),
                 Ok(_) | Err(_) => {
                     tracing::warn!(path = %path.display(), "index snapshot unreadable; rebuilding from the store");
                     State::default()
@@ -131,6 +304,7 @@ impl LocalIndex {
                 path: Some(path.to_path_buf()),
                 state: Mutex::new(state),
                 dirty: AtomicBool::new(true),
+                touched: AtomicBool::new(false),
                 writing: Mutex::new(()),
             }),
         }
@@ -144,11 +318,11 @@ impl LocalIndex {
         self.inner.changed();
     }
 
-    /// Writes the snapshot if anything changed since the last write, on the
-    /// calling thread (for synchronous callers; [`Index::flush`] uses the
-    /// blocking pool).
+    /// Writes the snapshot if anything changed since the last write, access
+    /// times included, on the calling thread (for synchronous callers;
+    /// [`Index::flush`] uses the blocking pool).
     pub fn flush_now(&self) -> io::Result<()> {
-        self.inner.flush_now()
+        self.inner.flush_now(Flush::All)
     }
 }
 
@@ -162,41 +336,29 @@ impl Inner {
         self.dirty.store(true, Ordering::Relaxed);
     }
 
-    fn flush_now(&self) -> io::Result<()> {
+    fn flush_now(&self, what: Flush) -> io::Result<()> {
         let Some(path) = &self.path else {
             return Ok(());
         };
         // Guards no data, so a panicked holder leaves nothing to repair.
         let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-        if !self.dirty.swap(false, Ordering::Relaxed) {
+        // Both flags are taken before the snapshot: a change after it sets
+        // them again for the next flush. Any write carries the access times.
+        let dirty = self.dirty.swap(false, Ordering::Relaxed);
+        let touched = (dirty || what == Flush::All) && self.touched.swap(false, Ordering::Relaxed);
+        if !dirty && !touched {
             return Ok(());
         }
-        let snapshot = {
-            let st = self.state();
-            Snapshot {
-                version: VERSION,
-                contents: st.contents.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-                tags: st
-                    .tags
-                    .iter()
-                    .map(|((r, t), e)| (r.clone(), t.clone(), e.clone()))
-                    .collect(),
-                holds: st
-                    .holds
-                    .iter()
-                    .map(|(r, d)| (r.clone(), d.iter().cloned().collect()))
-                    .collect(),
-                tag_lists: st
-                    .tag_lists
-                    .iter()
-                    .map(|(r, t)| (r.clone(), t.clone()))
-                    .collect(),
-            }
-        };
+        let snapshot = self.state().snapshot();
         let result = write_atomically(path, &snapshot);
         if result.is_err() {
             // Written by the next flush; index.json keeps the last good one.
-            self.changed();
+            if dirty {
+                self.changed();
+            }
+            if touched {
+                self.touched.store(true, Ordering::Relaxed);
+            }
         }
         result
     }
@@ -244,24 +406,27 @@ fn write_atomically(path: &Path, snapshot: &Snapshot) -> io::Result<()> {
 #[async_trait]
 impl Index for LocalIndex {
     async fn tag(&self, repo: &RepoName, tag: &Tag) -> Option<TagEntry> {
-        self.state().tags.get(&(repo.clone(), tag.clone())).cloned()
+        self.state().tags.get(repo)?.get(tag).cloned()
     }
 
     async fn set_tag(&self, repo: &RepoName, tag: &Tag, entry: TagEntry) {
-        self.state().tags.insert((repo.clone(), tag.clone()), entry);
+        self.state().set_tag(repo, tag, entry);
         self.changed();
     }
 
     async fn remove_tag(&self, repo: &RepoName, tag: &Tag) {
-        self.state().tags.remove(&(repo.clone(), tag.clone()));
+        self.state().remove_tag(repo, tag);
         self.changed();
     }
 
     async fn tags(&self) -> Vec<(RepoName, Tag, TagEntry)> {
-        self.state()
-            .tags
+        let st = self.state();
+        st.tags
             .iter()
-            .map(|((r, t), e)| (r.clone(), t.clone(), e.clone()))
+            .flat_map(|(r, tags)| {
+                tags.iter()
+                    .map(move |(t, e)| (r.clone(), t.clone(), e.clone()))
+            })
             .collect()
     }
 
@@ -283,7 +448,7 @@ impl Index for LocalIndex {
         let mut repos: Vec<RepoName> = st
             .tags
             .keys()
-            .map(|(r, _)| r.clone())
+            .cloned()
             .chain(st.holds.keys().cloned())
             .chain(st.tag_lists.keys().cloned())
             .collect();
@@ -300,12 +465,7 @@ impl Index for LocalIndex {
     }
 
     async fn add_holds(&self, repo: &RepoName, digests: Vec<Digest>) {
-        let mut st = self.state();
-        let set = st.holds.entry(repo.clone()).or_default();
-        let before = set.len();
-        set.extend(digests);
-        if set.len() != before {
-            drop(st);
+        if self.state().add_holds(repo, digests) {
             self.changed();
         }
     }
@@ -333,7 +493,8 @@ impl Index for LocalIndex {
             None => false,
         };
         if touched {
-            self.changed();
+            // Not `changed`: access times alone wait for a `Flush::All`.
+            self.inner.touched.store(true, Ordering::Relaxed);
         }
     }
 
@@ -342,10 +503,7 @@ impl Index for LocalIndex {
     }
 
     async fn forget(&self, key: &ContentKey) {
-        let mut st = self.state();
-        st.contents.remove(key);
-        st.changed(key);
-        drop(st);
+        self.state().forget(key);
         self.changed();
     }
 
@@ -354,8 +512,7 @@ impl Index for LocalIndex {
         if st.contents.get(key) != Some(&seen) {
             return false;
         }
-        st.contents.remove(key);
-        st.changed(key);
+        st.forget(key);
         drop(st);
         self.changed();
         true
@@ -396,14 +553,14 @@ impl Index for LocalIndex {
         self.changed();
     }
 
-    async fn flush(&self) -> io::Result<()> {
+    async fn flush(&self, what: Flush) -> io::Result<()> {
         if self.inner.path.is_none() {
             return Ok(());
         }
         // A large cache's snapshot is megabytes of JSON and an fsync: work
         // for the blocking pool, not an async worker serving requests.
         let inner = self.inner.clone();
-        match tokio::task::spawn_blocking(move || inner.flush_now()).await {
+        match tokio::task::spawn_blocking(move || inner.flush_now(what)).await {
             Ok(result) => result,
             Err(e) => {
                 // It may have died between taking the dirty flag and writing.
@@ -450,7 +607,7 @@ mod tests {
                 checked_at: t1,
             };
             idx.set_tag(&repo, &tag, entry).await;
-            idx.flush().await.unwrap();
+            idx.flush(Flush::All).await.unwrap();
         }
         // 'b' vanished from disk, 'c' appeared.
         let idx = LocalIndex::load(&path, vec![found('a', 10), found('c', 30)]);
@@ -538,7 +695,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.json");
         let idx = LocalIndex::load(&path, vec![found('a', 10)]);
-        idx.flush().await.unwrap();
+        idx.flush(Flush::All).await.unwrap();
         assert!(path.is_file());
         assert!(
             !WROTE_HERE.with(|w| w.get()),
@@ -555,7 +712,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.json");
         let idx = LocalIndex::load(&path, vec![found('a', 10)]);
-        idx.flush().await.unwrap();
+        idx.flush(Flush::All).await.unwrap();
         let good = std::fs::read(&path).unwrap();
 
         // A directory where the temp file goes: creating it fails.
@@ -563,14 +720,215 @@ mod tests {
         std::fs::create_dir(&tmp).unwrap();
         let b = ContentKey::blob(&digest('b'));
         idx.record(&b, 99, SystemTime::UNIX_EPOCH).await;
-        assert!(idx.flush().await.is_err());
+        assert!(idx.flush(Flush::All).await.is_err());
         assert_eq!(std::fs::read(&path).unwrap(), good, "index.json changed");
 
         std::fs::remove_dir(&tmp).unwrap();
-        idx.flush().await.unwrap();
+        idx.flush(Flush::All).await.unwrap();
         // The snapshot has b's recorded size, not the one a scan would give.
         let idx = LocalIndex::load(&path, vec![found('a', 10), found('b', 20)]);
         assert_eq!(idx.entry(&b).await.unwrap().size, 99);
+    }
+
+    fn tag_at(d: &Digest) -> TagEntry {
+        TagEntry {
+            digest: d.clone(),
+            media_type: None,
+            size: None,
+            checked_at: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    fn repo(name: &str) -> RepoName {
+        RepoName::parse(name).unwrap()
+    }
+
+    fn tag(name: &str) -> Tag {
+        Tag::parse(name).unwrap()
+    }
+
+    /// The snapshot on disk, as plain JSON.
+    fn written(path: &Path) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    /// Anyone may make the mirror record memberships, tags and tag lists by
+    /// pulling; forgetting an item must take with it what only existed for
+    /// it, in memory and in the snapshot, and nothing else.
+    #[tokio::test]
+    async fn forgetting_an_item_drops_the_memberships_tags_and_tag_lists_only_it_had() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.json");
+        let idx = LocalIndex::load(&path, Vec::new());
+        let (manifest, blob, unstored, other) =
+            (digest('a'), digest('b'), digest('c'), digest('d'));
+        let t = SystemTime::UNIX_EPOCH;
+        idx.record(&ContentKey::manifest(&manifest), 10, t).await;
+        idx.record(&ContentKey::blob(&blob), 10, t).await;
+        idx.record(&ContentKey::manifest(&other), 10, t).await;
+        // `app` pulled the manifest, which references the blob and a blob
+        // not downloaded yet; `only` holds just the blob; `keep` the blob
+        // and the undownloaded one; `mirror` tags the same manifest.
+        let (app, only, keep, mirror) = (repo("app"), repo("only"), repo("keep"), repo("mirror"));
+        idx.add_holds(&app, vec![manifest.clone(), blob.clone(), unstored.clone()])
+            .await;
+        idx.add_holds(&only, vec![blob.clone()]).await;
+        idx.add_holds(&keep, vec![blob.clone(), unstored.clone()])
+            .await;
+        idx.set_tag(&app, &tag("1"), tag_at(&manifest)).await;
+        idx.set_tag(&mirror, &tag("1"), tag_at(&manifest)).await;
+        idx.set_tag(&mirror, &tag("2"), tag_at(&other)).await;
+        for r in [&app, &only, &keep, &mirror] {
+            idx.set_tag_list(r, vec![tag("1")]).await;
+        }
+
+        idx.forget(&ContentKey::blob(&blob)).await;
+        for r in [&app, &only, &keep] {
+            assert!(
+                !idx.holds(r, &blob).await,
+                "{r} still holds the forgotten blob"
+            );
+        }
+        assert_eq!(idx.tag_list(&only).await, None, "nothing is left of `only`");
+        assert!(
+            idx.holds(&keep, &unstored).await,
+            "another digest's membership was dropped"
+        );
+        assert!(idx.tag_list(&keep).await.is_some());
+
+        let seen = idx.entry(&ContentKey::manifest(&manifest)).await.unwrap();
+        assert!(idx.forget_if(&ContentKey::manifest(&manifest), seen).await);
+        assert!(!idx.holds(&app, &manifest).await);
+        assert_eq!(
+            idx.tag(&app, &tag("1")).await,
+            None,
+            "a tag of an evicted manifest"
+        );
+        assert_eq!(idx.tag(&mirror, &tag("1")).await, None);
+        assert_eq!(idx.tag(&mirror, &tag("2")).await.unwrap().digest, other);
+        assert!(
+            idx.holds(&app, &unstored).await,
+            "a reference not downloaded yet was dropped"
+        );
+        assert!(
+            idx.tag_list(&app).await.is_some(),
+            "`app` still holds a digest"
+        );
+        assert!(
+            idx.tag_list(&mirror).await.is_some(),
+            "`mirror` still has a tag"
+        );
+        let mut repos = idx.repositories().await;
+        repos.sort();
+        assert_eq!(repos, vec![app.clone(), keep.clone(), mirror.clone()]);
+
+        idx.flush(Flush::All).await.unwrap();
+        let json = written(&path).to_string();
+        for gone in [&blob, &manifest] {
+            assert!(
+                !json.contains(gone.hex()),
+                "the snapshot still names {gone}"
+            );
+        }
+        assert!(
+            !json.contains("\"only\""),
+            "the snapshot still names `only`: {json}"
+        );
+        let idx = LocalIndex::load(
+            &path,
+            vec![Found {
+                key: ContentKey::manifest(&other),
+                size: 10,
+                modified: t,
+            }],
+        );
+        assert!(idx.holds(&keep, &unstored).await);
+        assert!(idx.holds(&app, &unstored).await);
+        assert_eq!(idx.tag(&mirror, &tag("2")).await.unwrap().digest, other);
+        assert_eq!(idx.tag(&app, &tag("1")).await, None);
+    }
+
+    /// A file gone at start, or gone by a rescan, is forgotten like an
+    /// eviction; a digest still stored as the other kind keeps its members.
+    #[tokio::test]
+    async fn a_file_found_gone_takes_its_memberships_and_tags_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.json");
+        let (app, t) = (repo("app"), SystemTime::UNIX_EPOCH);
+        {
+            let idx = LocalIndex::load(&path, vec![found('a', 10), found('b', 10)]);
+            idx.record(&ContentKey::manifest(&digest('e')), 10, t).await;
+            idx.add_holds(&app, vec![digest('a'), digest('b'), digest('e')])
+                .await;
+            idx.set_tag(&app, &tag("1"), tag_at(&digest('e'))).await;
+            idx.set_tag_list(&app, vec![tag("1")]).await;
+            idx.flush(Flush::All).await.unwrap();
+        }
+        // The manifest's file and blob a are gone; b is there.
+        let idx = LocalIndex::load(&path, vec![found('b', 10)]);
+        assert!(!idx.holds(&app, &digest('a')).await);
+        assert!(!idx.holds(&app, &digest('e')).await);
+        assert_eq!(idx.tag(&app, &tag("1")).await, None);
+        assert!(idx.holds(&app, &digest('b')).await);
+
+        // A rescan finds b gone as a blob but stored as a manifest.
+        let mark = idx.begin_scan().await;
+        idx.reconcile(
+            mark,
+            vec![Found {
+                key: ContentKey::manifest(&digest('b')),
+                size: 10,
+                modified: t,
+            }],
+        )
+        .await;
+        assert!(
+            idx.holds(&app, &digest('b')).await,
+            "still stored, as a manifest"
+        );
+        let mark = idx.begin_scan().await;
+        idx.reconcile(mark, Vec::new()).await;
+        assert!(!idx.holds(&app, &digest('b')).await);
+        assert_eq!(idx.tag_list(&app).await, None, "nothing is left of `app`");
+        assert!(idx.repositories().await.is_empty());
+    }
+
+    /// Hits change access times all the time: they alone do not rewrite the
+    /// snapshot at every flush, only at a `Flush::All` (every few upkeep
+    /// runs, and at shutdown), or with the next real change.
+    #[tokio::test]
+    async fn hits_alone_wait_for_a_full_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.json");
+        let key = ContentKey::blob(&digest('a'));
+        let idx = LocalIndex::load(&path, vec![found('a', 10)]);
+        idx.flush(Flush::Changes).await.unwrap();
+        let last_access = |path: &Path| written(path)["contents"][0][1]["last_access"].clone();
+        let before = last_access(&path);
+
+        let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        idx.touch(&key, t(100)).await;
+        std::fs::remove_file(&path).unwrap();
+        idx.flush(Flush::Changes).await.unwrap();
+        assert!(!path.exists(), "a hit alone rewrote the snapshot");
+        idx.flush(Flush::All).await.unwrap();
+        let touched = last_access(&path);
+        assert_ne!(touched, before, "the access time was not written");
+
+        // A real change writes at once, with the access times since.
+        idx.touch(&key, t(200)).await;
+        idx.add_holds(&repo("app"), vec![digest('a')]).await;
+        idx.flush(Flush::Changes).await.unwrap();
+        let both = last_access(&path);
+        assert_ne!(both, touched);
+        std::fs::remove_file(&path).unwrap();
+        idx.flush(Flush::All).await.unwrap();
+        assert!(!path.exists(), "written again with nothing new");
+
+        // Synchronous callers (import, admin) write access times too.
+        idx.touch(&key, t(300)).await;
+        idx.flush_now().unwrap();
+        assert_ne!(last_access(&path), both);
     }
 
     #[tokio::test]

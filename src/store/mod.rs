@@ -209,6 +209,17 @@ pub struct TagEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScanMark(pub u64);
 
+/// What [`Index::flush`] persists. Access times change on every hit, and a
+/// crash that loses some costs only eviction order: they need not be written
+/// as often as what is stored, tagged and held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    /// Changes of what is stored, tagged or held (access times ride along).
+    Changes,
+    /// Those, and access times alone.
+    All,
+}
+
 /// Metadata of the cache. Knows names, sizes and times, nothing of files.
 #[async_trait]
 pub trait Index: Send + Sync + 'static {
@@ -236,7 +247,11 @@ pub trait Index: Send + Sync + 'static {
     async fn touch(&self, key: &ContentKey, now: SystemTime);
     /// The entry of a stored item.
     async fn entry(&self, key: &ContentKey) -> Option<ContentEntry>;
-    /// Forgets a stored item (evicted, damaged or gone from the store).
+    /// Forgets a stored item (evicted, damaged or gone from the store), and
+    /// what only existed for it: its digest's memberships (unless the digest
+    /// is still stored as the other kind) and, for a manifest, the tags
+    /// pointing at it. [`forget_if`](Index::forget_if) and
+    /// [`reconcile`](Index::reconcile) forget the same way.
     async fn forget(&self, key: &ContentKey);
     /// Forgets a stored item only if its entry is still exactly `seen`, as
     /// one atomic step; returns whether it did. A caller acting on an entry
@@ -257,6 +272,7 @@ pub trait Index: Send + Sync + 'static {
     /// left as they are: a commit the scan missed is not forgotten, an
     /// eviction after the scan listed the file is not undone.
     async fn reconcile(&self, mark: ScanMark, found: Vec<Found>);
-    /// Persists the index, if it is persistent and changed.
-    async fn flush(&self) -> io::Result<()>;
+    /// Persists the index, if it is persistent and changed; access times
+    /// alone count as a change only for [`Flush::All`].
+    async fn flush(&self, what: Flush) -> io::Result<()>;
 }
