@@ -194,6 +194,9 @@ auth:
             return procs.start("upstream", ["docker-registry", "serve", config], directory,
                                stdout_name="access.log")
 
+        # The token service runs on its own port: the mirror sends its credentials there only
+        # when named in upstream.credential_hosts.
+        self.realm_host = f"127.0.0.1:{issuer.port}"
         self.port, self.proc = start_on_free_port(
             procs, "upstream docker-registry", spawn,
             lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 401)
@@ -269,7 +272,8 @@ class Regmirror:
         data = os.path.join(directory, "data")
         os.makedirs(data, exist_ok=True)
         env = dict(os.environ, REGMIRROR_UPSTREAM_USERNAME=USER,
-                   REGMIRROR_UPSTREAM_PASSWORD=PASSWORD)
+                   REGMIRROR_UPSTREAM_PASSWORD=PASSWORD,
+                   REGMIRROR_UPSTREAM_CREDENTIAL_HOSTS=f'["{upstream.realm_host}"]')
         env.setdefault("RUST_LOG", "info")
 
         def spawn(port):

@@ -40,10 +40,14 @@ impl World {
     /// configured with them through `REGMIRROR_UPSTREAM_USERNAME`/`_PASSWORD`.
     pub async fn with_authenticated_mirror(tools: &[&str], user: &str, password: &str) -> World {
         let mut world = World::start(tools, Some((user, password))).await;
+        // The token server is on another port than the registry, as a self-hosted
+        // distribution with its own token service is: named, as its operator must name it.
+        let realm_host = format!("[\"127.0.0.1:{}\"]", world.issuer.port);
         world
             .start_mirror(&[
                 ("REGMIRROR_UPSTREAM_USERNAME", user),
                 ("REGMIRROR_UPSTREAM_PASSWORD", password),
+                ("REGMIRROR_UPSTREAM_CREDENTIAL_HOSTS", &realm_host),
             ])
             .await;
         world
