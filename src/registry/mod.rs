@@ -164,19 +164,8 @@ impl Registry {
             index,
             upstreams,
             router,
-            referrer_cache: moka::future::Cache::builder()
-                .weigher(|_, b: &Bytes| u32::try_from(b.len()).unwrap_or(u32::MAX))
-                .max_capacity(LISTINGS_MEMORY)
-                .time_to_live(config.cache.tag_ttl.max(Duration::from_secs(1)))
-                .build(),
-            fetched_tag_lists: moka::future::Cache::builder()
-                .weigher(|_, (_, tags): &FetchedTags| {
-                    let bytes: usize = tags.iter().map(|t| t.as_str().len() + 8).sum();
-                    u32::try_from(bytes).unwrap_or(u32::MAX)
-                })
-                .max_capacity(LISTINGS_MEMORY)
-                .time_to_live(longest_tag_ttl(config))
-                .build(),
+            referrer_cache: referrers_memory(config.cache.tag_ttl),
+            fetched_tag_lists: tag_lists_memory(longest_tag_ttl(config)),
             manifests: moka::future::Cache::builder()
                 .weigher(|_, m: &Arc<StoredManifest>| {
                     u32::try_from(m.bytes.len()).unwrap_or(u32::MAX)
@@ -408,6 +397,28 @@ fn offline_miss(what: What, name: &str) -> Error {
     }
 }
 
+/// Referrers answers by (repository key, subject), weighed in bytes: any
+/// client can ask for any subject.
+fn referrers_memory(ttl: Duration) -> moka::future::Cache<(RepoName, Digest), Bytes> {
+    moka::future::Cache::builder()
+        .weigher(|_, b: &Bytes| u32::try_from(b.len()).unwrap_or(u32::MAX))
+        .max_capacity(LISTINGS_MEMORY)
+        .time_to_live(ttl.max(Duration::from_secs(1)))
+        .build()
+}
+
+/// Fetched tag lists by repository key, weighed in bytes.
+fn tag_lists_memory(ttl: Duration) -> moka::future::Cache<RepoName, FetchedTags> {
+    moka::future::Cache::builder()
+        .weigher(|_, (_, tags): &FetchedTags| {
+            let bytes: usize = tags.iter().map(|t| t.as_str().len() + 8).sum();
+            u32::try_from(bytes).unwrap_or(u32::MAX)
+        })
+        .max_capacity(LISTINGS_MEMORY)
+        .time_to_live(ttl)
+        .build()
+}
+
 /// The longest tag TTL of any upstream: how long a fetched tag list may be
 /// worth keeping in memory at all.
 fn longest_tag_ttl(config: &Config) -> Duration {
@@ -426,5 +437,58 @@ pub fn limits(cache: &CacheConfig) -> Limits {
         budget: cache.budget(),
         blob_idle_ttl: CacheConfig::idle_ttl(cache.blob_idle_ttl),
         manifest_idle_ttl: CacheConfig::idle_ttl(cache.manifest_idle_ttl),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::Tag;
+
+    fn repo(i: usize) -> RepoName {
+        RepoName::parse(&format!("flood/r{i}")).unwrap()
+    }
+
+    /// 100,000 distinct referrers answers of 4 KiB (400 MB unweighed) stay
+    /// within the listings' memory.
+    #[tokio::test]
+    async fn referrers_answers_are_bounded_in_bytes() {
+        let cache = referrers_memory(Duration::from_secs(300));
+        let answer = Bytes::from(vec![b'x'; 4096]);
+        let subject = crate::hashing::digest_of(crate::reference::Algorithm::Sha256, b"s");
+        for i in 0..100_000 {
+            cache
+                .insert((repo(i), subject.clone()), answer.clone())
+                .await;
+        }
+        cache.run_pending_tasks().await;
+        let kept: u64 = cache.iter().map(|(_, b)| b.len() as u64).sum();
+        assert!(kept <= LISTINGS_MEMORY, "{kept} bytes kept");
+    }
+
+    /// Likewise 100,000 distinct tag lists of 100 tags.
+    #[tokio::test]
+    async fn fetched_tag_lists_are_bounded_in_bytes() {
+        let cache = tag_lists_memory(Duration::from_secs(300));
+        let tags: Arc<Vec<Tag>> = Arc::new(
+            (0..100)
+                .map(|t| Tag::parse(&format!("v1.{t}.0-build")).unwrap())
+                .collect(),
+        );
+        for i in 0..100_000 {
+            cache
+                .insert(repo(i), (std::time::Instant::now(), tags.clone()))
+                .await;
+        }
+        cache.run_pending_tasks().await;
+        let kept: u64 = cache
+            .iter()
+            .map(|(_, (_, tags))| {
+                tags.iter()
+                    .map(|t| t.as_str().len() as u64 + 8)
+                    .sum::<u64>()
+            })
+            .sum();
+        assert!(kept <= LISTINGS_MEMORY, "{kept} bytes kept");
     }
 }
