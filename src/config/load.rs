@@ -290,6 +290,7 @@ mod tests {
                 "cache.tag_ttl_rules",
                 r#"[{pattern = "*:latest", ttl = "1m"}]"#,
             ),
+            ("cache.max_downloads", "7"),
             ("upstream.credential_hosts", r#"["auth.example"]"#),
             ("upstream.credentials_for", r#"["myorg/*"]"#),
             ("upstream.name", "docker.io"),
@@ -329,6 +330,7 @@ mod tests {
         assert_eq!(c.cache.budget().low, 3 << 28);
         assert_eq!(CacheConfig::idle_ttl(c.cache.manifest_idle_ttl), None);
         assert_eq!(c.cache.tag_rules()[0].ttl, Duration::from_secs(60));
+        assert_eq!(c.cache.max_downloads, 7);
         assert_eq!(c.upstream.credential_hosts, vec!["auth.example".to_owned()]);
         assert_eq!(c.upstream.credentials_for, vec!["myorg/*".to_owned()]);
         assert_eq!(c.tls.key, Some(PathBuf::from("/k.pem")));
