@@ -552,26 +552,30 @@ async fn connections_without_traffic_for_idle_timeout_are_closed() {
     );
 
     // A client that stops reading a large body is as idle as one that sends nothing.
-    let url = m.http(&format!("/v2/{REPO}/blobs/{digest}"));
-    let cached = client()
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(cached.len(), size);
-    let req = format!("GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: m\r\n\r\n");
+    let req = cache_blob(&m, &digest, size).await;
     let mut s = send_raw(m.addr, req.as_bytes()).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let (raw, open) = read_until_closed(&mut s, after(20)).await;
-    assert!(!open, "the stalled reader's connection is still open");
-    let got = Reply::Status(200, raw).body().len();
+    assert_cut_short(&mut s, size, "stalled 4 s (idle_timeout 1 s)").await;
+}
+
+/// GETs the blob once so it is cached; the raw request for it.
+async fn cache_blob(m: &Front, digest: &str, size: usize) -> String {
+    let url = m.http(&format!("/v2/{REPO}/blobs/{digest}"));
+    let cached = client().get(&url).send().await.unwrap().bytes().await;
+    assert_eq!(cached.unwrap().len(), size);
+    format!("GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: m\r\n\r\n")
+}
+
+/// Reads what the stalled client's socket still holds: the connection must then be closed,
+/// short of the whole blob.
+async fn assert_cut_short(s: &mut TcpStream, size: usize, what: &str) {
+    let (raw, open) = read_until_closed(s, after(20)).await;
     assert!(
-        got < size,
-        "stalled 4 s (idle_timeout 1 s), still got all {size} bytes"
+        !open,
+        "{what}: the stalled reader's connection is still open"
     );
+    let got = Reply::Status(200, raw).body().len();
+    assert!(got < size, "{what}: still got all {size} bytes");
 }
 
 /// A client that never reads the blob it asked for, with a second request pipelined behind
@@ -589,18 +593,7 @@ async fn a_client_that_never_reads_its_blob_is_cut_after_idle_timeout() {
     })
     .await;
     let limit = Duration::from_secs(10);
-    let url = m.http(&format!("/v2/{REPO}/blobs/{digest}"));
-    let cached = client()
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(cached.len(), size);
-
-    let req = format!("GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: m\r\n\r\n");
+    let req = cache_blob(&m, &digest, size).await;
     let mut stalled = send_raw(
         m.addr,
         (req + std::str::from_utf8(PING).unwrap()).as_bytes(),
@@ -634,13 +627,7 @@ async fn a_client_that_never_reads_its_blob_is_cut_after_idle_timeout() {
     pinger.await.unwrap();
 
     // Reading now gets what the socket buffers held, then the end: not the whole blob.
-    let (raw, open) = read_until_closed(&mut stalled, after(20)).await;
-    assert!(!open, "the stalled reader's connection is still open");
-    let got = Reply::Status(200, raw).body().len();
-    assert!(
-        got < size,
-        "stalled 3 s (idle_timeout 1 s), still got all {size} bytes"
-    );
+    assert_cut_short(&mut stalled, size, "stalled 3 s (idle_timeout 1 s)").await;
 }
 
 /// A browser pointed at the mirror must never sniff a blob (bytes the upstream chose) or an
