@@ -604,14 +604,7 @@ async fn a_certificate_near_its_expiry_is_logged_on_metrics_and_on_the_status_pa
         });
     assert!(warned, "no warning naming {path}");
 
-    let page = client(&[&soon.trust], false)
-        .get(m.https("/_/status"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = status_page(&m, &soon.trust).await;
     assert!(
         page.contains("<b class=bad>expires in 2 days</b>"),
         "no red expiry on the status page:\n{page}"
@@ -631,16 +624,18 @@ async fn a_certificate_near_its_expiry_is_logged_on_metrics_and_on_the_status_pa
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let page = client(&[&renewed.trust], false)
-        .get(m.https("/_/status"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = status_page(&m, &renewed.trust).await;
     assert!(
         page.contains("<b class=ok>expires in 89 days</b>"),
         "{page}"
     );
+}
+
+/// The status page's HTML, fetched over TLS trusting `trust`.
+async fn status_page(m: &Front, trust: &[u8]) -> String {
+    let resp = client(&[trust], false)
+        .get(m.https("/_/status"))
+        .send()
+        .await;
+    resp.unwrap().text().await.unwrap()
 }
