@@ -280,7 +280,8 @@ impl Downloads {
     /// have every byte.
     async fn keep(&self, spool: Spool, digest: &Digest, size: u64) {
         if size > self.keep_limit {
-            tracing::warn!(%digest, size, limit = self.keep_limit, "blob larger than the cache; served without being kept");
+            // Said when it was found out (at the headers, or at the budget).
+            tracing::debug!(%digest, size, "a blob larger than the cache is not kept");
             return;
         }
         match self.store.commit_blob(spool, digest).await {
