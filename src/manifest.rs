@@ -48,11 +48,14 @@ struct Descriptor {
 
 /// The media type to serve a manifest with: the upstream's `Content-Type`
 /// unless it is generic, else the document's own `mediaType`, else inferred
-/// from its shape (an OCI manifest may omit `mediaType`).
+/// from its shape (an OCI manifest may omit `mediaType`). Either is taken
+/// only as an `application/` type of media-type characters: it is served
+/// back as `Content-Type`, and an upstream (or a document) must not make the
+/// mirror serve `text/html` from its own origin.
 pub fn media_type(content_type: Option<&str>, bytes: &[u8]) -> String {
     let declared = content_type
         .map(|c| c.split(';').next().unwrap_or("").trim())
-        .filter(|c| !c.is_empty() && *c != "application/json" && *c != "text/plain");
+        .filter(|c| *c != "application/json" && servable(c));
     if let Some(c) = declared {
         return c.to_owned();
     }
@@ -60,10 +63,22 @@ pub fn media_type(content_type: Option<&str>, bytes: &[u8]) -> String {
         Ok(Shape {
             media_type: Some(m),
             ..
-        }) => m,
+        }) if servable(&m) => m,
         Ok(s) if !s.manifests.is_empty() => OCI_INDEX.to_owned(),
         _ => OCI_MANIFEST.to_owned(),
     }
+}
+
+/// An `application/<subtype>` media type whose subtype is made of the
+/// characters RFC 6838 allows (letters, digits, `!#$&-^_.+`).
+fn servable(t: &str) -> bool {
+    t.strip_prefix("application/").is_some_and(|sub| {
+        !sub.is_empty()
+            && sub.len() <= 127
+            && sub
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    })
 }
 
 /// Every digest the manifest points at (config, layers, child manifests,
@@ -85,6 +100,33 @@ pub fn references(bytes: &[u8]) -> Vec<Digest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_application_types_are_served_back() {
+        let index = format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"digest":"{}"}}]}}"#,
+            d('a')
+        );
+        let index = index.as_bytes();
+        let docker = "application/vnd.docker.distribution.manifest.v2+json";
+        assert_eq!(media_type(Some(docker), b"{}"), docker);
+        assert_eq!(
+            media_type(Some(&format!("{docker}; charset=utf-8")), b"{}"),
+            docker
+        );
+        // An upstream's text/html, or a document's, is not served back.
+        assert_eq!(media_type(Some("text/html"), index), OCI_INDEX);
+        let html_doc = br#"{"schemaVersion":2,"mediaType":"text/html"}"#;
+        assert_eq!(media_type(None, html_doc), OCI_MANIFEST);
+        assert_eq!(
+            media_type(Some("application/x<script>"), b"{}"),
+            OCI_MANIFEST
+        );
+        assert_eq!(media_type(Some("application/"), b"{}"), OCI_MANIFEST);
+        let helm = "application/vnd.cncf.helm.config.v1+json";
+        let doc = format!(r#"{{"schemaVersion":2,"mediaType":"{helm}"}}"#);
+        assert_eq!(media_type(Some("text/plain"), doc.as_bytes()), helm);
+    }
 
     fn d(c: char) -> String {
         format!("sha256:{}", c.to_string().repeat(64))
