@@ -336,9 +336,19 @@ async fn evictions_are_counted_and_cache_bytes_stays_within_max_size() {
         last.media_type.len() + 1 + last.manifest.len(),
         "a stored manifest is its media type, a newline and its bytes"
     );
+    // Commits end after the clients' last bytes and the eviction they wake after that: wait
+    // for the state where every item was either kept or evicted.
     let s1 = scrape_until(&m, |s| {
-        s.get("regmirror_cache_bytes", &[]) == disk_usage(&m.data_dir) as f64
+        let freed = delta(
+            &s0,
+            s,
+            "regmirror_evicted_bytes_total",
+            &[("reason", "size")],
+        );
+        let kept = s.get("regmirror_cache_bytes", &[]);
+        kept == disk_usage(&m.data_dir) as f64
             && s.get("regmirror_evictions_total", &[("reason", "size")]) >= 1.0
+            && kept + freed == stored as f64
     })
     .await;
     let why = s1.show("regmirror_ev");
