@@ -8,7 +8,7 @@
 //! room, so the slowest client sets the pace and memory stays bounded.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use bytes::Bytes;
@@ -24,6 +24,9 @@ pub struct Recent {
     inner: Mutex<Inner>,
     /// Woken when chunks were dropped or a reader moved or left.
     room: Notify,
+    /// `Inner::unspooled`, readable without the lock: with a spool, readers'
+    /// positions decide nothing, so a reader's move costs no lock per chunk.
+    unspooled: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -52,7 +55,9 @@ impl Reader {
     /// The client has every byte before `pos`.
     pub fn advance(&self, pos: u64) {
         self.pos.store(pos, Ordering::Relaxed);
-        self.recent.moved();
+        if self.recent.unspooled.load(Ordering::Relaxed) {
+            self.recent.moved();
+        }
     }
 }
 
@@ -88,6 +93,7 @@ impl Recent {
     /// From now on there is no spool (the blob is too large to keep).
     pub fn unspool(&self) {
         self.lock().unspooled = true;
+        self.unspooled.store(true, Ordering::Relaxed);
     }
 
     fn moved(&self) {
