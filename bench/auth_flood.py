@@ -24,9 +24,7 @@ import sys
 import threading
 import time
 
-import fixture as fixtures
-from issuer import generate_keys
-from services import PASSWORD, USER, Issuer, Procs, Upstream, http_status, start_on_free_port
+from services import full_sizes, upstream_lab, PASSWORD, USER, Procs, http_status, start_on_free_port
 
 ACCEPT = ", ".join([
     "application/vnd.docker.distribution.manifest.v2+json",
@@ -112,18 +110,17 @@ def main():
     ap.add_argument("--no-credential-hosts", action="store_true",
                     help="for a regmirror older than upstream.credential_hosts host:port")
     args = ap.parse_args()
+    # The mirror runs in a directory of its own: a relative path would not name it there.
+    args.binary = os.path.abspath(args.binary)
 
-    sizes = {"big_bytes": 1024 << 20, "many_layers": 30, "many_layer_bytes": 256 << 10}
+    sizes = full_sizes()
     run_dir = os.path.join(args.work, f"auth-flood-{os.getpid()}")
     os.makedirs(run_dir)
     procs = Procs()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     failed = False
     try:
-        key, cert = generate_keys(run_dir)
-        issuer = Issuer(procs, run_dir, key, cert)
-        fx = fixtures.load_or_build(args.work, sizes, procs, issuer, cert, log)
-        upstream = Upstream(procs, os.path.join(run_dir, "upstream"), fx["storage"], issuer, cert)
+        _, fx, upstream = upstream_lab(procs, args.work, run_dir, sizes, log)
         htpasswd = os.path.join(run_dir, "htpasswd")
         with open(htpasswd, "w") as f:
             f.write(subprocess.run(["htpasswd", "-Bbn", "moby", "gordon"], check=True,

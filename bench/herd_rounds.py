@@ -20,9 +20,7 @@ import sys
 import time
 
 import clients
-import fixture as fixtures
-from issuer import generate_keys
-from services import Issuer, Procs, Regmirror, Upstream, http_status, start_on_free_port
+from services import full_sizes, upstream_lab, Procs, Regmirror, http_status, start_on_free_port
 
 
 def log(msg):
@@ -61,8 +59,10 @@ def main():
     ap.add_argument("--herd", type=int, default=16)
     ap.add_argument("--big-mib", type=int, default=1024)
     args = ap.parse_args()
+    # The mirror runs in a directory of its own: a relative path would not name it there.
+    args.binary = os.path.abspath(args.binary)
 
-    sizes = {"big_bytes": args.big_mib << 20, "many_layers": 30, "many_layer_bytes": 256 << 10}
+    sizes = full_sizes(args.big_mib)
     os.makedirs(args.work, exist_ok=True)
     run_dir = os.path.join(args.work, f"herd-rounds-{os.getpid()}")
     os.makedirs(run_dir)
@@ -70,10 +70,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     failures = []
     try:
-        key, cert = generate_keys(run_dir)
-        issuer = Issuer(procs, run_dir, key, cert)
-        fx = fixtures.load_or_build(args.work, sizes, procs, issuer, cert, log)
-        upstream = Upstream(procs, os.path.join(run_dir, "upstream"), fx["storage"], issuer, cert)
+        _, fx, upstream = upstream_lab(procs, args.work, run_dir, sizes, log)
         big = fx["big"]
         path = f"/v2/library/big/blobs/{big['digest']}"
         walls = []

@@ -330,3 +330,21 @@ http {{
             procs, "nginx", spawn,
             lambda p: http_status(f"http://127.0.0.1:{p}/manifest") == 200)
         self.pid = self.proc.pid
+
+
+def full_sizes(big_mib=1024):
+    """The full benchmark's image set: a big layer of `big_mib` MiB, 30 layers of 256 KiB."""
+    return {"big_bytes": big_mib << 20, "many_layers": 30, "many_layer_bytes": 256 << 10}
+
+
+def upstream_lab(procs, work, run_dir, sizes, log):
+    """A token issuer, the image set (built into `work` once) and a docker-registry upstream
+    serving it with token auth, as the checks beside the benchmark use them: (issuer, fixture,
+    upstream)."""
+    import fixture
+    from issuer import generate_keys
+    key, cert = generate_keys(run_dir)
+    issuer = Issuer(procs, run_dir, key, cert)
+    fx = fixture.load_or_build(work, sizes, procs, issuer, cert, log)
+    upstream = Upstream(procs, os.path.join(run_dir, "upstream"), fx["storage"], issuer, cert)
+    return issuer, fx, upstream
