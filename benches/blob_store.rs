@@ -1,8 +1,8 @@
-//! The disk blob store (`regmirror::store::disk::DiskStore`) on the paths a blob takes: a
+//! The disk blob store (`regmirror::cache::store::disk::DiskStore`) on the paths a blob takes: a
 //! download's spool written and committed (fsync, rename, directory fsync), and a cached blob
 //! opened and read back in 256 KiB positional reads: plain reads, one `spawn_blocking` per
 //! read (how the server read until it tried the page cache first), and the server's own
-//! stream (`regmirror::download::Source`, `preadv2(RWF_NOWAIT)` on the worker). 64 MiB blobs
+//! stream (`regmirror::cache::download::Source`, `preadv2(RWF_NOWAIT)` on the worker). 64 MiB blobs
 //! in a temp dir under `target/`; quick by default: `cargo bench --bench blob_store`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures_util::StreamExt as _;
-use regmirror::download::Source;
+use regmirror::cache::download::Source;
+use regmirror::cache::store::disk::DiskStore;
+use regmirror::cache::store::BlobStore;
 use regmirror::hashing::digest_of;
 use regmirror::reference::Algorithm;
-use regmirror::store::disk::DiskStore;
-use regmirror::store::BlobStore;
 
 const WRITE_PIECE: usize = 1 << 20;
 const READ_PIECE: usize = 256 * 1024;

@@ -7,14 +7,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::cache::evictor::{Evictor, Report};
+use crate::cache::store::disk::DiskStore;
+use crate::cache::store::local_index::LocalIndex;
+use crate::cache::store::{BlobStore, ContentEntry, ContentKey, Index, Kind};
 use crate::config::Config;
-use crate::evictor::{Evictor, Report};
 use crate::manifest;
 use crate::reference::{Digest, RepoName, Tag};
 use crate::registry::{limits, INDEX_FILE};
-use crate::store::disk::DiskStore;
-use crate::store::local_index::LocalIndex;
-use crate::store::{BlobStore, ContentEntry, ContentKey, Index, Kind};
 
 /// Temp files untouched this long belong to no live download (a live one
 /// writes at least every `upstream.read_timeout`, or fails).

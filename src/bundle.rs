@@ -14,15 +14,15 @@ use std::path::Path;
 
 use serde_json::json;
 
+use crate::cache::store::disk::DiskStore;
+use crate::cache::store::local_index::LocalIndex;
+use crate::cache::store::{BlobStore, Index, StoredManifest};
 use crate::config::Config;
 use crate::imageref::ImageRef;
 use crate::manifest::{self, OCI_INDEX};
 use crate::reference::{Digest, Reference, RepoName, Tag};
 use crate::registry::INDEX_FILE;
 use crate::routing::Router;
-use crate::store::disk::DiskStore;
-use crate::store::local_index::LocalIndex;
-use crate::store::{BlobStore, Index, StoredManifest};
 
 /// The annotation naming the image (`<registry>/<repo>:<tag>`) a bundle
 /// entry came from, so `import` can recreate the tag.

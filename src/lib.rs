@@ -7,11 +7,9 @@
 //!   [`routing`] picks the upstream it is for.
 //! - [`reference`]: names, tags and digests as parsed newtypes; [`range`]: `Range`.
 //! - [`registry`]: the API logic (manifests, blobs, tags) over the parts below.
-//! - [`download`]: single-flight blob downloads that clients follow as they grow.
 //! - [`upstream`]: the upstream client (token auth, redirects, error mapping).
-//! - [`store`]: the `BlobStore` and `Index` interfaces and their backends.
-//! - [`evictor`]: eviction mechanism; [`policy`]: cache rules as pure
-//!   functions of their inputs and `now`.
+//! - [`cache`]: the store and index interfaces and backends, single-flight
+//!   downloads, eviction and its policy.
 //! - [`config`]: `mirror.toml`, environment overrides, flags.
 //! - [`admin`]: the `gc`, `ls` and `du` commands.
 //! - [`error`] / [`response`]: the one error type and its HTTP rendering.
@@ -22,18 +20,16 @@ pub mod access_log;
 pub mod admin;
 pub mod auth;
 pub mod bundle;
+pub mod cache;
 pub mod config;
-pub mod download;
 pub mod endpoint;
 pub mod error;
-pub mod evictor;
 pub mod hashing;
 pub mod idle;
 pub mod imageref;
 pub mod manifest;
 pub mod metrics;
 pub mod ops;
-pub mod policy;
 pub mod prefetch;
 pub mod range;
 pub mod reference;
@@ -41,7 +37,6 @@ pub mod registry;
 pub mod response;
 pub mod routing;
 pub mod server;
-pub mod store;
 pub mod tls;
 pub mod units;
 pub mod upstream;

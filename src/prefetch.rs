@@ -67,7 +67,7 @@ impl Session {
         mirror: Option<String>,
         basic: Option<(String, Secret)>,
     ) -> Result<Self, BoxError> {
-        let running = crate::store::disk::DiskStore::open(&config.data_dir)?
+        let running = crate::cache::store::disk::DiskStore::open(&config.data_dir)?
             .try_lock()?
             .is_none();
         let mut local = None;

@@ -12,14 +12,14 @@ use std::time::SystemTime;
 use serde::Deserialize;
 
 use super::{err, IMAGE_ANNOTATION, WRAPPER_ANNOTATION};
+use crate::cache::store::disk::{DiskStore, Parked};
+use crate::cache::store::local_index::LocalIndex;
+use crate::cache::store::{BlobStore, ContentKey, Index, StoredManifest, TagEntry};
 use crate::config::Config;
 use crate::hashing::Hasher;
 use crate::manifest;
 use crate::reference::{Digest, RepoName, Tag};
 use crate::registry::INDEX_FILE;
-use crate::store::disk::{DiskStore, Parked};
-use crate::store::local_index::LocalIndex;
-use crate::store::{BlobStore, ContentKey, Index, StoredManifest, TagEntry};
 
 /// What `import` loaded.
 #[derive(Debug, Default)]

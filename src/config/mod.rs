@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
-use crate::policy::{self, Budget, TagTtlRule};
+use crate::cache::policy::{self, Budget, TagTtlRule};
 
 mod load;
 mod size;

@@ -6,13 +6,13 @@
 use http::{header, StatusCode};
 
 use super::{offline_miss, Registry};
-use crate::download::{Joined, Source};
+use crate::cache::download::{Joined, Source};
+use crate::cache::store::{BlobFile, ContentKey};
 use crate::error::Error;
 use crate::range::{self, RangeRequest};
 use crate::reference::Digest;
 use crate::response::{self, Outcome, Reply, CONTENT_DIGEST};
 use crate::routing::Route;
-use crate::store::{BlobFile, ContentKey};
 use crate::upstream::What;
 
 impl Registry {

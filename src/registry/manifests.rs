@@ -10,14 +10,14 @@ use std::time::SystemTime;
 use http::{header, StatusCode};
 
 use super::{offline_miss, Registry};
+use crate::cache::policy::{tag_is_fresh, tag_ttl_for};
+use crate::cache::store::{ContentKey, StoredManifest, TagEntry};
 use crate::error::Error;
 use crate::hashing::digest_of;
 use crate::manifest;
-use crate::policy::{tag_is_fresh, tag_ttl_for};
 use crate::reference::{Algorithm, Digest, Reference, RepoName, Tag};
 use crate::response::{self, Outcome, Reply, CONTENT_DIGEST};
 use crate::routing::Route;
-use crate::store::{ContentKey, StoredManifest, TagEntry};
 use crate::upstream::{Document, What};
 
 impl Registry {

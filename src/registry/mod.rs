@@ -14,20 +14,20 @@ use bytes::Bytes;
 use http::{header, HeaderMap, StatusCode};
 use tokio::sync::Notify;
 
+use crate::cache::download::{Downloads, Verifier};
+use crate::cache::evictor::{Evictor, Limits};
+use crate::cache::policy::TagTtlRule;
+use crate::cache::store::Kind;
+use crate::cache::store::{
+    disk::DiskStore, local_index::LocalIndex, BlobStore, ContentKey, Flush, Index, StoredManifest,
+};
 use crate::config::{CacheConfig, Config, UpstreamConfig};
-use crate::download::{Downloads, Verifier};
 use crate::endpoint::{ApiRequest, Endpoint};
 use crate::error::Error;
-use crate::evictor::{Evictor, Limits};
 use crate::metrics::Metrics;
-use crate::policy::TagTtlRule;
 use crate::reference::{Digest, Reference, RepoName};
 use crate::response::{self, Outcome, Reply};
 use crate::routing::{Route, Router};
-use crate::store::Kind;
-use crate::store::{
-    disk::DiskStore, local_index::LocalIndex, BlobStore, ContentKey, Flush, Index, StoredManifest,
-};
 use crate::upstream::{Upstream, What};
 
 /// Bytes of manifests kept in memory (they are also on disk).

@@ -14,11 +14,11 @@ use http::{header, HeaderMap, Method, StatusCode};
 use reqwest::{RequestBuilder, Response};
 use url::Url;
 
+use crate::cache::policy;
 use crate::config::{Secret, UpstreamConfig};
 use crate::error::Error;
 use crate::manifest::ACCEPT_ALL;
 use crate::metrics::{parse_ratelimit, Metrics};
-use crate::policy;
 use crate::reference::{Digest, Reference, RepoName, Tag};
 use challenge::Challenge;
 use reach::Reach;

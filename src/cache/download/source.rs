@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use super::recent::{Lookup, Reader, Recent};
 use super::verify::Check;
 use super::Progress;
-use crate::store::BlobFile;
+use crate::cache::store::BlobFile;
 
 /// Bytes to stream to one client: a committed blob, or a download to follow.
 #[derive(Debug, Clone)]

@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use super::source::{Gate, Source};
+use crate::cache::store::{BlobFile, BlobStore, ContentKey, Index};
 use crate::hashing::Hasher;
 use crate::reference::Digest;
-use crate::store::{BlobFile, BlobStore, ContentKey, Index};
 
 /// Where a committed file's check stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,10 +145,10 @@ mod tests {
     use futures_util::StreamExt;
 
     use super::*;
+    use crate::cache::store::disk::DiskStore;
+    use crate::cache::store::local_index::LocalIndex;
     use crate::hashing::digest_of;
     use crate::reference::Algorithm;
-    use crate::store::disk::DiskStore;
-    use crate::store::local_index::LocalIndex;
 
     async fn body(source: Source, size: u64) -> Result<Vec<u8>, Vec<u8>> {
         let mut stream = Box::pin(source.stream(0, Some(size)));

@@ -6,8 +6,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::policy::{self, Budget, Candidate, EvictReason};
-use crate::store::{BlobStore, ContentEntry, ContentKey, Index, Kind};
+use crate::cache::policy::{self, Budget, Candidate, EvictReason};
+use crate::cache::store::{BlobStore, ContentEntry, ContentKey, Index, Kind};
 
 /// The budget and idle TTLs eviction works with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,12 +137,12 @@ impl Evictor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::store::disk::DiskStore;
+    use crate::cache::store::local_index::LocalIndex;
+    use crate::cache::store::{BlobFile, Flush, Found, ScanMark, Spool, StoredManifest, TagEntry};
     use crate::hashing::digest_of;
     use crate::reference::{Algorithm, Digest};
     use crate::reference::{RepoName, Tag};
-    use crate::store::disk::DiskStore;
-    use crate::store::local_index::LocalIndex;
-    use crate::store::{BlobFile, Flush, Found, ScanMark, Spool, StoredManifest, TagEntry};
     use async_trait::async_trait;
     use std::os::unix::fs::FileExt;
     use std::sync::Mutex;

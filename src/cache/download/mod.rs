@@ -21,11 +21,11 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{watch, Notify};
 
+use crate::cache::store::{BlobFile, BlobStore, ContentKey, Index, Spool};
 use crate::error::Error;
 use crate::hashing::Hasher;
 use crate::metrics::Metrics;
 use crate::reference::Digest;
-use crate::store::{BlobFile, BlobStore, ContentKey, Index, Spool};
 use crate::upstream::transport_error;
 use recent::Recent;
 use writer::SpoolWriter;
@@ -470,8 +470,8 @@ fn storage(e: std::io::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::disk::DiskStore;
-    use crate::store::local_index::LocalIndex;
+    use crate::cache::store::disk::DiskStore;
+    use crate::cache::store::local_index::LocalIndex;
 
     /// A download task that panics must not leave its digest unfetchable.
     #[tokio::test]
