@@ -58,6 +58,25 @@ const KEYS: &[(&str, Kind)] = &[
     ("server.header_read_timeout", Kind::Str),
     ("server.idle_timeout", Kind::Str),
     ("metrics.listen", Kind::Str),
+    ("storage.backend", Kind::Str),
+    ("storage.max_size", Kind::Str),
+    ("storage.s3.endpoint", Kind::Str),
+    ("storage.s3.bucket", Kind::Str),
+    ("storage.s3.region", Kind::Str),
+    ("storage.s3.prefix", Kind::Str),
+    ("storage.s3.path_style", Kind::Toml),
+    ("storage.s3.access_key_id", Kind::Str),
+    ("storage.s3.secret_access_key", Kind::Str),
+    ("cluster.redis", Kind::Str),
+    ("cluster.advertise", Kind::Str),
+    ("cluster.secret", Kind::Str),
+];
+
+/// AWS's own names for the bucket's credentials, read when the
+/// `REGMIRROR_STORAGE_S3_*` ones are not set.
+const AWS_CREDENTIALS: &[(&str, &str)] = &[
+    ("AWS_ACCESS_KEY_ID", "storage.s3.access_key_id"),
+    ("AWS_SECRET_ACCESS_KEY", "storage.s3.secret_access_key"),
 ];
 
 /// Environment variables that are not config keys but belong to the binary.
@@ -118,7 +137,7 @@ pub fn load(
                         .then(|| from_env.get("upstreams"))?
                 })
                 .map_or_else(|| source.clone(), |var| format!("environment {var}"));
-            if path.ends_with("password") {
+            if is_secret(&path) {
                 // serde quotes the value it refused; this one is a secret.
                 return ConfigError(format!(
                     "{origin}: key {path}: not a string (the value is not shown)"
@@ -139,6 +158,8 @@ pub fn load(
         config.offline = true;
     }
     config.cache.check().map_err(ConfigError)?;
+    config.storage.check().map_err(ConfigError)?;
+    config.cluster.check(&config.storage).map_err(ConfigError)?;
     config.check().map_err(ConfigError)?;
     Ok(config)
 }
@@ -153,7 +174,12 @@ fn overlay_env(
         .map(|&(key, kind)| (env_name(key), (key, kind)))
         .collect();
     let mut applied = BTreeMap::new();
+    let mut aws = Vec::new();
     for (var, value) in env {
+        if let Some(&(_, key)) = AWS_CREDENTIALS.iter().find(|(name, _)| *name == var) {
+            aws.push((key, var, value));
+            continue;
+        }
         if !var.starts_with(ENV_PREFIX)
             || ENV_NOT_KEYS.contains(&var.as_str())
             || is_service_link(&var)
@@ -186,6 +212,12 @@ fn overlay_env(
         insert_path(table, key, value);
         applied.insert(key.to_owned(), var);
     }
+    for (key, var, value) in aws {
+        if !applied.contains_key(key) && lookup_path(table, key).is_none() {
+            insert_path(table, key, toml::Value::String(value));
+            applied.insert(key.to_owned(), var);
+        }
+    }
     Ok(applied)
 }
 
@@ -201,7 +233,25 @@ fn parse_toml_value(s: &str) -> Result<toml::Value, toml::de::Error> {
 
 /// Keys whose values may carry credentials, never quoted in an error.
 fn may_hold_secrets(key: &str) -> bool {
-    key == "upstreams" || key.ends_with("password")
+    key == "upstreams" || is_secret(key)
+}
+
+/// Keys whose values are secrets (a Redis URL may carry a password).
+fn is_secret(key: &str) -> bool {
+    key.ends_with("password")
+        || key.ends_with("secret")
+        || key.ends_with("access_key_id")
+        || key.ends_with("secret_access_key")
+        || key == "cluster.redis"
+}
+
+fn lookup_path<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
+    let mut parts = key.split('.');
+    let mut value = table.get(parts.next()?)?;
+    for p in parts {
+        value = value.as_table()?.get(p)?;
+    }
+    Some(value)
 }
 
 fn insert_path(table: &mut toml::Table, key: &str, value: toml::Value) {
@@ -314,6 +364,18 @@ mod tests {
             ("server.header_read_timeout", "5s"),
             ("server.idle_timeout", "1m"),
             ("metrics.listen", "127.0.0.1:9090"),
+            ("storage.backend", "s3"),
+            ("storage.max_size", "1TiB"),
+            ("storage.s3.endpoint", "http://127.0.0.1:3900"),
+            ("storage.s3.bucket", "cache"),
+            ("storage.s3.region", "garage"),
+            ("storage.s3.prefix", "m1/"),
+            ("storage.s3.path_style", "true"),
+            ("storage.s3.access_key_id", "GK1"),
+            ("storage.s3.secret_access_key", "s3cret"),
+            ("cluster.redis", "redis://:pw@127.0.0.1:6379/0"),
+            ("cluster.advertise", "http://10.0.0.7:5000"),
+            ("cluster.secret", "0123456789abcdef"),
         ];
         assert_eq!(values.len(), KEYS.len());
         let e: Vec<_> = values
@@ -346,6 +408,99 @@ mod tests {
         assert_eq!(c.upstreams[0].name, "ghcr.io");
         assert_eq!(c.upstreams[0].url.as_str(), "https://ghcr.io/");
         assert_eq!(c.upstreams[0].timeout, Duration::from_secs(30));
+        assert_eq!(c.storage.backend, crate::config::Backend::S3);
+        assert_eq!(c.storage.max_size, Some(ByteSize(1 << 40)));
+        assert_eq!(c.storage.s3.bucket.as_deref(), Some("cache"));
+        assert_eq!(c.storage.s3.region, "garage");
+        assert_eq!(c.storage.s3.prefix, "m1/");
+        assert!(c.storage.s3.path_style);
+        assert_eq!(
+            c.storage.s3.secret_access_key.as_ref().unwrap().expose(),
+            "s3cret"
+        );
+        assert_eq!(
+            c.cluster.advertise.as_ref().unwrap().as_str(),
+            "http://10.0.0.7:5000/"
+        );
+        assert_eq!(
+            c.cluster.secret.as_ref().unwrap().expose(),
+            "0123456789abcdef"
+        );
+        assert!(c.cluster.enabled());
+        let debug = format!("{c:?}");
+        for secret in ["s3cret", ":pw@", "0123456789abcdef", "GK1"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+    }
+
+    #[test]
+    fn bucket_credentials_fall_back_to_aws_names() {
+        let base = [
+            ("REGMIRROR_STORAGE_BACKEND", "s3"),
+            ("REGMIRROR_STORAGE_S3_BUCKET", "b"),
+            ("AWS_ACCESS_KEY_ID", "aws-id"),
+            ("AWS_SECRET_ACCESS_KEY", "aws-key"),
+        ];
+        let c = load(None, env(&base), &Flags::default()).unwrap();
+        assert_eq!(
+            c.storage.s3.access_key_id.as_ref().unwrap().expose(),
+            "aws-id"
+        );
+        let mut ours = base.to_vec();
+        ours.push(("REGMIRROR_STORAGE_S3_ACCESS_KEY_ID", "ours"));
+        ours.push(("REGMIRROR_STORAGE_S3_SECRET_ACCESS_KEY", "ours-key"));
+        let c = load(None, env(&ours), &Flags::default()).unwrap();
+        assert_eq!(
+            c.storage.s3.access_key_id.as_ref().unwrap().expose(),
+            "ours"
+        );
+        assert_eq!(
+            c.storage.s3.secret_access_key.as_ref().unwrap().expose(),
+            "ours-key"
+        );
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_without_quoting_secrets() {
+        let s3 = [
+            ("REGMIRROR_STORAGE_BACKEND", "s3"),
+            ("REGMIRROR_STORAGE_S3_BUCKET", "b"),
+        ];
+        let fails = |extra: &[(&str, &str)]| {
+            let mut all = s3.to_vec();
+            all.extend_from_slice(extra);
+            load(None, env(&all), &Flags::default())
+                .unwrap_err()
+                .to_string()
+        };
+        let e = load(
+            None,
+            env(&[("REGMIRROR_STORAGE_BACKEND", "s3")]),
+            &Flags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("storage.s3.bucket"), "{e}");
+        let e = fails(&[("REGMIRROR_STORAGE_S3_ENDPOINT", "http://s3.example.com")]);
+        assert!(e.contains("plain HTTP"), "{e}");
+        let e = fails(&[("REGMIRROR_CLUSTER_REDIS", "http://:hunter2@r")]);
+        assert!(e.contains("cluster.redis") && !e.contains("hunter2"), "{e}");
+        let e = fails(&[("REGMIRROR_CLUSTER_REDIS", "redis://r:6379")]);
+        assert!(e.contains("cluster.advertise"), "{e}");
+        let e = fails(&[
+            ("REGMIRROR_CLUSTER_REDIS", "redis://r:6379"),
+            ("REGMIRROR_CLUSTER_ADVERTISE", "http://10.0.0.7:5000"),
+            ("REGMIRROR_CLUSTER_SECRET", "short"),
+        ]);
+        assert!(e.contains("cluster.secret") && !e.contains("short"), "{e}");
+        let e = load(
+            None,
+            env(&[("REGMIRROR_CLUSTER_REDIS", "redis://r:6379")]),
+            &Flags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("storage.backend"), "{e}");
     }
 
     #[test]

@@ -14,9 +14,11 @@ use url::Url;
 
 use crate::cache::policy::{self, Budget, TagTtlRule};
 
+mod cluster;
 mod load;
 mod size;
 
+pub use cluster::{Backend, ClusterConfig, S3Config, StorageConfig, MIN_SECRET_LEN};
 pub use load::{env_name, load, ConfigError, Flags};
 pub use size::ByteSize;
 
@@ -53,6 +55,10 @@ pub struct Config {
     pub server: ServerConfig,
     /// Where the operator endpoints are served besides the main listener.
     pub metrics: MetricsConfig,
+    /// Where the shared content lives (`disk`: nowhere but the local disk).
+    pub storage: StorageConfig,
+    /// Replicas of one cache: shared metadata, leases, peers.
+    pub cluster: ClusterConfig,
 }
 
 /// The operator endpoints (`/metrics`, `/healthz`, `/readyz`, `/_/status`)
@@ -151,6 +157,8 @@ impl Default for Config {
             auth: AuthConfig::default(),
             server: ServerConfig::default(),
             metrics: MetricsConfig::default(),
+            storage: StorageConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
