@@ -10,6 +10,7 @@
 //! - [`upstream`]: the upstream client (token auth, redirects, error mapping).
 //! - [`cache`]: the store and index interfaces and backends, single-flight
 //!   downloads, eviction and its policy.
+//! - [`cluster`]: the parts replicas share (bucket, Redis) and their use.
 //! - [`config`]: `mirror.toml`, environment overrides, flags.
 //! - [`admin`]: the `gc`, `ls` and `du` commands.
 //! - [`error`] / [`response`]: the one error type and its HTTP rendering.
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod auth;
 pub mod bundle;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod endpoint;
 pub mod error;

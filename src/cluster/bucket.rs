@@ -1,0 +1,1 @@
+//! (being written: the S3-compatible bucket)
