@@ -36,8 +36,12 @@ pub enum Taken {
 pub trait Coordinator: Send + Sync + 'static {
     /// Takes the lease on `digest` for `holder` (this replica's advertised
     /// URL) if nobody holds it, for `ttl`.
-    async fn take(&self, digest: &Digest, holder: &str, ttl: Duration)
-        -> Result<Taken, SharedError>;
+    async fn take(
+        &self,
+        digest: &Digest,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Taken, SharedError>;
     /// Extends a lease still held; `false` when it expired or was taken over.
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, SharedError>;
     /// Gives a lease up, if still held by this taking.
@@ -52,11 +56,18 @@ pub trait Coordinator: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<Option<Lease>, SharedError>;
     /// A named lock (`"evict"`): held by at most one replica for `ttl`.
-    async fn lock(&self, name: &str, holder: &str, ttl: Duration)
-        -> Result<Option<Lease>, SharedError>;
+    async fn lock(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, SharedError>;
     /// Says this replica is alive (at start and periodically).
     async fn announce(&self, holder: &str, now: SystemTime) -> Result<(), SharedError>;
     /// The replicas that announced themselves within `within` of `now`.
-    async fn peers(&self, now: SystemTime, within: Duration)
-        -> Result<Vec<(String, SystemTime)>, SharedError>;
+    async fn peers(
+        &self,
+        now: SystemTime,
+        within: Duration,
+    ) -> Result<Vec<(String, SystemTime)>, SharedError>;
 }

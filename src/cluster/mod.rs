@@ -40,3 +40,64 @@ impl SharedError {
         }
     }
 }
+
+/// Whether a shared part answers, as its users last found it: read by
+/// `/readyz`, the status page and the metrics; written by the part's client
+/// on every success and failure (the first failure after a success, and the
+/// first success after failures, are logged once, not every call).
+#[derive(Debug)]
+pub struct Health {
+    part: &'static str,
+    up: std::sync::atomic::AtomicBool,
+    errors: std::sync::atomic::AtomicU64,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Health {
+    pub fn new(part: &'static str) -> Self {
+        Self {
+            part,
+            up: std::sync::atomic::AtomicBool::new(true),
+            errors: std::sync::atomic::AtomicU64::new(0),
+            last_error: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn part(&self) -> &'static str {
+        self.part
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Failures counted since start.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A call succeeded.
+    pub fn ok(&self) {
+        if !self.up.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(part = self.part, "shared part reachable again");
+        }
+    }
+
+    /// A call failed; returns the error for the caller to pass on.
+    pub fn failed(&self, e: SharedError) -> SharedError {
+        self.errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.message.clone());
+        if self.up.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            tracing::error!(part = self.part, error = %e, "shared part unreachable; serving without it");
+        }
+        e
+    }
+}
