@@ -55,6 +55,16 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabels {
+    tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartLabels {
+    part: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CertLabels {
     cert: String,
 }
@@ -100,6 +110,15 @@ pub struct Metrics {
     tls_expiry: Family<CertLabels, Gauge>,
     auth_bcrypt: Counter,
     auth_refusals: Family<ReasonLabels, Counter>,
+    tier_hits: Family<TierLabels, Counter>,
+    upstream_fills: Counter,
+    lease_takeovers: Counter,
+    shared_errors: Family<PartLabels, Counter>,
+    shared_up: Family<PartLabels, Gauge>,
+    /// The error counts last copied into `shared_errors`, by part.
+    shared_seen: Mutex<HashMap<&'static str, u64>>,
+    /// The replicas last seen in the cluster, for the status page.
+    peers: Mutex<Vec<(String, SystemTime)>>,
     // For the status page (not all of it fits Prometheus' model).
     hits: AtomicU64,
     lookups: AtomicU64,
@@ -148,6 +167,13 @@ impl Metrics {
             tls_expiry: Family::default(),
             auth_bcrypt: Counter::default(),
             auth_refusals: Family::default(),
+            tier_hits: Family::default(),
+            upstream_fills: Counter::default(),
+            lease_takeovers: Counter::default(),
+            shared_errors: Family::default(),
+            shared_up: Family::default(),
+            shared_seen: Mutex::new(HashMap::new()),
+            peers: Mutex::new(Vec::new()),
             hits: AtomicU64::new(0),
             lookups: AtomicU64::new(0),
             bytes_from_cache: AtomicU64::new(0),
@@ -168,6 +194,9 @@ impl Metrics {
         }
         for reason in AUTH_REFUSALS {
             drop(m.auth_refusals.get_or_create(&ReasonLabels { reason }));
+        }
+        for tier in ["local", "bucket", "peer"] {
+            drop(m.tier_hits.get_or_create(&TierLabels { tier }));
         }
         let r = &mut m.registry;
         r.register(
@@ -257,7 +286,69 @@ impl Metrics {
             "Client credentials refused: missing, malformed, invalid, or backoff (too many failures from the address)",
             m.auth_refusals.clone(),
         );
+        r.register(
+            "tier_hits",
+            "Blobs served without the upstream, by the tier they came from (local disk, shared bucket, peer replica)",
+            m.tier_hits.clone(),
+        );
+        r.register(
+            "upstream_fills",
+            "Blob downloads from an upstream (one per blob for the whole cluster when leases work)",
+            m.upstream_fills.clone(),
+        );
+        r.register(
+            "lease_takeovers",
+            "Download leases taken over from a replica that could not be reached",
+            m.lease_takeovers.clone(),
+        );
+        // Families: a single-node mirror has no shared parts, and no series.
+        r.register(
+            "shared_errors",
+            "Failed calls to a shared part (redis, bucket)",
+            m.shared_errors.clone(),
+        );
+        r.register(
+            "shared_up",
+            "Whether a shared part (redis, bucket) answered its last call (1) or not (0)",
+            m.shared_up.clone(),
+        );
         m
+    }
+
+    /// A blob served from a tier without the upstream.
+    pub fn tier_hit(&self, tier: &'static str) {
+        self.tier_hits.get_or_create(&TierLabels { tier }).inc();
+    }
+
+    /// A download was filled from `origin` (`upstream`, `bucket`, `peer`).
+    pub fn fill(&self, origin: &'static str) {
+        match origin {
+            "upstream" => {
+                self.upstream_fills.inc();
+            }
+            tier => self.tier_hit(tier),
+        }
+    }
+
+    pub fn lease_takeover(&self) {
+        self.lease_takeovers.inc();
+    }
+
+    /// How a shared part stands: whether up, and its failures since start.
+    pub fn shared(&self, part: &'static str, up: bool, errors: u64) {
+        self.shared_up
+            .get_or_create(&PartLabels { part })
+            .set(i64::from(up));
+        let mut seen = lock(&self.shared_seen);
+        let last = seen.entry(part).or_insert(0);
+        let counter = self.shared_errors.get_or_create(&PartLabels { part });
+        counter.inc_by(errors.saturating_sub(*last));
+        *last = errors.max(*last);
+    }
+
+    /// The replicas the cluster has seen lately.
+    pub fn peers_seen(&self, peers: Vec<(String, SystemTime)>) {
+        *lock(&self.peers) = peers;
     }
 
     /// The OpenMetrics text exposition.
@@ -478,6 +569,7 @@ impl Metrics {
             upstreams,
             recent_errors: lock(&self.recent_errors).iter().rev().cloned().collect(),
             tls_not_after: *lock(&self.tls_not_after),
+            peers: lock(&self.peers).clone(),
         }
     }
 }
@@ -494,6 +586,8 @@ pub struct Snapshot {
     pub recent_errors: Vec<RecentError>,
     /// The served TLS certificate's expiry (`None` without TLS, or unread).
     pub tls_not_after: Option<SystemTime>,
+    /// Replicas of the cluster seen lately, with when (empty on one node).
+    pub peers: Vec<(String, SystemTime)>,
 }
 
 /// The `ratelimit-remaining` header: `100;w=21600` → 100.

@@ -274,6 +274,7 @@ mod tests {
                 message: "upstream answered 503".into(),
             }],
             tls_not_after: None,
+            peers: Vec::new(),
         };
         let html = status_page(&s, 1024 * 1024 * 1024, now);
         assert!(html.contains("512.0 MiB of 1.0 GiB"), "{html}");

@@ -6,7 +6,7 @@
 use http::{header, StatusCode};
 
 use super::{offline_miss, Registry};
-use crate::cache::download::{Joined, Source};
+use crate::cache::download::{Fill, Joined, Source};
 use crate::cache::store::{BlobFile, ContentKey};
 use crate::error::Error;
 use crate::range::{self, RangeRequest};
@@ -26,6 +26,9 @@ impl Registry {
         if let Some(blob) = self.cached_blob(digest).await? {
             self.authorize(route, digest, What::Blob).await?;
             self.touch(ContentKey::blob(digest)).await;
+            if !head {
+                self.metrics.tier_hit("local");
+            }
             return self.cached_reply(digest, blob, head, range_header).await;
         }
         if self.offline {
@@ -101,14 +104,14 @@ impl Registry {
         &self,
         route: &Route,
         digest: &Digest,
-    ) -> impl std::future::Future<Output = Result<reqwest::Response, Error>> + Send + 'static {
+    ) -> impl std::future::Future<Output = Result<Fill, Error>> + Send + 'static {
         let upstream = self.upstream(route).clone();
         let index = self.index.clone();
         let (key, repo, digest) = (route.key.clone(), route.repo.clone(), digest.clone());
         async move {
             let resp = upstream.get_blob(&repo, &digest).await?;
             index.add_holds(&key, vec![digest]).await;
-            Ok(resp)
+            Ok(Fill::upstream(resp))
         }
     }
 

@@ -6,11 +6,13 @@
 //!
 //! Mechanism only: which repository may read a blob is decided by the caller.
 
+mod fill;
 mod recent;
 mod source;
 mod verify;
 mod writer;
 
+pub use fill::{Fill, Origin, Sink};
 pub use source::Source;
 pub use verify::Verifier;
 
@@ -26,7 +28,6 @@ use crate::error::Error;
 use crate::hashing::Hasher;
 use crate::metrics::Metrics;
 use crate::reference::Digest;
-use crate::upstream::transport_error;
 use recent::Recent;
 use writer::SpoolWriter;
 
@@ -151,9 +152,9 @@ impl Downloads {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Joins the download of `digest`, or starts one that sends `fetch`
-    /// (the upstream GET) in a task of its own and gives up when the body
-    /// stalls for `read_timeout`.
+    /// Joins the download of `digest`, or starts one that awaits `fetch`
+    /// (the upstream GET, or another tier's read) in a task of its own and
+    /// gives up when the body stalls for `read_timeout`.
     pub async fn join_or_start<F>(
         self: &Arc<Self>,
         digest: &Digest,
@@ -161,7 +162,7 @@ impl Downloads {
         fetch: F,
     ) -> Result<Joined, Error>
     where
-        F: Future<Output = Result<reqwest::Response, Error>> + Send + 'static,
+        F: Future<Output = Result<Fill, Error>> + Send + 'static,
     {
         if let Some(joined) = self.join(digest) {
             return Ok(joined);
@@ -308,17 +309,25 @@ impl Downloads {
         tx: &watch::Sender<Progress>,
     ) -> Result<u64, Error>
     where
-        F: Future<Output = Result<reqwest::Response, Error>>,
+        F: Future<Output = Result<Fill, Error>>,
     {
-        let mut resp = fetch.await?;
+        let mut fill = fetch.await?;
+        self.metrics.fill(fill.origin.label());
+        let mut sink = fill.sink.take();
         let mut writer = SpoolWriter::new(&spool.file);
         let result = self
-            .receive(digest, &mut resp, read_timeout, &mut writer, recent, tx)
+            .receive(digest, &mut fill, read_timeout, &mut writer, recent, &mut sink, tx)
             .await;
         if result.is_err() {
             // Let a write still in flight land before the spool is discarded,
             // so the space it takes is freed with the rest.
             writer.abandon().await;
+        }
+        if let Some(sink) = sink {
+            match &result {
+                Ok(size) => sink.verified(*size).await,
+                Err(_) => sink.failed().await,
+            }
         }
         result
     }
@@ -326,16 +335,20 @@ impl Downloads {
     /// Receives the body. Each chunk goes to the recent chunks, where
     /// followers take it at once, and to the spool, written on the blocking
     /// pool while this task hashes it and receives the next one.
+    #[allow(clippy::too_many_arguments)]
     async fn receive(
         &self,
         digest: &Digest,
-        resp: &mut reqwest::Response,
+        fill: &mut Fill,
         read_timeout: Duration,
         writer: &mut SpoolWriter<'_>,
         recent: &Recent,
+        sink: &mut Option<Box<dyn Sink>>,
         tx: &watch::Sender<Progress>,
     ) -> Result<u64, Error> {
-        let size = resp.content_length();
+        use futures_util::StreamExt;
+        let size = fill.size;
+        let origin = fill.origin;
         // Known too large to keep: no spool (it would fill the disk, or make
         // eviction empty the cache, for bytes that are dropped at the end).
         let mut spooled = size.is_none_or(|s| s <= self.keep_limit);
@@ -347,23 +360,30 @@ impl Downloads {
         let mut hasher = Hasher::new(digest.algorithm());
         let mut received: u64 = 0;
         loop {
-            let chunk = tokio::time::timeout(read_timeout, resp.chunk())
+            let chunk = tokio::time::timeout(read_timeout, fill.body.next())
                 .await
                 .map_err(|_| {
                     Error::UpstreamTimeout(format!(
-                        "upstream sent nothing for {} while sending {digest}",
+                        "{} sent nothing for {} while sending {digest}",
+                        origin.label(),
                         humantime::format_duration(read_timeout)
                     ))
                 })?
-                .map_err(transport_error)?;
+                .transpose()?;
             let Some(chunk) = chunk else { break };
             let end = received + chunk.len() as u64;
             if size.is_some_and(|s| end > s) {
                 return Err(Error::UpstreamFailed(format!(
-                    "upstream sent more bytes than announced for {digest}"
+                    "{} sent more bytes than announced for {digest}",
+                    origin.label()
                 )));
             }
-            self.metrics.upstream_bytes(chunk.len() as u64);
+            if origin == Origin::Upstream {
+                self.metrics.upstream_bytes(chunk.len() as u64);
+            }
+            if let Some(sink) = sink {
+                sink.push(&chunk).await;
+            }
             // Followers may take the chunk at once, from memory.
             recent.push(received, chunk.clone());
             let offset = received;
@@ -398,13 +418,15 @@ impl Downloads {
         }
         if size.is_some_and(|s| s != received) {
             return Err(Error::UpstreamFailed(format!(
-                "upstream body of {digest} ended after {received} bytes"
+                "{} body of {digest} ended after {received} bytes",
+                origin.label()
             )));
         }
         let got = hasher.finish();
         if got != *digest {
             return Err(Error::UpstreamFailed(format!(
-                "upstream sent content with digest {got} for {digest}"
+                "{} sent content with digest {got} for {digest}",
+                origin.label()
             )));
         }
         Ok(received)
