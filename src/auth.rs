@@ -266,7 +266,6 @@ fn check_key(secret: &[u8; 32], user: &str, hash: &str, password: &str) -> Check
     hmac_sha256(secret, &message)
 }
 
-
 fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }

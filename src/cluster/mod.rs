@@ -6,6 +6,8 @@
 //! - [`coordinator`]: what replicas must agree on at once: download leases
 //!   (one upstream fetch per blob for the whole cluster), locks (one evictor
 //!   at a time) and the replicas seen; in Redis, or in memory for one process.
+//! - [`peer`]: signed requests between replicas for a blob one of them
+//!   holds or is fetching.
 //! - [`redis_index`]: the [`Index`](crate::cache::store::Index) kept in Redis:
 //!   tags, memberships, tag lists and the bucket's sizes and access times.
 //!
@@ -13,6 +15,7 @@
 
 pub mod bucket;
 pub mod coordinator;
+pub mod peer;
 pub mod redis_index;
 
 /// A shared part (Redis, the bucket) failed: the caller carries on without it.

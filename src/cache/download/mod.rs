@@ -316,7 +316,15 @@ impl Downloads {
         let mut sink = fill.sink.take();
         let mut writer = SpoolWriter::new(&spool.file);
         let result = self
-            .receive(digest, &mut fill, read_timeout, &mut writer, recent, &mut sink, tx)
+            .receive(
+                digest,
+                &mut fill,
+                read_timeout,
+                &mut writer,
+                recent,
+                &mut sink,
+                tx,
+            )
             .await;
         if result.is_err() {
             // Let a write still in flight land before the spool is discarded,
