@@ -1,6 +1,8 @@
 //! deploy/kubernetes/: the objects and how they refer to each other and to the image, the
 //! schemas (kubernetes-validate), `kubectl kustomize`, and the pod's container started with the
-//! ConfigMap and Secret, its probes asked.
+//! ConfigMap and Secret, its probes asked. deploy/kubernetes/cluster/, the replicas sharing one
+//! cache: the same, and each pod's environment as the kubelet would make it (the pod's IP, the
+//! Secret's keys) loaded with the ConfigMap.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,19 +16,73 @@ use crate::{
     array_at, load_config, repo, run_ok, str_at, tool, u64_at, yaml, yaml_docs, CONFIG, DATA_DIR,
 };
 
+const SINGLE: &str = "deploy/kubernetes";
+const CLUSTER: &str = "deploy/kubernetes/cluster";
+
 /// The resources kustomization.yaml lists, each `(file, object)`.
 fn k8s_objects() -> Vec<(String, Value)> {
-    let kustomization = yaml("deploy/kubernetes/kustomization.yaml");
+    k8s_objects_in(SINGLE)
+}
+
+/// The resources the kustomization.yaml of `dir` (a repository path) lists.
+fn k8s_objects_in(dir: &str) -> Vec<(String, Value)> {
+    let kustomization = yaml(&format!("{dir}/kustomization.yaml"));
     assert_eq!(str_at(&kustomization, "/kind"), "Kustomization");
     array_at(&kustomization, "/resources")
         .iter()
         .flat_map(|file| {
             let file = file.as_str().unwrap().to_owned();
-            yaml_docs(&format!("deploy/kubernetes/{file}"))
+            yaml_docs(&format!("{dir}/{file}"))
                 .into_iter()
                 .map(move |o| (file.clone(), o))
         })
         .collect()
+}
+
+/// Every file of `dir` is in its kustomization, and every object is namespace-free.
+fn assert_all_listed(dir: &str, objects: &[(String, Value)]) {
+    let listed: Vec<&str> = objects.iter().map(|(f, _)| f.as_str()).collect();
+    for entry in std::fs::read_dir(repo(dir)).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            continue; // a kustomization of its own (cluster/)
+        }
+        let name = entry.file_name().into_string().unwrap();
+        assert!(
+            name == "kustomization.yaml" || listed.contains(&name.as_str()),
+            "{dir}/{name} is not in its kustomization.yaml"
+        );
+    }
+    for (file, o) in objects {
+        for key in ["/apiVersion", "/kind", "/metadata/name"] {
+            assert!(!str_at(o, key).is_empty(), "{file}: {key}");
+        }
+        assert!(
+            o.pointer("/metadata/namespace").is_none(),
+            "{file}: namespace-free"
+        );
+    }
+}
+
+/// The object of `kind` named `name`.
+fn k8s_named(objects: &[(String, Value)], kind: &str, name: &str) -> Value {
+    let found: Vec<&Value> = objects
+        .iter()
+        .map(|(_, o)| o)
+        .filter(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(found.len(), 1, "one {kind} named {name}");
+    found[0].clone()
+}
+
+/// Whether a label selector (`matchLabels`, or a Service's map) selects `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let selector = selector.get("matchLabels").unwrap_or(selector);
+    selector
+        .as_object()
+        .expect("a label map")
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
 }
 
 fn k8s_kind(objects: &[(String, Value)], kind: &str) -> Value {
@@ -90,23 +146,7 @@ fn k8s_env(container: &Value, secret: &Value) -> Vec<(String, String)> {
 #[test]
 fn kubernetes_manifests_fit_together() {
     let objects = k8s_objects();
-    let listed: Vec<&str> = objects.iter().map(|(f, _)| f.as_str()).collect();
-    for entry in std::fs::read_dir(repo("deploy/kubernetes")).unwrap() {
-        let name = entry.unwrap().file_name().into_string().unwrap();
-        assert!(
-            name == "kustomization.yaml" || listed.contains(&name.as_str()),
-            "{name} is not in kustomization.yaml"
-        );
-    }
-    for (file, o) in &objects {
-        for key in ["/apiVersion", "/kind", "/metadata/name"] {
-            assert!(!str_at(o, key).is_empty(), "{file}: {key}");
-        }
-        assert!(
-            o.pointer("/metadata/namespace").is_none(),
-            "{file}: namespace-free"
-        );
-    }
+    assert_all_listed(SINGLE, &objects);
     let sts = k8s_kind(&objects, "StatefulSet");
     let service = k8s_kind(&objects, "Service");
     let config_map = k8s_kind(&objects, "ConfigMap");
@@ -133,36 +173,7 @@ fn kubernetes_manifests_fit_together() {
         service["spec"]["selector"],
         sts["spec"]["selector"]["matchLabels"]
     );
-    assert_eq!(
-        pod["enableServiceLinks"], false,
-        "service links would set REGMIRROR_* variables the mirror refuses"
-    );
-    let (uid, gid) = image_user();
-    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
-    assert_eq!(
-        u64_at(pod, "/securityContext/runAsUser"),
-        uid,
-        "the image's USER"
-    );
-    assert_eq!(
-        u64_at(pod, "/securityContext/fsGroup"),
-        gid,
-        "the image's group owns the volume"
-    );
-    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
-    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
-    // Requests for scheduling; a memory limit, no CPU limit (throttling slows every pull).
-    for r in [
-        "/resources/requests/cpu",
-        "/resources/requests/memory",
-        "/resources/limits/memory",
-    ] {
-        str_at(c, r);
-    }
-    assert!(
-        c.get("command").is_none() && c.get("args").is_none(),
-        "the image's entrypoint runs"
-    );
+    assert_pod_runs_the_image(pod, c);
 
     // Volumes: the claim at the data dir, the ConfigMap where the entrypoint reads its config.
     let mount_of = |name: &str| {
@@ -199,8 +210,47 @@ fn kubernetes_manifests_fit_together() {
         "cache.max_size must stay below the claim ({claimed} bytes)"
     );
 
-    // Probes and the Service reach the port the configuration listens on.
-    let listen = config.listen.port() as u64;
+    assert_probes_and_service_reach(c, &service, config.listen.port());
+}
+
+/// The pod as the image expects to run: its user, no privileges, a read-only root, its
+/// entrypoint, no service links.
+fn assert_pod_runs_the_image(pod: &Value, c: &Value) {
+    assert_eq!(
+        pod["enableServiceLinks"], false,
+        "service links would set REGMIRROR_* variables the mirror refuses"
+    );
+    let (uid, gid) = image_user();
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        u64_at(pod, "/securityContext/runAsUser"),
+        uid,
+        "the image's USER"
+    );
+    assert_eq!(
+        u64_at(pod, "/securityContext/fsGroup"),
+        gid,
+        "the image's group owns the volume"
+    );
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    // Requests for scheduling; a memory limit, no CPU limit (throttling slows every pull).
+    for r in [
+        "/resources/requests/cpu",
+        "/resources/requests/memory",
+        "/resources/limits/memory",
+    ] {
+        str_at(c, r);
+    }
+    assert!(
+        c.get("command").is_none() && c.get("args").is_none(),
+        "the image's entrypoint runs"
+    );
+}
+
+/// Probes and the Service reach the port the configuration listens on.
+fn assert_probes_and_service_reach(c: &Value, service: &Value, listen: u16) {
+    let listen = u64::from(listen);
     for (probe, path) in [
         ("startupProbe", "/healthz"),
         ("livenessProbe", "/healthz"),
@@ -210,18 +260,24 @@ fn kubernetes_manifests_fit_together() {
         assert_eq!(get["path"], path, "{probe}");
         assert_eq!(container_port(c, &get["port"]), listen, "{probe}");
     }
-    let service_port = &array_at(&service, "/spec/ports")[0];
+    let service_port = &array_at(service, "/spec/ports")[0];
     assert_eq!(u64_at(service_port, "/port"), 5000);
     assert_eq!(container_port(c, &service_port["targetPort"]), listen);
 }
 
 #[test]
 fn kubernetes_manifests_pass_schema_and_kustomize() {
+    assert_schema_and_kustomize(SINGLE);
+}
+
+fn assert_schema_and_kustomize(dir: &str) {
+    let objects = k8s_objects_in(dir);
     if let Some(validate) = tool("kubernetes-validate") {
-        let files: Vec<PathBuf> = k8s_objects()
-            .into_iter()
-            .map(|(f, _)| repo(&format!("deploy/kubernetes/{f}")))
+        let mut files: Vec<PathBuf> = objects
+            .iter()
+            .map(|(f, _)| repo(&format!("{dir}/{f}")))
             .collect();
+        files.dedup();
         run_ok(
             Command::new(validate)
                 .args(["--strict", "--quiet"])
@@ -229,13 +285,9 @@ fn kubernetes_manifests_pass_schema_and_kustomize() {
         );
     }
     if let Some(kubectl) = tool("kubectl") {
-        let (built, _) = run_ok(
-            Command::new(kubectl)
-                .arg("kustomize")
-                .arg(repo("deploy/kubernetes")),
-        );
+        let (built, _) = run_ok(Command::new(kubectl).arg("kustomize").arg(repo(dir)));
         let docs = serde_norway::Deserializer::from_str(&built).count();
-        assert_eq!(docs, k8s_objects().len(), "kubectl kustomize:\n{built}");
+        assert_eq!(docs, objects.len(), "kubectl kustomize {dir}:\n{built}");
     }
 }
 
@@ -273,4 +325,240 @@ async fn kubernetes_pod_serves_its_probes() {
         "SIGTERM: {exit:?}; log:\n{}",
         mirror.log()
     );
+}
+
+/// The pod's IP the cluster tests give the kubelet's `status.podIP`.
+const POD_IP: &str = "10.0.0.7";
+
+/// A container's environment as the kubelet makes it: `value`s with `$(VAR)` of the variables
+/// before them expanded, `status.podIP` as [`POD_IP`], `secretKeyRef`s from the Secrets among
+/// `objects` (an optional key that is absent is left out). Also the names that came from a
+/// Secret.
+fn k8s_pod_env(
+    container: &Value,
+    objects: &[(String, Value)],
+) -> (Vec<(String, String)>, Vec<String>) {
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut from_secret = Vec::new();
+    for e in container
+        .get("env")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let name = str_at(e, "/name").to_owned();
+        let value = if let Some(v) = e.get("value") {
+            let mut v = v.as_str().expect("a string value").to_owned();
+            for (k, val) in &env {
+                v = v.replace(&format!("$({k})"), val);
+            }
+            assert!(
+                !v.contains("$("),
+                "{name}: {v} refers to a variable not defined before it"
+            );
+            v
+        } else if let Some(f) = e.pointer("/valueFrom/fieldRef") {
+            assert_eq!(str_at(f, "/fieldPath"), "status.podIP", "{name}");
+            POD_IP.to_owned()
+        } else {
+            let r = e
+                .pointer("/valueFrom/secretKeyRef")
+                .unwrap_or_else(|| panic!("{name}: a value, the pod's IP or a secretKeyRef"));
+            let secret = k8s_named(objects, "Secret", str_at(r, "/name"));
+            let key = str_at(r, "/key");
+            match secret.pointer(&format!("/stringData/{key}")) {
+                Some(v) => {
+                    from_secret.push(name.clone());
+                    v.as_str().unwrap().to_owned()
+                }
+                None if r["optional"] == true => continue,
+                None => panic!("{name}: the Secret has no key {key}"),
+            }
+        };
+        env.push((name, value));
+    }
+    (env, from_secret)
+}
+
+/// Variables whose values are secrets: the mirror's credentials, the Redis URL, the peer
+/// secret, Redis' password.
+fn is_secret_var(name: &str) -> bool {
+    [
+        "REGMIRROR_UPSTREAM_USERNAME",
+        "REGMIRROR_UPSTREAM_PASSWORD",
+        "REGMIRROR_STORAGE_S3_ACCESS_KEY_ID",
+        "REGMIRROR_STORAGE_S3_SECRET_ACCESS_KEY",
+        "REGMIRROR_CLUSTER_REDIS",
+        "REGMIRROR_CLUSTER_SECRET",
+        "REDIS_PASSWORD",
+    ]
+    .contains(&name)
+}
+
+#[test]
+fn kubernetes_cluster_manifests_fit_together() {
+    let objects = k8s_objects_in(CLUSTER);
+    assert_all_listed(CLUSTER, &objects);
+    let deploy = k8s_named(&objects, "Deployment", "regmirror");
+    let service = k8s_named(&objects, "Service", "regmirror");
+    let peers = k8s_named(&objects, "Service", "regmirror-peers");
+    let pod = &deploy["spec"]["template"]["spec"];
+    let labels = &deploy["spec"]["template"]["metadata"]["labels"];
+    let containers = array_at(pod, "/containers");
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+
+    let replicas = u64_at(&deploy, "/spec/replicas");
+    assert!(replicas >= 2, "several replicas: {replicas}");
+    assert_eq!(deploy["spec"]["selector"]["matchLabels"], *labels);
+    assert_pod_runs_the_image(pod, c);
+
+    // The configuration: the ConfigMap's file, mounted where the entrypoint reads it.
+    let mount_of = |name: &str| {
+        let m = array_at(c, "/volumeMounts")
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("no mount {name}"));
+        str_at(m, "/mountPath").to_owned()
+    };
+    let volume = |key: &str| {
+        array_at(pod, "/volumes")
+            .iter()
+            .find(|v| v.get(key).is_some())
+            .unwrap_or_else(|| panic!("a {key} volume"))
+            .clone()
+    };
+    let config_volume = volume("configMap");
+    let config_map = k8s_named(
+        &objects,
+        "ConfigMap",
+        str_at(&config_volume, "/configMap/name"),
+    );
+    assert_eq!(
+        format!("{}/mirror.toml", mount_of(str_at(&config_volume, "/name"))),
+        CONFIG
+    );
+    let text = str_at(&config_map, "/data/mirror.toml");
+    // Alone, the file holds no secret: those are the Secret's.
+    let bare = load_config(text, &[]);
+    assert!(
+        bare.cluster.redis.is_none()
+            && bare.cluster.secret.is_none()
+            && bare.storage.s3.access_key_id.is_none()
+            && bare.storage.s3.secret_access_key.is_none(),
+        "the ConfigMap carries no secrets"
+    );
+
+    // The environment: the pod's IP as the advertised URL, secrets from the Secret only.
+    let (env, from_secret) = k8s_pod_env(c, &objects);
+    for e in array_at(c, "/env") {
+        let name = str_at(e, "/name");
+        assert!(
+            !is_secret_var(name) || e.pointer("/valueFrom/secretKeyRef").is_some(),
+            "{name}: a secret, from a secretKeyRef only"
+        );
+    }
+    let config = load_config(text, &env);
+    assert_eq!(config.storage.backend, regmirror::config::Backend::S3);
+    assert!(config.cluster.enabled(), "cluster.redis is set");
+    for var in [
+        "REGMIRROR_CLUSTER_REDIS",
+        "REGMIRROR_CLUSTER_SECRET",
+        "REGMIRROR_STORAGE_S3_ACCESS_KEY_ID",
+        "REGMIRROR_STORAGE_S3_SECRET_ACCESS_KEY",
+    ] {
+        assert!(
+            from_secret.iter().any(|v| v == var),
+            "{var} from the Secret"
+        );
+    }
+    let advertise = config.cluster.advertise.clone().expect("cluster.advertise");
+    assert_eq!(
+        advertise.as_str(),
+        format!("http://{POD_IP}:{}/", config.listen.port()),
+        "every replica advertises its own pod IP and the port it listens on"
+    );
+    let advertise_var = array_at(c, "/env")
+        .iter()
+        .find(|e| e["name"] == "REGMIRROR_CLUSTER_ADVERTISE")
+        .expect("REGMIRROR_CLUSTER_ADVERTISE");
+    assert!(
+        str_at(advertise_var, "/value").contains("$("),
+        "from the downward API, not one address for all"
+    );
+
+    // The local tier: an emptyDir at the data dir, its budget below the volume's limit.
+    let cache = volume("emptyDir");
+    assert_eq!(mount_of(str_at(&cache, "/name")), DATA_DIR);
+    assert_eq!(config.data_dir, Path::new(DATA_DIR));
+    let limit = quantity(str_at(&cache, "/emptyDir/sizeLimit"));
+    assert!(
+        config.cache.max_size.0 < limit,
+        "cache.max_size must stay below the emptyDir's sizeLimit ({limit} bytes)"
+    );
+
+    // Clients reach any replica; the headless Service lists them all.
+    assert_probes_and_service_reach(c, &service, config.listen.port());
+    assert!(selects(&service["spec"]["selector"], labels));
+    assert_eq!(peers["spec"]["clusterIP"], "None", "headless");
+    assert!(selects(&peers["spec"]["selector"], labels));
+    assert_eq!(
+        container_port(c, &array_at(&peers, "/spec/ports")[0]["targetPort"]),
+        u64::from(advertise.port().unwrap())
+    );
+    let pdb = k8s_named(&objects, "PodDisruptionBudget", "regmirror");
+    assert!(selects(&pdb["spec"]["selector"], labels));
+    let min_available = pdb["spec"]["minAvailable"]
+        .as_u64()
+        .unwrap_or_else(|| replicas - u64_at(&pdb, "/spec/maxUnavailable"));
+    assert!(
+        min_available >= 1 && min_available < replicas,
+        "a drain can proceed"
+    );
+
+    // The bundled Redis: the URL names its Service, port and the password it requires.
+    let redis = k8s_named(&objects, "Deployment", "regmirror-redis");
+    let redis_labels = &redis["spec"]["template"]["metadata"]["labels"];
+    assert!(!selects(&service["spec"]["selector"], redis_labels));
+    assert!(!selects(&redis["spec"]["selector"], labels));
+    let url = url::Url::parse(config.cluster.redis.as_ref().unwrap().expose()).unwrap();
+    let redis_service = k8s_named(&objects, "Service", url.host_str().unwrap());
+    assert!(selects(&redis_service["spec"]["selector"], redis_labels));
+    let rc = &array_at(&redis, "/spec/template/spec/containers")[0];
+    let redis_port = &array_at(&redis_service, "/spec/ports")[0];
+    assert_eq!(url.port(), Some(u64_at(redis_port, "/port") as u16));
+    assert_eq!(container_port(rc, &redis_port["targetPort"]), 6379);
+    let (redis_env, _) = k8s_pod_env(rc, &objects);
+    let args: Vec<String> = array_at(rc, "/args")
+        .iter()
+        .map(|a| {
+            redis_env
+                .iter()
+                .fold(a.as_str().unwrap().to_owned(), |a, (k, v)| {
+                    a.replace(&format!("$({k})"), v)
+                })
+        })
+        .collect();
+    let password = args
+        .windows(2)
+        .find(|w| w[0] == "--requirepass")
+        .map(|w| w[1].clone())
+        .expect("Redis requires a password");
+    assert_eq!(
+        url.password(),
+        Some(password.as_str()),
+        "the URL's password is Redis'"
+    );
+    for e in array_at(rc, "/env") {
+        assert!(
+            e.pointer("/valueFrom/secretKeyRef").is_some(),
+            "Redis' password from the Secret"
+        );
+    }
+    assert_eq!(rc["securityContext"]["readOnlyRootFilesystem"], true);
+}
+
+#[test]
+fn kubernetes_cluster_manifests_pass_schema_and_kustomize() {
+    assert_schema_and_kustomize(CLUSTER);
 }
