@@ -1,6 +1,9 @@
 //! deploy/compose.yaml, its mirror.compose.toml and .env.example: what is mounted where, the
 //! configuration that names those mounts, `docker-compose config`, and the service started with
-//! a certificate and users made as the README makes them.
+//! a certificate and users made as the README makes them. deploy/compose.cluster.yaml with its
+//! mirror.cluster.toml, garage.toml, nginx.conf and cluster.env.example: each replica's
+//! configuration as compose would make it, loaded, and agreeing with Garage, Redis and nginx;
+//! `docker-compose config`, `nginx -t`.
 
 use std::path::Path;
 use std::process::Command;
@@ -216,5 +219,361 @@ async fn compose_service_serves_https_to_its_users() {
         exit.is_some_and(|s| s.success()),
         "SIGTERM: {exit:?}; log:\n{}",
         mirror.log()
+    );
+}
+
+/// The variables `cluster.env.example` sets (uncommented lines).
+fn cluster_env_example() -> Vec<(String, String)> {
+    read("deploy/cluster.env.example")
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// `s` with compose's interpolation done: `${VAR}`, `${VAR:?err}`, `${VAR:-default}`, `$$`.
+fn interpolate(s: &str, vars: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at + 1..];
+        if let Some(r) = rest.strip_prefix('$') {
+            out.push('$');
+            rest = r;
+            continue;
+        }
+        let (expr, after) = rest
+            .strip_prefix('{')
+            .and_then(|r| r.split_once('}'))
+            .unwrap_or_else(|| panic!("{s}: write variables as ${{NAME}}"));
+        rest = after;
+        let name_end = expr
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(expr.len());
+        let (name, op) = expr.split_at(name_end);
+        let value = vars
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str());
+        match (value.filter(|v| !v.is_empty()), op.strip_prefix(":-")) {
+            (Some(v), _) => out.push_str(v),
+            (None, Some(default)) => out.push_str(default),
+            (None, None) => panic!("{s}: ${{{name}}} is not set by cluster.env.example ({op})"),
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Every string of `v` interpolated.
+fn interpolate_all(v: &mut Value, vars: &[(String, String)]) {
+    match v {
+        Value::String(s) => *s = interpolate(s, vars),
+        Value::Array(a) => a.iter_mut().for_each(|v| interpolate_all(v, vars)),
+        Value::Object(o) => o.values_mut().for_each(|v| interpolate_all(v, vars)),
+        _ => {}
+    }
+}
+
+/// deploy/compose.cluster.yaml as compose reads it with `--env-file cluster.env` made from
+/// the example: YAML merge keys applied, variables interpolated, `x-` fields left out.
+fn compose_cluster() -> Value {
+    let mut doc: serde_norway::Value =
+        serde_norway::from_str(&read("deploy/compose.cluster.yaml")).unwrap();
+    doc.apply_merge().unwrap();
+    let mut v = serde_json::to_value(doc).unwrap();
+    v.as_object_mut()
+        .unwrap()
+        .retain(|k, _| !k.starts_with("x-"));
+    interpolate_all(&mut v, &cluster_env_example());
+    v
+}
+
+/// A service's `environment` mapping as pairs.
+fn compose_env(service: &Value) -> Vec<(String, String)> {
+    service["environment"]
+        .as_object()
+        .expect("environment as a mapping")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().expect("a string").to_owned()))
+        .collect()
+}
+
+fn env_value<'a>(env: &'a [(String, String)], name: &str) -> &'a str {
+    env.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("{name} is not set: {env:?}"))
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `host:port` (or `[v6]:port`) split at its last colon.
+fn host_port(addr: &str) -> (&str, u16) {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    (host, port.parse().unwrap())
+}
+
+#[test]
+fn compose_cluster_replicas_share_one_bucket_and_redis() {
+    let compose = compose_cluster();
+    let services = compose["services"].as_object().unwrap();
+    let garage = &services["garage"];
+    let redis = &services["redis"];
+    let nginx = &services["nginx"];
+    assert_eq!(str_at(garage, "/image"), "dxflrs/garage:v2.5.0");
+    assert!(str_at(redis, "/image").starts_with("redis:7"));
+
+    // Garage: its S3 API on loopback of the namespace the replicas share, no secret in its file.
+    let garage_volumes = compose_volumes(garage);
+    let garage_file = &garage_volumes
+        .iter()
+        .find(|(_, t, _)| t == "/etc/garage.toml")
+        .expect("garage.toml mounted")
+        .0;
+    let garage_toml: toml::Table = toml::from_str(&read(&format!("deploy/{garage_file}"))).unwrap();
+    assert_eq!(garage_toml["replication_factor"].as_integer(), Some(1));
+    assert!(
+        garage_toml.get("rpc_secret").is_none(),
+        "the RPC secret comes from the environment"
+    );
+    let garage_env = compose_env(garage);
+    env_value(&garage_env, "GARAGE_RPC_SECRET");
+    let (s3_host, s3_port) = host_port(garage_toml["s3_api"]["api_bind_addr"].as_str().unwrap());
+    assert!(
+        is_loopback(s3_host),
+        "Garage's S3 API stays off the network"
+    );
+    let s3_region = garage_toml["s3_api"]["s3_region"].as_str().unwrap();
+    let mut replicas_host: Vec<String> = vec!["garage".into()];
+    if let Some(aliases) = garage.pointer("/networks/default/aliases") {
+        replicas_host.extend(
+            aliases
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_owned()),
+        );
+    }
+
+    // Redis: the password it requires.
+    let redis_args: Vec<&str> = array_at(redis, "/command")
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let redis_password = redis_args
+        .windows(2)
+        .find(|w| w[0] == "--requirepass")
+        .map(|w| w[1])
+        .expect("Redis requires a password");
+
+    // The replicas.
+    let replicas: Vec<(&String, &Value)> = services
+        .iter()
+        .filter(|(name, _)| name.starts_with("regmirror"))
+        .collect();
+    assert_eq!(replicas.len(), 3, "three replicas");
+    let mut ports = Vec::new();
+    let mut advertised = Vec::new();
+    let mut data_volumes = Vec::new();
+    for (name, service) in &replicas {
+        assert_eq!(str_at(service, "/build/context"), "..", "{name}");
+        assert_eq!(str_at(service, "/build/dockerfile"), "deploy/Dockerfile");
+        assert!(["always", "unless-stopped"].contains(&str_at(service, "/restart")));
+        assert_eq!(
+            str_at(service, "/network_mode"),
+            "service:garage",
+            "{name}: Garage's loopback is the replicas' loopback"
+        );
+        assert_eq!(service["read_only"], true, "{name}");
+        let volumes = compose_volumes(service);
+        let (config_file, _, ro) = volumes
+            .iter()
+            .find(|(_, t, _)| t == CONFIG)
+            .unwrap_or_else(|| panic!("{name}: nothing at {CONFIG}"));
+        assert!(*ro, "{name}: the configuration is mounted read-only");
+        assert_eq!(
+            config_file, "./mirror.cluster.toml",
+            "{name}: one configuration for all"
+        );
+        let (data, _, _) = volumes
+            .iter()
+            .find(|(_, t, _)| t == DATA_DIR)
+            .unwrap_or_else(|| panic!("{name}: nothing at {DATA_DIR}"));
+        assert!(
+            compose.pointer(&format!("/volumes/{data}")).is_some(),
+            "{data}: a named volume"
+        );
+        data_volumes.push(data.clone());
+
+        let env = compose_env(service);
+        let text = read("deploy/mirror.cluster.toml");
+        let config = load_config(&text, &env);
+        assert_eq!(config.data_dir, Path::new(DATA_DIR));
+        assert_eq!(config.storage.backend, regmirror::config::Backend::S3);
+        let s3 = &config.storage.s3;
+        let endpoint = s3.endpoint.as_ref().expect("storage.s3.endpoint");
+        assert!(
+            is_loopback(endpoint.host_str().unwrap()) && endpoint.port() == Some(s3_port),
+            "{name}: {endpoint} is not Garage's S3 API ({s3_host}:{s3_port})"
+        );
+        assert_eq!(
+            s3.bucket.as_deref(),
+            Some(env_value(&garage_env, "GARAGE_DEFAULT_BUCKET"))
+        );
+        assert_eq!(s3.region, s3_region, "Garage's s3_region");
+        assert!(s3.path_style, "Garage addresses buckets by path");
+        assert_eq!(
+            s3.access_key_id.as_ref().map(|k| k.expose()),
+            Some(env_value(&garage_env, "GARAGE_DEFAULT_ACCESS_KEY"))
+        );
+        assert_eq!(
+            s3.secret_access_key.as_ref().map(|k| k.expose()),
+            Some(env_value(&garage_env, "GARAGE_DEFAULT_SECRET_KEY"))
+        );
+        let redis_url = url::Url::parse(
+            config
+                .cluster
+                .redis
+                .as_ref()
+                .expect("cluster.redis")
+                .expose(),
+        )
+        .unwrap();
+        assert_eq!(redis_url.host_str(), Some("redis"), "the Redis service");
+        assert_eq!(
+            redis_url.password(),
+            Some(redis_password),
+            "Redis' password"
+        );
+        assert!(config.cluster.secret.is_some());
+        let port = config.listen.port();
+        let advertise = config.cluster.advertise.clone().expect("cluster.advertise");
+        assert!(
+            is_loopback(advertise.host_str().unwrap()) && advertise.port() == Some(port),
+            "{name}: peers in the shared namespace reach {port}, not {advertise}"
+        );
+        let check: Vec<&str> = array_at(service, "/healthcheck/test")
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(
+            check.contains(&format!("http://127.0.0.1:{port}/readyz").as_str()),
+            "{name}: the health check asks its own port: {check:?}"
+        );
+        ports.push(port);
+        advertised.push(advertise);
+    }
+    for list in [
+        ports.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        advertised.iter().map(ToString::to_string).collect(),
+        data_volumes,
+    ] {
+        let mut unique = list.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), list.len(), "one each per replica: {list:?}");
+    }
+    // The file alone holds no secret.
+    let bare = load_config(&read("deploy/mirror.cluster.toml"), &[]);
+    assert!(bare.cluster.redis.is_none() && bare.cluster.secret.is_none());
+    assert!(bare.storage.s3.access_key_id.is_none());
+
+    // nginx: port 5000 published, round-robin over exactly the replicas' ports.
+    assert!(array_at(nginx, "/ports")
+        .iter()
+        .any(|p| p.as_str().is_some_and(|p| p.ends_with(":5000"))));
+    let nginx_file = &compose_volumes(nginx)
+        .into_iter()
+        .find(|(_, t, _)| t == "/etc/nginx/nginx.conf")
+        .expect("nginx.conf mounted")
+        .0;
+    let conf = read(&format!("deploy/{nginx_file}"));
+    assert!(conf.contains("listen 5000;"));
+    let mut upstream: Vec<u16> = conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("server "))
+        .filter(|l| !l.starts_with('{')) // the server block, not an upstream server
+        .map(|l| {
+            let (host, port) =
+                host_port(l.split_whitespace().next().unwrap().trim_end_matches(';'));
+            assert!(
+                replicas_host.iter().any(|h| h == host),
+                "nginx upstream {host}: not the replicas' namespace ({replicas_host:?})"
+            );
+            port
+        })
+        .collect();
+    upstream.sort_unstable();
+    ports.sort_unstable();
+    assert_eq!(upstream, ports, "nginx spreads clients over every replica");
+
+    // cluster.env stays out of git; its example only has placeholders.
+    assert!(read("deploy/.gitignore")
+        .lines()
+        .any(|l| l == "/cluster.env"));
+    for (k, v) in cluster_env_example() {
+        assert!(
+            v.contains("CHANGE-ME"),
+            "cluster.env.example: {k} is a placeholder"
+        );
+    }
+}
+
+#[test]
+fn compose_cluster_passes_docker_compose_config() {
+    let Some(compose) = tool("docker-compose") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let deploy = dir.path().join("deploy");
+    std::fs::create_dir(&deploy).unwrap();
+    for file in [
+        "compose.cluster.yaml",
+        "mirror.cluster.toml",
+        "garage.toml",
+        "nginx.conf",
+    ] {
+        std::fs::copy(repo(&format!("deploy/{file}")), deploy.join(file)).unwrap();
+    }
+    std::fs::copy(
+        repo("deploy/cluster.env.example"),
+        deploy.join("cluster.env"),
+    )
+    .unwrap();
+    run_ok(Command::new(compose).current_dir(&deploy).args([
+        "-f",
+        "compose.cluster.yaml",
+        "--env-file",
+        "cluster.env",
+        "config",
+        "-q",
+    ]));
+}
+
+#[test]
+fn compose_cluster_nginx_conf_passes_nginx_t() {
+    let Some(nginx) = tool("nginx") else {
+        return;
+    };
+    // The replicas' host name resolves in compose only: loopback stands in for it.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = read("deploy/nginx.conf").replace("server replicas:", "server 127.0.0.1:");
+    let file = dir.path().join("nginx.conf");
+    std::fs::write(&file, conf).unwrap();
+    run_ok(
+        Command::new(nginx)
+            .args(["-t", "-q", "-e", "/dev/stderr", "-p"])
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&file),
     );
 }
