@@ -44,6 +44,10 @@ pub struct S3Config {
     pub prefix: String,
     /// `https://endpoint/bucket/key` rather than `https://bucket.endpoint/key`.
     pub path_style: bool,
+    /// Plain HTTP to an endpoint that is not loopback (a Garage or MinIO on
+    /// a private network with no TLS): credentials and bytes cross that
+    /// network unencrypted, so it must be asked for.
+    pub allow_http: bool,
     pub access_key_id: Option<Secret>,
     pub secret_access_key: Option<Secret>,
 }
@@ -56,6 +60,7 @@ impl Default for S3Config {
             region: "us-east-1".into(),
             prefix: String::new(),
             path_style: false,
+            allow_http: false,
             access_key_id: None,
             secret_access_key: None,
         }
@@ -94,10 +99,11 @@ impl StorageConfig {
                     "key storage.s3.endpoint: {url} is not an http(s) URL"
                 ));
             }
-            if url.scheme() == "http" && !is_loopback(url) {
+            if url.scheme() == "http" && !is_loopback(url) && !s3.allow_http {
                 return Err(format!(
                     "key storage.s3.endpoint: {url} is plain HTTP to a host that is not loopback; \
-                     the bucket's credentials and bytes would cross the network in the clear (use https)"
+                     the bucket's requests and bytes would cross the network unencrypted (use https, \
+                     or set storage.s3.allow_http = true on a network you trust)"
                 ));
             }
         }
@@ -108,6 +114,23 @@ impl StorageConfig {
             );
         }
         Ok(())
+    }
+}
+
+impl StorageConfig {
+    /// What an operator should hear at start about this configuration.
+    pub fn warnings(&self) -> Vec<String> {
+        match &self.s3.endpoint {
+            Some(url)
+                if self.backend == Backend::S3 && url.scheme() == "http" && !is_loopback(url) =>
+            {
+                vec![format!(
+                    "the bucket at {url} is reached over plain HTTP (storage.s3.allow_http): its \
+                     requests and blobs cross the network unencrypted"
+                )]
+            }
+            _ => Vec::new(),
+        }
     }
 }
 

@@ -65,6 +65,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("storage.s3.region", Kind::Str),
     ("storage.s3.prefix", Kind::Str),
     ("storage.s3.path_style", Kind::Toml),
+    ("storage.s3.allow_http", Kind::Toml),
     ("storage.s3.access_key_id", Kind::Str),
     ("storage.s3.secret_access_key", Kind::Str),
     ("cluster.redis", Kind::Str),
@@ -371,6 +372,7 @@ mod tests {
             ("storage.s3.region", "garage"),
             ("storage.s3.prefix", "m1/"),
             ("storage.s3.path_style", "true"),
+            ("storage.s3.allow_http", "true"),
             ("storage.s3.access_key_id", "GK1"),
             ("storage.s3.secret_access_key", "s3cret"),
             ("cluster.redis", "redis://:pw@127.0.0.1:6379/0"),
@@ -414,6 +416,7 @@ mod tests {
         assert_eq!(c.storage.s3.region, "garage");
         assert_eq!(c.storage.s3.prefix, "m1/");
         assert!(c.storage.s3.path_style);
+        assert!(c.storage.s3.allow_http);
         assert_eq!(
             c.storage.s3.secret_access_key.as_ref().unwrap().expose(),
             "s3cret"
@@ -482,7 +485,15 @@ mod tests {
         .to_string();
         assert!(e.contains("storage.s3.bucket"), "{e}");
         let e = fails(&[("REGMIRROR_STORAGE_S3_ENDPOINT", "http://s3.example.com")]);
-        assert!(e.contains("plain HTTP"), "{e}");
+        assert!(e.contains("plain HTTP") && e.contains("allow_http"), "{e}");
+        let asked = [
+            ("REGMIRROR_STORAGE_BACKEND", "s3"),
+            ("REGMIRROR_STORAGE_S3_BUCKET", "b"),
+            ("REGMIRROR_STORAGE_S3_ENDPOINT", "http://garage:3900"),
+            ("REGMIRROR_STORAGE_S3_ALLOW_HTTP", "true"),
+        ];
+        let c = load(None, env(&asked), &Flags::default()).unwrap();
+        assert_eq!(c.storage.warnings().len(), 1, "plain HTTP is warned about");
         let e = fails(&[("REGMIRROR_CLUSTER_REDIS", "http://:hunter2@r")]);
         assert!(e.contains("cluster.redis") && !e.contains("hunter2"), "{e}");
         let e = fails(&[("REGMIRROR_CLUSTER_REDIS", "redis://r:6379")]);

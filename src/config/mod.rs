@@ -173,10 +173,12 @@ impl Config {
     /// at startup: upstream credentials on a mirror without `[auth]`, which
     /// lends them to anyone who reaches the listener.
     pub fn exposure_warnings(&self) -> Vec<String> {
+        let mut warnings = self.storage.warnings();
         if self.auth.htpasswd.is_some() {
-            return Vec::new();
+            return warnings;
         }
-        self.all_upstreams()
+        let credentials = self
+            .all_upstreams()
             .filter(|u| u.username.is_some() && u.password.is_some())
             .map(|u| {
                 let scope = if u.credentials_for.is_empty() {
@@ -191,7 +193,9 @@ impl Config {
                     u.name, self.listen
                 )
             })
-            .collect()
+            .collect::<Vec<_>>();
+        warnings.extend(credentials);
+        warnings
     }
 
     pub(crate) fn check(&self) -> Result<(), String> {
