@@ -6,6 +6,9 @@
 //! cannot be reached. Every change is a compare-and-set on the lease's token,
 //! so a holder whose lease expired and was taken can no longer renew or
 //! release it.
+//!
+//! Two implementations: [`MemoryCoordinator`] (one process: the single-node
+//! default and tests) and `RedisCoordinator` (replicas sharing a Redis, to follow).
 
 use std::time::{Duration, SystemTime};
 
@@ -13,6 +16,29 @@ use async_trait::async_trait;
 
 use super::SharedError;
 use crate::reference::Digest;
+
+mod memory;
+
+pub use memory::MemoryCoordinator;
+
+/// The lease key of a digest, as [`Lease::key`] names it.
+fn lease_key(digest: &Digest) -> String {
+    format!("lease:{digest}")
+}
+
+/// The key of a named lock, as [`Lease::key`] names it.
+fn lock_key(name: &str) -> String {
+    format!("lock:{name}")
+}
+
+/// How long past the window asked for an announcement is kept: a replica
+/// gone for longer is dropped from the list at the next `peers`.
+const PEERS_KEPT: Duration = Duration::from_secs(3600);
+
+/// A token unique to one taking: 128 random bits.
+fn new_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
 
 /// A lease this replica holds: its token is unique to this taking.
 #[derive(Debug, Clone, PartialEq, Eq)]
