@@ -8,7 +8,7 @@
 //! release it.
 //!
 //! Two implementations: [`MemoryCoordinator`] (one process: the single-node
-//! default and tests) and `RedisCoordinator` (replicas sharing a Redis, to follow).
+//! default and tests) and [`RedisCoordinator`] (replicas sharing a Redis).
 
 use std::time::{Duration, SystemTime};
 
@@ -17,8 +17,10 @@ use async_trait::async_trait;
 use super::SharedError;
 use crate::reference::Digest;
 
+mod in_redis;
 mod memory;
 
+pub use in_redis::RedisCoordinator;
 pub use memory::MemoryCoordinator;
 
 /// The lease key of a digest, as [`Lease::key`] names it.

@@ -16,6 +16,7 @@
 pub mod bucket;
 pub mod coordinator;
 pub mod peer;
+pub mod redis;
 pub mod redis_index;
 
 /// A shared part (Redis, the bucket) failed: the caller carries on without it.
