@@ -18,6 +18,7 @@ pub mod coordinator;
 pub mod peer;
 pub mod redis;
 pub mod redis_index;
+pub mod shared_index;
 
 /// A shared part (Redis, the bucket) failed: the caller carries on without it.
 #[derive(Debug, Clone, thiserror::Error)]
