@@ -1,1 +1,0 @@
-//! (being written: the S3-compatible bucket)
