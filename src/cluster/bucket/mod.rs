@@ -125,7 +125,11 @@ struct Marker {
 
 impl Bucket {
     /// The bucket `[storage.s3]` names. Builds the client only: no request
-    /// is made until the first call.
+    /// is made until the first call. Without configured credentials the
+    /// client asks the AWS instance metadata service for some (an IAM role);
+    /// nothing is read from the environment here. On Garage, `region` must
+    /// be its `s3_region` (the signature's scope is checked), and path style
+    /// needs no DNS for `<bucket>.<root_domain>`.
     pub fn from_config(s3: &S3Config) -> Result<Self, SharedError> {
         let bucket = s3
             .bucket
