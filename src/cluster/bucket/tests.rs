@@ -278,6 +278,7 @@ fn s3_config(path_style: bool) -> S3Config {
         path_style,
         access_key_id: Some(Secret::new("GK0123456789abcdef01234567")),
         secret_access_key: Some(Secret::new("s3cr3t-0f-the-bucket-never-shown")),
+        ..S3Config::default()
     }
 }
 
