@@ -53,6 +53,10 @@ pub enum Error {
     UpstreamTimeout(String),
     #[error("the mirror is busy: {0}")]
     Busy(String),
+    /// A shared part of the cluster (the bucket) cannot be reached: the
+    /// item may well exist, so this is never a 404.
+    #[error("shared storage unavailable: {0}")]
+    SharedUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -165,6 +169,11 @@ impl Error {
                 "UNAVAILABLE",
                 "the mirror is busy; retry later",
             ),
+            Error::SharedUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                "the mirror's shared storage is unreachable; retry later",
+            ),
             Error::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "UNKNOWN",
@@ -198,6 +207,7 @@ impl Error {
             | Error::UpstreamTimeout(d)
             | Error::UriTooLong(d)
             | Error::Busy(d)
+            | Error::SharedUnavailable(d)
             | Error::Internal(d) => d.clone(),
             Error::Unauthorized { detail, .. } => detail.clone(),
             Error::RangeNotSatisfiable { size } => format!("blob size is {size}"),

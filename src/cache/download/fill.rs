@@ -82,6 +82,7 @@ pub trait Sink: Send {
     async fn push(&mut self, chunk: &Bytes);
     /// Every byte arrived and verified.
     async fn verified(self: Box<Self>, size: u64);
-    /// The download failed; nothing it pushed may be kept.
-    async fn failed(self: Box<Self>);
+    /// The download failed (`error` says why: the checks of size and digest
+    /// fail with `Error::UpstreamFailed`); nothing it pushed may be kept.
+    async fn failed(self: Box<Self>, error: &Error);
 }

@@ -244,9 +244,15 @@ impl Downloads {
         })
     }
 
+    /// Whether a download of `digest` runs (whether or not it can still
+    /// serve from the start).
+    pub fn is_running(&self, digest: &Digest) -> bool {
+        self.active().contains_key(digest)
+    }
+
     /// Joins the download of `digest`, if one runs that can serve from the
     /// start.
-    fn join(&self, digest: &Digest) -> Option<Joined> {
+    pub fn join(&self, digest: &Digest) -> Option<Joined> {
         Self::join_in(&self.active(), digest)
     }
 
@@ -334,7 +340,7 @@ impl Downloads {
         if let Some(sink) = sink {
             match &result {
                 Ok(size) => sink.verified(*size).await,
-                Err(_) => sink.failed().await,
+                Err(e) => sink.failed(e).await,
             }
         }
         result
