@@ -19,6 +19,9 @@ pub mod peer;
 pub mod redis;
 pub mod redis_index;
 pub mod shared_index;
+pub mod tiered_store;
+pub mod tiers;
+pub mod upkeep;
 
 /// A shared part (Redis, the bucket) failed: the caller carries on without it.
 #[derive(Debug, Clone, thiserror::Error)]
