@@ -115,8 +115,9 @@ pub struct Metrics {
     lease_takeovers: Counter,
     shared_errors: Family<PartLabels, Counter>,
     shared_up: Family<PartLabels, Gauge>,
-    /// The error counts last copied into `shared_errors`, by part.
-    shared_seen: Mutex<HashMap<&'static str, u64>>,
+    /// The error counts last copied into `shared_errors`, and whether up,
+    /// by part.
+    shared_seen: Mutex<HashMap<&'static str, (u64, bool)>>,
     /// The replicas last seen in the cluster, for the status page.
     peers: Mutex<Vec<(String, SystemTime)>>,
     // For the status page (not all of it fits Prometheus' model).
@@ -340,10 +341,11 @@ impl Metrics {
             .get_or_create(&PartLabels { part })
             .set(i64::from(up));
         let mut seen = lock(&self.shared_seen);
-        let last = seen.entry(part).or_insert(0);
+        let (last, was_up) = seen.entry(part).or_insert((0, true));
         let counter = self.shared_errors.get_or_create(&PartLabels { part });
         counter.inc_by(errors.saturating_sub(*last));
         *last = errors.max(*last);
+        *was_up = up;
     }
 
     /// The replicas the cluster has seen lately.
@@ -570,6 +572,24 @@ impl Metrics {
             recent_errors: lock(&self.recent_errors).iter().rev().cloned().collect(),
             tls_not_after: *lock(&self.tls_not_after),
             peers: lock(&self.peers).clone(),
+            tiers: ["local", "bucket", "peer"]
+                .into_iter()
+                .map(|tier| {
+                    (
+                        tier,
+                        self.tier_hits.get_or_create(&TierLabels { tier }).get(),
+                    )
+                })
+                .chain([("upstream", self.upstream_fills.get())])
+                .collect(),
+            shared: {
+                let mut parts: Vec<_> = lock(&self.shared_seen)
+                    .iter()
+                    .map(|(part, (_, up))| (*part, *up))
+                    .collect();
+                parts.sort();
+                parts
+            },
         }
     }
 }
@@ -588,6 +608,10 @@ pub struct Snapshot {
     pub tls_not_after: Option<SystemTime>,
     /// Replicas of the cluster seen lately, with when (empty on one node).
     pub peers: Vec<(String, SystemTime)>,
+    /// Blobs served per tier (local, bucket, peer) and filled from upstream.
+    pub tiers: Vec<(&'static str, u64)>,
+    /// The shared parts (bucket, redis) and whether each answers.
+    pub shared: Vec<(&'static str, bool)>,
 }
 
 /// The `ratelimit-remaining` header: `100;w=21600` → 100.

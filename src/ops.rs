@@ -51,6 +51,7 @@ impl OpsEndpoint {
 
 /// Answers an operator endpoint.
 pub async fn answer(registry: &Registry, which: OpsEndpoint, head: bool) -> Result<Reply, Error> {
+    registry.refresh_shared_metrics();
     let (status, content_type, body) = match which {
         OpsEndpoint::Metrics => (
             StatusCode::OK,
@@ -63,10 +64,13 @@ pub async fn answer(registry: &Registry, which: OpsEndpoint, head: bool) -> Resu
             "ok\n".to_owned(),
         ),
         OpsEndpoint::Ready => match registry.ready().await {
-            Ok(()) => (
+            Ok(detail) => (
                 StatusCode::OK,
                 "text/plain; charset=utf-8",
-                "ready\n".to_owned(),
+                std::iter::once("ready".to_owned())
+                    .chain(detail)
+                    .map(|l| l + "\n")
+                    .collect(),
             ),
             Err(why) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -146,6 +150,43 @@ fn tls_card(at: SystemTime, now: SystemTime) -> String {
     )
 }
 
+/// The tiers blobs came from, the shared parts and the peers seen: only for
+/// a replica of a cluster (a single node has no shared part).
+fn cluster_section(s: &Snapshot, now: SystemTime) -> String {
+    if s.shared.is_empty() {
+        return String::new();
+    }
+    let tiers: String = s
+        .tiers
+        .iter()
+        .map(|(tier, n)| format!("<tr><td>{tier}</td><td class=n>{n}</td></tr>"))
+        .collect();
+    let parts: String = s
+        .shared
+        .iter()
+        .map(|(part, up)| {
+            format!(
+                "<tr><td>{part}</td><td class={}>{}</td></tr>",
+                if *up { "ok" } else { "bad" },
+                if *up { "reachable" } else { "unreachable" }
+            )
+        })
+        .collect();
+    let mut peers: String = s
+        .peers
+        .iter()
+        .map(|(peer, at)| format!("<tr><td>{}</td><td>{}</td></tr>", esc(peer), ago(*at, now)))
+        .collect();
+    if peers.is_empty() {
+        peers.push_str("<tr><td colspan=2 class=none>none seen</td></tr>");
+    }
+    format!(
+        "<h2>Cluster</h2>\n<table id=tiers><tr><th>blobs from</th><th class=n>count</th></tr>{tiers}</table>\n\
+         <table id=shared><tr><th>shared part</th><th>state</th></tr>{parts}</table>\n\
+         <table id=peers><tr><th>replica</th><th>last seen</th></tr>{peers}</table>\n"
+    )
+}
+
 /// The status page: a pure function of a metrics snapshot and the budget.
 pub fn status_page(s: &Snapshot, max_size: u64, now: SystemTime) -> String {
     let used_pct = if max_size == 0 {
@@ -192,6 +233,7 @@ pub fn status_page(s: &Snapshot, max_size: u64, now: SystemTime) -> String {
     if ups.is_empty() {
         ups.push_str("<tr><td colspan=4 class=none>not contacted yet</td></tr>");
     }
+    let cluster = cluster_section(s, now);
     let tls = s
         .tls_not_after
         .map_or_else(String::new, |at| tls_card(at, now));
@@ -233,7 +275,7 @@ table{{border-collapse:collapse;width:100%}} td,th{{text-align:left;padding:.3em
 <table id=top><tr><th>image</th><th class=n>pulls</th></tr>{top}</table>
 <h2>Upstreams</h2>
 <table id=upstreams><tr><th>registry</th><th>state</th><th>last success</th><th>last failure</th></tr>{ups}</table>
-<h2>Recent errors</h2>
+{cluster}<h2>Recent errors</h2>
 <table id=errors><tr><th>when</th><th class=n>status</th><th>path</th><th>error</th></tr>{errors}</table>
 </body></html>
 "#,
@@ -274,7 +316,9 @@ mod tests {
                 message: "upstream answered 503".into(),
             }],
             tls_not_after: None,
-            peers: Vec::new(),
+            peers: vec![("http://10.0.0.8:5000/<b>".into(), now)],
+            tiers: vec![("local", 5), ("bucket", 2), ("peer", 1), ("upstream", 3)],
+            shared: vec![("bucket", true), ("redis", false)],
         };
         let html = status_page(&s, 1024 * 1024 * 1024, now);
         assert!(html.contains("512.0 MiB of 1.0 GiB"), "{html}");
@@ -284,6 +328,24 @@ mod tests {
         assert!(!html.contains("<script>"));
         assert!(html.contains("healthy"));
         assert!(!html.contains("id=tls"), "no TLS, no certificate card");
+        assert!(html.contains("<td>bucket</td><td class=n>2</td>"), "{html}");
+        assert!(
+            html.contains("<td>redis</td><td class=bad>unreachable</td>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<td>http://10.0.0.8:5000/&lt;b&gt;</td>"),
+            "{html}"
+        );
+        let single = Snapshot {
+            shared: Vec::new(),
+            peers: Vec::new(),
+            ..s
+        };
+        assert!(
+            !status_page(&single, 1, now).contains("Cluster"),
+            "one node has no cluster section"
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 
 use crate::access_log::{LoggedBody, RequestInfo};
 use crate::auth::{Authenticator, Htpasswd};
+use crate::cluster::peer;
 use crate::config::{Config, ServerConfig};
 use crate::endpoint;
 use crate::error::Error;
@@ -376,17 +377,37 @@ impl Frontend {
         // under its endpoint; a parse error is answered only after it.
         let target = match OpsEndpoint::parse(req.uri().path()) {
             Some(which) => Target::Ops(which),
-            None => Target::Api(endpoint::parse(
-                req.method(),
-                req.uri().path(),
-                req.uri().query(),
-            )),
+            None => match peer::parse(req.uri().path()) {
+                Some(digest) => Target::Peer(digest),
+                None => Target::Api(endpoint::parse(
+                    req.method(),
+                    req.uri().path(),
+                    req.uri().query(),
+                )),
+            },
         };
         *label = match &target {
             Target::Ops(which) => which.label(),
+            Target::Peer(_) => "peer",
             Target::Api(Ok(api)) => api.endpoint.label(),
             Target::Api(Err(_)) => "other",
         };
+        if let Target::Peer(digest) = target {
+            // Signed by a replica with the cluster's secret, instead of a
+            // client's credentials; refused by a mirror that has no cluster.
+            if self.ops_only || req.method() != http::Method::GET {
+                return Err(Error::NotFound("no such endpoint".into()));
+            }
+            return self
+                .registry
+                .peer_blob(
+                    req.method().as_str(),
+                    req.uri().path(),
+                    req.headers(),
+                    digest?,
+                )
+                .await;
+        }
         if let Some(auth) = &self.auth {
             if !matches!(target, Target::Ops(which) if !which.needs_auth()) {
                 let value = req
@@ -404,6 +425,7 @@ impl Frontend {
                 "this listener serves /metrics, /healthz, /readyz and /_/status".into(),
             )),
             Target::Api(api) => self.registry.handle(&api?, req.headers()).await,
+            Target::Peer(_) => Err(Error::Internal("a peer request was not answered".into())),
         }
     }
 }
@@ -412,6 +434,8 @@ impl Frontend {
 /// why its path is not one).
 enum Target {
     Ops(OpsEndpoint),
+    /// A replica's `GET /_cluster/blobs/<digest>`.
+    Peer(Result<crate::reference::Digest, Error>),
     Api(Result<endpoint::ApiRequest, Error>),
 }
 

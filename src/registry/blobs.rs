@@ -78,8 +78,10 @@ impl Registry {
                 }
                 Err(e) => return Err(e),
             };
-            if !started {
-                // Another repository's request may have started it.
+            if !started || self.cluster.is_some() {
+                // Another repository's request may have started it; and a
+                // replica may have filled it from the bucket or a peer,
+                // which says nothing of the repository.
                 self.authorize(route, digest, What::Blob).await?;
             }
             let outcome = if started {
@@ -107,11 +109,22 @@ impl Registry {
     ) -> impl std::future::Future<Output = Result<Fill, Error>> + Send + 'static {
         let upstream = self.upstream(route).clone();
         let index = self.index.clone();
+        let tiers = self.cluster.as_ref().map(|c| c.tiers.clone());
         let (key, repo, digest) = (route.key.clone(), route.repo.clone(), digest.clone());
+        let get = {
+            let digest = digest.clone();
+            async move {
+                let resp = upstream.get_blob(&repo, &digest).await?;
+                index.add_holds(&key, vec![digest]).await;
+                Ok(resp)
+            }
+        };
         async move {
-            let resp = upstream.get_blob(&repo, &digest).await?;
-            index.add_holds(&key, vec![digest]).await;
-            Ok(Fill::upstream(resp))
+            match tiers {
+                // The bucket, the lease holder, or the upstream.
+                Some(tiers) => tiers.fill(digest, get).await,
+                None => get.await.map(Fill::upstream),
+            }
         }
     }
 

@@ -4,6 +4,7 @@
 //! (eviction, index flushes) through [`Registry::maintain`].
 
 mod blobs;
+mod cluster;
 mod listings;
 mod manifests;
 
@@ -86,6 +87,8 @@ pub struct Registry {
     max_size: u64,
     /// The last readiness probe and when it ran.
     readiness: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
+    /// The shared parts, when this is one replica of several.
+    cluster: Option<cluster::Cluster>,
     /// The data dir's lock, held while this registry lives.
     _lock: Option<std::fs::File>,
 }
@@ -123,8 +126,14 @@ impl Registry {
             .map_err(|e| Error::internal(&ctx("scanning the cache"), e))?;
         let index: Arc<dyn Index> = Arc::new(LocalIndex::load(&dir.join(INDEX_FILE), found));
         let store: Arc<dyn BlobStore> = Arc::new(disk);
-        let mut registry = Self::with_parts(config, store, index)?;
+        let metrics = Arc::new(Metrics::new());
+        let (store, index, cluster) = cluster::open(config, store, index, &metrics).await?;
+        let mut registry = Self::assemble(config, store, index, metrics)?;
+        registry.cluster = cluster;
         registry._lock = Some(lock);
+        if registry.cluster.is_some() {
+            registry.cluster_upkeep(true).await;
+        }
         Ok(registry)
     }
 
@@ -134,7 +143,15 @@ impl Registry {
         store: Arc<dyn BlobStore>,
         index: Arc<dyn Index>,
     ) -> Result<Self, Error> {
-        let metrics = Arc::new(Metrics::new());
+        Self::assemble(config, store, index, Arc::new(Metrics::new()))
+    }
+
+    fn assemble(
+        config: &Config,
+        store: Arc<dyn BlobStore>,
+        index: Arc<dyn Index>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, Error> {
         for warning in config.exposure_warnings() {
             tracing::warn!("{warning}");
         }
@@ -179,6 +196,7 @@ impl Registry {
             metrics,
             max_size: config.cache.max_size.0,
             readiness: tokio::sync::Mutex::new(None),
+            cluster: None,
             _lock: None,
         })
     }
@@ -281,6 +299,7 @@ impl Registry {
                 }
             }
             self.evict_now().await;
+            self.cluster_upkeep(false).await;
             let what = if runs.is_multiple_of(ACCESS_TIMES_EVERY) {
                 Flush::All
             } else {
@@ -325,7 +344,12 @@ impl Registry {
     /// Whether the mirror can serve: the data dir takes a write. Probed at
     /// most once a second (`/readyz` needs no credentials, and each probe
     /// creates and removes a file).
-    pub async fn ready(&self) -> Result<(), String> {
+    pub async fn ready(&self) -> Result<Vec<String>, String> {
+        self.writable().await?;
+        Ok(self.cluster_detail())
+    }
+
+    async fn writable(&self) -> Result<(), String> {
         let mut last = self.readiness.lock().await;
         if let Some((at, answer)) = &*last {
             if at.elapsed() < READY_PROBE_EVERY {
