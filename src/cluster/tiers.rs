@@ -53,9 +53,12 @@ pub struct Tiers {
 }
 
 impl Tiers {
+    /// The client hears that the bucket is unreachable, not where it is or
+    /// what its client said (that is logged, once per outage).
     fn bucket_error(&self, e: SharedError) -> Error {
         let e = self.bucket_health.failed(e);
-        Error::SharedUnavailable(e.message)
+        tracing::debug!(error = %e, "bucket read failed");
+        Error::SharedUnavailable("the shared bucket cannot be reached".into())
     }
 
     /// The fill of `digest`, missing from the local tier; `upstream` sends
@@ -131,7 +134,10 @@ impl Tiers {
         }
         let body = read
             .stream
-            .map_err(|e| Error::SharedUnavailable(e.message))
+            .map_err(|e| {
+                tracing::warn!(error = %e, "bucket read cut");
+                Error::SharedUnavailable("the shared bucket stopped sending".into())
+            })
             .boxed();
         Ok(Some(Fill {
             origin: Origin::Bucket,
@@ -632,4 +638,43 @@ mod tests {
     }
 
     use crate::cluster::upkeep;
+
+    #[tokio::test]
+    async fn a_miss_while_the_bucket_is_down_is_503_and_asks_no_upstream() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let s3 = crate::config::S3Config {
+            endpoint: Some(url::Url::parse(&format!("http://127.0.0.1:{port}")).unwrap()),
+            bucket: Some("b".into()),
+            path_style: true,
+            access_key_id: Some(Secret::new("GKkey")),
+            secret_access_key: Some(Secret::new("secret-key")),
+            ..crate::config::S3Config::default()
+        };
+        let shared = Shared {
+            bucket: Arc::new(Bucket::from_config(&s3).unwrap()),
+            ..Shared::new()
+        };
+        let a = replica(&shared, "http://a.test:5000/");
+        let digest = digest_of(Algorithm::Sha256, b"x");
+        let e = a
+            .tiers
+            .clone()
+            .fill(digest, async {
+                Err(Error::Internal("the upstream was asked".into()))
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.wire().status,
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "{e:?}"
+        );
+        assert!(
+            !e.detail().contains("127.0.0.1"),
+            "the bucket's address reached the client: {e}"
+        );
+        assert!(!a.tiers.bucket_health.is_up());
+    }
 }
