@@ -1,5 +1,8 @@
 //! The cache commands of the CLI (`gc`, `ls`, `du`), working on a data dir
 //! whether a mirror is serving it or not. They return data; `main` prints.
+//! [`shared`]: the same on a cluster's shared store.
+
+pub mod shared;
 
 use std::collections::HashMap;
 use std::io;
@@ -90,11 +93,17 @@ async fn open_read_only(dir: &Path) -> io::Result<(DiskStore, LocalIndex)> {
 /// Cached repositories and tags, sorted.
 pub async fn list(dir: &Path) -> io::Result<Vec<TagRow>> {
     let (disk, index) = open_read_only(dir).await?;
+    list_from(&disk, &index).await
+}
+
+/// The tags `index` knows whose manifest `store` holds, with the bytes of
+/// what they reference that `index` records, sorted.
+pub(crate) async fn list_from(store: &dyn BlobStore, index: &dyn Index) -> io::Result<Vec<TagRow>> {
     let contents: HashMap<ContentKey, ContentEntry> = index.contents().await.into_iter().collect();
     let mut rows = Vec::new();
     for (repo, tag, entry) in index.tags().await {
         let mkey = ContentKey::manifest(&entry.digest);
-        let Some(m) = disk.get_manifest(&entry.digest).await? else {
+        let Some(m) = store.get_manifest(&entry.digest).await? else {
             continue;
         };
         let mut size = m.stored_size();

@@ -213,11 +213,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 human_bytes(report.eviction.usage_after),
                 human_bytes(config.cache.max_size.0),
             );
+            if let Some(shared) =
+                block_on(regmirror::admin::shared::gc(&config, report.mirror_running))?
+            {
+                println!(
+                    "bucket: aborted {} abandoned uploads; evicted {} items, {} freed{}",
+                    shared.uploads_aborted,
+                    shared.evicted,
+                    human_bytes(shared.evicted_bytes),
+                    if shared.reconciled {
+                        "; index reconciled with a scan"
+                    } else {
+                        ""
+                    },
+                );
+            }
             Ok(())
         }
         Command::Ls(args) => {
             let config = args.load()?;
-            let rows = block_on(regmirror::admin::list(&config.data_dir))?;
+            // A cluster's tags are the cluster's (Redis), not one disk's.
+            let rows = match block_on(regmirror::admin::shared::list(&config))? {
+                Some(rows) => rows,
+                None => block_on(regmirror::admin::list(&config.data_dir))?,
+            };
             println!(
                 "{:<40} {:<20} {:<20} {:>10}  LAST PULL",
                 "REPOSITORY", "TAG", "DIGEST", "SIZE"
@@ -305,6 +324,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 human_bytes(u.max_size),
                 100.0 * total as f64 / u.max_size.max(1) as f64
             );
+            if let Some(b) = block_on(regmirror::admin::shared::usage(&config))? {
+                println!("bucket     {}", b.description);
+                println!(
+                    "  blobs      {:>8} items {:>12}",
+                    b.blobs,
+                    human_bytes(b.blob_bytes)
+                );
+                println!(
+                    "  manifests  {:>8} items {:>12}",
+                    b.manifests,
+                    human_bytes(b.manifest_bytes)
+                );
+                println!("  uploads    {:>8} not completed", b.pending_uploads);
+                let total = b.blob_bytes + b.manifest_bytes;
+                match b.max_size {
+                    Some(max) => println!(
+                        "  total      {:>20} of {} ({:.1}%)",
+                        human_bytes(total),
+                        human_bytes(max),
+                        100.0 * total as f64 / max.max(1) as f64
+                    ),
+                    None => println!(
+                        "  total      {:>20} (no storage.max_size)",
+                        human_bytes(total)
+                    ),
+                }
+            }
             Ok(())
         }
     }

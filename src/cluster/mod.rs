@@ -15,6 +15,7 @@
 
 pub mod bucket;
 pub mod coordinator;
+pub mod open;
 pub mod peer;
 pub mod redis;
 pub mod redis_index;

@@ -22,6 +22,9 @@ pub struct TieredStore {
     pub bucket_health: Arc<Health>,
     /// The bucket's sizes and access times, when shared.
     pub shared: Option<Arc<dyn Index>>,
+    /// Whether a manifest read from the bucket is kept on the local disk
+    /// (not for `ls`, which only looks).
+    pub keep_locally: bool,
 }
 
 #[async_trait]
@@ -61,6 +64,9 @@ impl BlobStore for TieredStore {
                 .await;
         }
         // Kept locally too; the caller records it in the local index.
+        if !self.keep_locally {
+            return Ok(Some(m));
+        }
         if let Err(e) = self.local.put_manifest(digest, &m).await {
             tracing::warn!(%digest, error = %e, "cannot keep a manifest from the bucket locally");
         }

@@ -12,17 +12,14 @@ use super::Registry;
 use crate::cache::download::Joined;
 use crate::cache::policy::Budget;
 use crate::cache::store::{BlobStore, Index};
-use crate::cluster::bucket::Bucket;
-use crate::cluster::coordinator::{Coordinator, MemoryCoordinator, RedisCoordinator};
-use crate::cluster::peer::{self, PeerClient};
-use crate::cluster::redis::{self, RedisConn};
+use crate::cluster::peer;
 use crate::cluster::redis_index::RedisIndex;
 use crate::cluster::shared_index::SharedIndex;
 use crate::cluster::tiered_store::TieredStore;
 use crate::cluster::tiers::Tiers;
 use crate::cluster::upkeep::{self, ANNOUNCE_EVERY};
 use crate::cluster::Health;
-use crate::config::{Backend, Config, Secret};
+use crate::config::{Config, Secret};
 use crate::error::Error;
 use crate::reference::Digest;
 use crate::response::{self, Outcome, Reply, CONTENT_DIGEST};
@@ -49,78 +46,35 @@ pub(super) async fn open(
     index: Arc<dyn Index>,
     metrics: &Arc<crate::metrics::Metrics>,
 ) -> Result<Parts, Error> {
-    if config.storage.backend != Backend::S3 {
+    let Some(shared) = crate::cluster::open::open(config, metrics)? else {
         return Ok((local, index, None));
-    }
-    let bucket = Arc::new(
-        Bucket::from_config(&config.storage.s3)
-            .map_err(|e| Error::Internal(format!("opening the bucket: {e}")))?,
-    );
-    let bucket_health = Arc::new(Health::new("bucket"));
-    if let Err(e) = bucket.ping().await {
-        // Served from the local tier meanwhile; misses get 503 until it answers.
-        bucket_health.failed(e);
-    }
-    let advertise = config
-        .cluster
-        .advertise
-        .as_ref()
-        .map_or_else(|| format!("http://{}", config.listen), |u| u.to_string());
-    let (coordinator, bucket_index, redis, index): (Arc<dyn Coordinator>, _, _, Arc<dyn Index>) =
-        match &config.cluster.redis {
-            Some(url) => {
-                // Connects at the first call: a replica starts, and serves on
-                // its own, while Redis is down.
-                let conn = RedisConn::lazy(url, redis::TIMEOUT)
-                    .map_err(|e| Error::Internal(format!("cluster.redis: {e}")))?;
-                let health = conn.health();
-                let coordinator = RedisCoordinator::new(conn.clone(), redis::DEFAULT_PREFIX);
-                let shared = Arc::new(RedisIndex::new(conn, redis::DEFAULT_PREFIX));
-                let index = Arc::new(SharedIndex::new(index, shared.clone()));
-                (Arc::new(coordinator), Some(shared), Some(health), index)
-            }
-            None => (Arc::new(MemoryCoordinator::new()), None, None, index),
-        };
-    let shared: Option<Arc<dyn Index>> = bucket_index.clone().map(|i| i as Arc<dyn Index>);
-    let peers = match &config.cluster.secret {
-        Some(secret) => Some(PeerClient::new(
-            secret.clone(),
-            config.upstream.connect_timeout,
-        )?),
-        None => None,
     };
-    let tiers = Arc::new(Tiers {
-        bucket: bucket.clone(),
-        bucket_health: bucket_health.clone(),
-        coordinator,
-        shared: shared.clone(),
-        advertise,
-        peers,
-        metrics: metrics.clone(),
-    });
+    let tiers = shared.tiers;
+    if let Err(e) = tiers.bucket.ping().await {
+        // Served from the local tier meanwhile; misses get 503 until it answers.
+        tiers.bucket_health.failed(e);
+    }
+    let index: Arc<dyn Index> = match &shared.index {
+        Some(redis) => Arc::new(SharedIndex::new(index, redis.clone())),
+        None => index,
+    };
     let store: Arc<dyn BlobStore> = Arc::new(TieredStore {
         local,
-        bucket,
-        bucket_health,
-        shared,
+        bucket: tiers.bucket.clone(),
+        bucket_health: tiers.bucket_health.clone(),
+        shared: tiers.shared.clone(),
+        keep_locally: true,
     });
-    tracing::info!(bucket = %tiers.bucket.describe(), redis = redis.is_some(), advertise = %tiers.advertise, "sharing the cache");
-    let budget = config.storage.max_size.map(|max| {
-        Budget::new(
-            max.0,
-            config.cache.high_watermark,
-            config.cache.low_watermark,
-        )
-    });
+    tracing::info!(bucket = %tiers.bucket.describe(), redis = shared.redis.is_some(), advertise = %tiers.advertise, "sharing the cache");
     Ok((
         store,
         index,
         Some(Cluster {
             tiers,
             secret: config.cluster.secret.clone(),
-            redis,
-            bucket_index,
-            budget,
+            redis: shared.redis,
+            bucket_index: shared.index,
+            budget: shared.budget,
         }),
     ))
 }
