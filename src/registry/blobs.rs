@@ -119,13 +119,15 @@ impl Registry {
                 Ok(resp)
             }
         };
-        async move {
+        // Boxed: the cluster's fill is a large state machine, and it would
+        // otherwise live inside every blob request's future.
+        Box::pin(async move {
             match tiers {
                 // The bucket, the lease holder, or the upstream.
                 Some(tiers) => tiers.fill(digest, get).await,
                 None => get.await.map(Fill::upstream),
             }
-        }
+        })
     }
 
     /// A cached blob's answer: its bytes checked as they stream when this
