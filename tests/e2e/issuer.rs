@@ -243,7 +243,7 @@ fn unix_now() -> u64 {
 }
 
 /// Now as RFC 3339 UTC, e.g. `2024-05-01T12:00:00Z` (civil-from-days, no date crate needed).
-fn rfc3339_now() -> String {
+pub fn rfc3339_now() -> String {
     let secs = unix_now();
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;

@@ -22,6 +22,9 @@ pub struct Options {
     pub https: Option<reqwest::Client>,
     /// What `GET /v2/` answers once it is ready: 200, or 401 when it requires users.
     pub ready_status: u16,
+    /// A variable set to the mirror's own URL, `http://127.0.0.1:PORT` (its port is known only
+    /// once it is picked): `REGMIRROR_CLUSTER_ADVERTISE` for a replica of a cluster.
+    pub own_url_env: Option<String>,
 }
 
 impl Default for Options {
@@ -32,6 +35,7 @@ impl Default for Options {
             offline: false,
             https: None,
             ready_status: 200,
+            own_url_env: None,
         }
     }
 }
@@ -101,6 +105,9 @@ impl Mirror {
                 }
             }
             cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
+            if let Some(key) = &opts.own_url_env {
+                cmd.env(key, format!("http://127.0.0.1:{port}"));
+            }
             Proc::spawn("regmirror", &mut cmd, &log, &log, Duration::from_secs(5))
         };
         let (scheme, client) = match &opts.https {
@@ -127,6 +134,17 @@ impl Mirror {
              its log:\n{}",
             crate::procs::tail(&self.proc.own_log(), 60)
         );
+    }
+
+    /// Kills the mirror with SIGKILL, as `kill -9` or a lost machine does: no cleanup of any
+    /// kind. Its log stays readable.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// The mirror's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
     }
 
     /// `127.0.0.1:PORT`, as clients name the mirror.

@@ -149,6 +149,22 @@ impl Proc {
         status
     }
 
+    /// The child's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the process group at once (SIGKILL, as `kill -9` or a lost node does) and reaps
+    /// the child. Its log stays readable.
+    pub fn kill(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        signal("KILL", &format!("-{}", child.id()));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Terminates the process group: SIGTERM, then SIGKILL once the grace period is over.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
