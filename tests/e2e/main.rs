@@ -17,6 +17,7 @@
 //! - `world`: one test's issuer + upstream(s) + mirror in a temporary directory.
 //! - `push`: pushing blobs and manifests to a writable upstream (a second registry's content).
 //! - `certs`: certificates and htpasswd files as operators make them; pinned HTTPS clients.
+//! - `cluster`: replicas sharing a Garage bucket and a Redis behind nginx (its own harness).
 //!
 //! Tests live here (pulls through a mirror) and in `offline` (upstream stopped, restarts,
 //! `--offline`), `tls` (HTTPS, users, reloads) and `multi` (two registries through one mirror).
@@ -24,6 +25,7 @@
 
 mod airgap;
 mod certs;
+mod cluster;
 mod containerd;
 mod dockerd;
 mod fixture;

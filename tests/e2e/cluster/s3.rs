@@ -1,0 +1,321 @@
+//! A minimal signed S3 client for looking into the bucket as its operator would: list the
+//! objects (ListObjectsV2) and the unfinished multipart uploads (ListMultipartUploads), and
+//! read an object back, hashing it as it streams; and, for the harness's own check, put an
+//! object and begin and abort a multipart upload. Requests are path-style and signed with AWS
+//! Signature V4 (HMAC-SHA256 made from `sha2`), the payload's hash included.
+
+use futures_util::StreamExt as _;
+use sha2::{Digest as _, Sha256};
+
+/// One object of a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Object {
+    pub key: String,
+    pub size: u64,
+}
+
+impl Object {
+    /// The sha256 digest (`sha256:<hex>`) the object's key names, if its last part is 64 hex
+    /// characters (possibly after `sha256:`): how a content-addressed store names a blob.
+    pub fn named_digest(&self) -> Option<String> {
+        let last = self.key.rsplit('/').next()?;
+        let hex = last.strip_prefix("sha256:").unwrap_or(last);
+        (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| format!("sha256:{}", hex.to_ascii_lowercase()))
+    }
+}
+
+pub struct S3 {
+    client: reqwest::Client,
+    endpoint: String,
+    host: String,
+    bucket: String,
+    region: String,
+    access_key: String,
+    secret_key: String,
+}
+
+/// sha256 of nothing: the payload hash of a request without a body.
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(block.map(|b| b ^ 0x36));
+    inner.update(msg);
+    let mut outer = Sha256::new();
+    outer.update(block.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().into()
+}
+
+/// RFC 3986 encoding as SigV4 wants it: unreserved characters kept, `/` kept when `path`.
+fn uri_encode(s: &str, path: bool) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) || (path && b == b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The text of every `<tag>...</tag>` in `xml`, entities decoded.
+fn elements(xml: &str, tag: &str) -> Vec<String> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(start) = rest.find(&open) {
+        rest = &rest[start + open.len()..];
+        let Some(end) = rest.find(&close) else { break };
+        out.push(
+            rest[..end]
+                .replace("&lt;", "<")
+                .replace("&gt;", ">")
+                .replace("&quot;", "\"")
+                .replace("&apos;", "'")
+                .replace("&amp;", "&"),
+        );
+        rest = &rest[end + close.len()..];
+    }
+    out
+}
+
+impl S3 {
+    /// A client for `bucket` at `endpoint` (`http://127.0.0.1:PORT`).
+    pub fn new(endpoint: &str, bucket: &str, region: &str, access: &str, secret: &str) -> S3 {
+        S3 {
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("s3 client"),
+            endpoint: endpoint.trim_end_matches('/').to_owned(),
+            host: endpoint
+                .split("://")
+                .nth(1)
+                .unwrap_or(endpoint)
+                .trim_end_matches('/')
+                .to_owned(),
+            bucket: bucket.to_owned(),
+            region: region.to_owned(),
+            access_key: access.to_owned(),
+            secret_key: secret.to_owned(),
+        }
+    }
+
+    /// A signed `GET /BUCKET/KEY?QUERY`.
+    async fn get(&self, key: &str, query: &[(&str, &str)]) -> reqwest::Response {
+        self.request("GET", key, query, Vec::new()).await
+    }
+
+    /// A signed `METHOD /BUCKET/KEY?QUERY` with `body`.
+    async fn request(
+        &self,
+        method: &str,
+        key: &str,
+        query: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> reqwest::Response {
+        let path = uri_encode(&format!("/{}/{key}", self.bucket), true);
+        let path = if key.is_empty() {
+            path.trim_end_matches('/').to_owned()
+        } else {
+            path
+        };
+        let mut pairs: Vec<(String, String)> = query
+            .iter()
+            .map(|(k, v)| (uri_encode(k, false), uri_encode(v, false)))
+            .collect();
+        pairs.sort();
+        let query = pairs
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("&");
+        let stamp = crate::issuer::rfc3339_now().replace(['-', ':'], "");
+        let date = &stamp[..8];
+        let signed = "host;x-amz-content-sha256;x-amz-date";
+        let payload = if body.is_empty() {
+            EMPTY_SHA256.to_owned()
+        } else {
+            hex::encode(Sha256::digest(&body))
+        };
+        let canonical = format!(
+            "{method}\n{path}\n{query}\nhost:{host}\nx-amz-content-sha256:{payload}\n\
+             x-amz-date:{stamp}\n\n{signed}\n{payload}",
+            host = self.host
+        );
+        let scope = format!("{date}/{}/s3/aws4_request", self.region);
+        let to_sign = format!(
+            "AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{}",
+            hex::encode(Sha256::digest(canonical.as_bytes()))
+        );
+        let mut key = hmac(
+            format!("AWS4{}", self.secret_key).as_bytes(),
+            date.as_bytes(),
+        );
+        for part in [self.region.as_str(), "s3", "aws4_request"] {
+            key = hmac(&key, part.as_bytes());
+        }
+        let signature = hex::encode(hmac(&key, to_sign.as_bytes()));
+        let url = if query.is_empty() {
+            format!("{}{path}", self.endpoint)
+        } else {
+            format!("{}{path}?{query}", self.endpoint)
+        };
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("HTTP method");
+        self.client
+            .request(method.clone(), &url)
+            .header("x-amz-date", &stamp)
+            .header("x-amz-content-sha256", &payload)
+            .header(
+                "authorization",
+                format!(
+                    "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed}, \
+                     Signature={signature}",
+                    self.access_key
+                ),
+            )
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("S3 {method} {url}: {e}"))
+    }
+
+    /// Puts `bytes` as object `key` (for checking the harness: the replicas write the bucket).
+    pub async fn put(&self, key: &str, bytes: &[u8]) {
+        let resp = self.request("PUT", key, &[], bytes.to_vec()).await;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        assert_eq!(status, 200, "S3 PUT /{}/{key}: {text}", self.bucket);
+    }
+
+    /// Begins a multipart upload of `key` and leaves it unfinished, as a crashed writer does;
+    /// returns its upload id.
+    pub async fn begin_multipart(&self, key: &str) -> String {
+        let resp = self
+            .request("POST", key, &[("uploads", "")], Vec::new())
+            .await;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        assert_eq!(
+            status, 200,
+            "S3 CreateMultipartUpload /{}/{key}: {text}",
+            self.bucket
+        );
+        elements(&text, "UploadId")
+            .pop()
+            .unwrap_or_else(|| panic!("no UploadId in {text}"))
+    }
+
+    /// Aborts multipart upload `id` of `key`.
+    pub async fn abort_multipart(&self, key: &str, id: &str) {
+        let resp = self
+            .request("DELETE", key, &[("uploadId", id)], Vec::new())
+            .await;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        assert_eq!(
+            status, 204,
+            "S3 AbortMultipartUpload /{}/{key}: {text}",
+            self.bucket
+        );
+    }
+
+    /// A GET whose answer must be 200; its body.
+    async fn get_text(&self, key: &str, query: &[(&str, &str)]) -> String {
+        let resp = self.get(key, query).await;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        assert_eq!(
+            status, 200,
+            "S3 GET /{}/{key} {query:?}: {text}",
+            self.bucket
+        );
+        text
+    }
+
+    /// Every object in the bucket (all pages of ListObjectsV2).
+    pub async fn list(&self) -> Vec<Object> {
+        let mut objects = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut query = vec![("list-type", "2")];
+            if let Some(t) = &token {
+                query.push(("continuation-token", t));
+            }
+            let xml = self.get_text("", &query).await;
+            for entry in elements(&xml, "Contents") {
+                let key = elements(&entry, "Key").pop().unwrap_or_default();
+                let size = elements(&entry, "Size")
+                    .pop()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                objects.push(Object { key, size });
+            }
+            token = elements(&xml, "NextContinuationToken").pop();
+            let truncated = elements(&xml, "IsTruncated").pop().as_deref() == Some("true");
+            if !truncated || token.is_none() {
+                return objects;
+            }
+        }
+    }
+
+    /// The keys of the multipart uploads begun and neither completed nor aborted.
+    pub async fn multipart_uploads(&self) -> Vec<String> {
+        let xml = self.get_text("", &[("uploads", "")]).await;
+        elements(&xml, "Upload")
+            .iter()
+            .filter_map(|u| elements(u, "Key").pop())
+            .collect()
+    }
+
+    /// Reads object `key` back, returning its length and `sha256:<hex>`.
+    pub async fn read(&self, key: &str) -> (u64, String) {
+        let resp = self.get(key, &[]).await;
+        let status = resp.status();
+        if status != 200 {
+            let text = resp.text().await.unwrap_or_default();
+            panic!("S3 GET /{}/{key}: {status}: {text}", self.bucket);
+        }
+        let mut hasher = Sha256::new();
+        let mut len = 0u64;
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.unwrap_or_else(|e| panic!("S3 GET /{}/{key}: {e}", self.bucket));
+            len += chunk.len() as u64;
+            hasher.update(&chunk);
+        }
+        (len, format!("sha256:{}", hex::encode(hasher.finalize())))
+    }
+}
+
+#[test]
+fn hmac_matches_rfc_4231_case_2() {
+    let mac = hmac(b"Jefe", b"what do ya want for nothing?");
+    assert_eq!(
+        hex::encode(mac),
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    );
+}
+
+#[test]
+fn names_digests_of_content_addressed_keys() {
+    let hex = "ab".repeat(32);
+    let obj = |key: String| Object { key, size: 0 };
+    for key in [
+        format!("blobs/sha256/ab/{hex}"),
+        format!("sha256:{hex}"),
+        hex.clone(),
+    ] {
+        assert_eq!(obj(key).named_digest(), Some(format!("sha256:{hex}")));
+    }
+    assert_eq!(obj("index/snapshot".into()).named_digest(), None);
+}
