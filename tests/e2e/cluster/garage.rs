@@ -162,9 +162,11 @@ api_bind_addr = "127.0.0.1:{admin_port}"
         }
     }
 
-    /// `json-api ENDPOINT PAYLOAD` on this node, parsed; `None` when the call failed.
-    async fn json_api(&self, endpoint: &str, payload: &str) -> Option<Value> {
-        let mut cmd = self.cli(&["json-api", endpoint, payload]);
+    /// `json-api ENDPOINT [PAYLOAD]` on this node, parsed; `None` when the call failed (an
+    /// endpoint without a request body, such as `GetClusterHealth`, refuses even `{}`).
+    async fn json_api(&self, endpoint: &str, payload: Option<&str>) -> Option<Value> {
+        let mut cmd = self.cli(&["json-api", endpoint]);
+        cmd.args(payload);
         let out = run(&mut cmd, Duration::from_secs(30)).await;
         if !out.status.success() {
             return None;
@@ -175,7 +177,10 @@ api_bind_addr = "127.0.0.1:{admin_port}"
     /// The bucket's counters, or `None` while the node cannot say.
     async fn try_bucket_info(&self) -> Option<BucketInfo> {
         let v = self
-            .json_api("GetBucketInfo", &format!(r#"{{"globalAlias":"{BUCKET}"}}"#))
+            .json_api(
+                "GetBucketInfo",
+                Some(&format!(r#"{{"globalAlias":"{BUCKET}"}}"#)),
+            )
             .await?;
         let n = |key: &str| v.get(key).and_then(Value::as_u64);
         Some(BucketInfo {
@@ -262,7 +267,7 @@ impl Garage {
             "the Garage cluster to be healthy",
             Duration::from_secs(60),
             || async {
-                let health = first.json_api("GetClusterHealth", "{}").await;
+                let health = first.json_api("GetClusterHealth", None).await;
                 health.is_some_and(|h| h["status"] == "healthy")
             },
         )

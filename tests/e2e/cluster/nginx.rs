@@ -54,6 +54,7 @@ http {{
       proxy_request_buffering off;
       client_max_body_size 0;
       proxy_read_timeout 300s;
+      send_timeout 300s;
     }}
   }}
 }}

@@ -89,9 +89,15 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     found
 }
 
-/// Like [`sample`] on the replica's `/metrics` now, 0 when absent.
+/// Like [`sample`] on the replica's `/metrics` now, 0 when absent (a counter not yet counted).
 pub async fn value(replica: &Mirror, name: &str, labels: &[(&str, &str)]) -> f64 {
     sample(&metrics(replica).await, name, labels).unwrap_or(0.0)
+}
+
+/// Whether gauge `name` with `labels` reads `want` on the replica's `/metrics` now (absent is
+/// not 0).
+pub async fn gauge_is(replica: &Mirror, name: &str, labels: &[(&str, &str)], want: f64) -> bool {
+    sample(&metrics(replica).await, name, labels) == Some(want)
 }
 
 #[test]

@@ -285,7 +285,7 @@ impl S3 {
             let text = resp.text().await.unwrap_or_default();
             panic!("S3 GET /{}/{key}: {status}: {text}", self.bucket);
         }
-        let mut hasher = Sha256::new();
+        let mut hasher = crate::cluster::FastSha256::start();
         let mut len = 0u64;
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
@@ -293,7 +293,7 @@ impl S3 {
             len += chunk.len() as u64;
             hasher.update(&chunk);
         }
-        (len, format!("sha256:{}", hex::encode(hasher.finalize())))
+        (len, hasher.finish())
     }
 }
 

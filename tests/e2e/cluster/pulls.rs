@@ -1,0 +1,138 @@
+//! Pulls through a cluster as its users make them: skopeo, dockerd and containerd through
+//! nginx in front of 3 replicas; a fourth replica started on an empty disk; one tag pulled
+//! through each replica within its TTL.
+
+use crate::cluster::replicas::{names, value};
+use crate::cluster::skopeo_pull;
+use crate::cluster::world::{ClusterWorld, Setup};
+use crate::containerd::Containerd;
+use crate::dockerd::{Dockerd, DOCKER};
+
+/// skopeo, dockerd and containerd each pull the lab images through nginx (round-robin over 3
+/// replicas, so one pull's requests land on several of them): each gets the upstream's
+/// digests and bytes, and the upstream serves each blob once for the whole cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_pull_through_nginx_in_front_of_three_replicas() {
+    let cluster = ClusterWorld::start(Setup {
+        tools: vec!["dockerd", DOCKER, "containerd", "ctr"],
+        ..Setup::default()
+    })
+    .await;
+    let front = cluster.front();
+    let world = &cluster.world;
+
+    for short in ["small", "many", "big", "multi"] {
+        skopeo_pull(world, &front, cluster.image(short), short).await;
+    }
+
+    let dockerd = Dockerd::start(
+        &world.dir("dk"),
+        &["--registry-mirror".into(), format!("http://{front}")],
+    )
+    .await;
+    for short in ["small", "multi", "big"] {
+        let img = cluster.image(short);
+        dockerd.pull(&img.docker_io()).await;
+        let digests = dockerd.repo_digests(&img.docker_io()).await;
+        let want = format!("{}@{}", img.name.trim_start_matches("library/"), img.digest);
+        assert_eq!(digests, vec![want], "RepoDigests of {}", img.docker_io());
+    }
+
+    let ctr = Containerd::start(&world.dir("ct"), Some(&front)).await;
+    for short in ["small", "multi", "many"] {
+        let img = cluster.image(short);
+        ctr.pull(&img.docker_io(), &[]).await;
+        let got = ctr.image_digest(&img.docker_io()).await;
+        crate::assert_digest("ctr via nginx", img, &got, &img.digest);
+    }
+
+    for short in ["small", "many", "big", "multi"] {
+        let img = cluster.image(short);
+        cluster.assert_fetched_once(img, &img.blobs(), "after skopeo, dockerd and ctr pulls");
+    }
+}
+
+/// A fourth replica started on an empty disk, after the other three pulled every image,
+/// serves every image (skopeo, every platform) without one request to the upstream: what it
+/// has not got locally, the bucket has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_on_an_empty_disk_serves_the_bucket_without_the_upstream() {
+    let mut cluster = ClusterWorld::start(Setup::env(&[("REGMIRROR_CACHE_TAG_TTL", "1h")])).await;
+    let front = cluster.front();
+    let images = ["small", "many", "big", "multi"].map(|s| cluster.image(s));
+    for img in images {
+        skopeo_pull(
+            &cluster.world,
+            &front,
+            img,
+            &format!("warm-{}", img.name.replace('/', "-")),
+        )
+        .await;
+    }
+    for img in images {
+        cluster.wait_in_bucket(&img.blobs()).await;
+    }
+    let before = cluster.upstream().access_lines().len();
+
+    let fourth = cluster.start_replica(&[]).await;
+    let addr = cluster.replicas[fourth].addr();
+    for img in images {
+        skopeo_pull(
+            &cluster.world,
+            &addr,
+            img,
+            &format!("fourth-{}", img.name.replace('/', "-")),
+        )
+        .await;
+    }
+    let new: Vec<String> = cluster.upstream().access_lines()[before..].to_vec();
+    assert!(
+        new.is_empty(),
+        "the fourth replica (empty disk) asked the upstream, although the bucket held every \
+         image:\n  {}\n{}",
+        new.join("\n  "),
+        cluster.logs()
+    );
+    let replica = &cluster.replicas[fourth];
+    let hits = value(replica, names::TIER_HITS, &[("tier", "bucket")]).await
+        + value(replica, names::TIER_HITS, &[("tier", "peer")]).await;
+    assert!(
+        hits > 0.0,
+        "the fourth replica served every image with no upstream request, yet counts no \
+         {}{{tier=\"bucket\"}} nor {{tier=\"peer\"}}:\n{}",
+        names::TIER_HITS,
+        crate::cluster::replicas::metrics(replica).await
+    );
+}
+
+/// One tag pulled through each of the 3 replicas directly, within its TTL: the upstream is
+/// asked for that tag once (a GET or HEAD answered 2xx) for the whole cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_is_checked_once_per_ttl_for_the_whole_cluster() {
+    let cluster = ClusterWorld::start(Setup::env(&[("REGMIRROR_CACHE_TAG_TTL", "1h")])).await;
+    let small = cluster.image("small");
+    for (i, replica) in cluster.replicas.iter().enumerate() {
+        skopeo_pull(&cluster.world, &replica.addr(), small, &format!("r{i}")).await;
+    }
+    let path = format!("/v2/{}/manifests/{}", small.name, small.tag);
+    let checks: Vec<_> = cluster
+        .upstream()
+        .served()
+        .into_iter()
+        .filter(|s| {
+            s.path == path
+                && (s.method == "GET" || s.method == "HEAD")
+                && (200..300).contains(&s.status)
+        })
+        .collect();
+    assert_eq!(
+        checks.len(),
+        1,
+        "the upstream should have been asked for {}:{} once by the whole cluster within its \
+         TTL; it answered {checks:?}\n{}\n{}",
+        small.name,
+        small.tag,
+        cluster.upstream().logs(),
+        cluster.logs()
+    );
+}
