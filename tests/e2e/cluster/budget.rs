@@ -60,7 +60,7 @@ async fn the_bucket_keeps_within_its_budget_and_keeps_the_last_pulled() {
         .list()
         .await
         .iter()
-        .filter_map(|o| o.named_digest())
+        .filter_map(|o| o.blob_digest())
         .collect();
     let kept: Vec<bool> = images
         .iter()

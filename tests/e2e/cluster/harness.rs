@@ -25,14 +25,17 @@ async fn harness_cluster_parts_answer() {
     let s3 = cluster.garage.s3();
     let bytes = noise(3 * 1024 * 1024 + 5, 7);
     let digest = sha256(&bytes);
-    let key = format!("harness/sha256/{}", digest.trim_start_matches("sha256:"));
+    let key = format!(
+        "harness/blobs/sha256/{}",
+        digest.trim_start_matches("sha256:")
+    );
     s3.put(&key, &bytes).await;
     let listed = s3.list().await;
     let object = listed
         .iter()
         .find(|o| o.key == key)
         .unwrap_or_else(|| panic!("{key} not listed: {listed:?}"));
-    assert_eq!(object.named_digest(), Some(digest.clone()));
+    assert_eq!(object.blob_digest(), Some(digest.clone()));
     assert_eq!(object.size, bytes.len() as u64);
     assert_eq!(s3.read(&key).await, (bytes.len() as u64, digest.clone()));
     let upload = s3.begin_multipart("harness/unfinished").await;
@@ -49,13 +52,21 @@ async fn harness_cluster_parts_answer() {
     wait_until(
         "Garage to count no unfinished upload",
         Duration::from_secs(30),
+        || async { garage.bucket_info().await.unfinished_multipart_uploads == 0 },
+    )
+    .await;
+    // Its counters are those of the listing (the replicas, idle, write nothing meanwhile).
+    wait_until(
+        "Garage's counters to match the listing",
+        Duration::from_secs(30),
         || async {
+            let listed = s3.list().await;
             let info = garage.bucket_info().await;
-            info.unfinished_multipart_uploads == 0 && info.objects == 1
+            info.objects == listed.len() as u64
+                && info.bytes == listed.iter().map(|o| o.size).sum::<u64>()
         },
     )
     .await;
-    assert_eq!(garage.bucket_info().await.bytes, bytes.len() as u64);
 
     // Garage killed and started again on its directories and ports keeps the object.
     cluster.garage.kill(0);

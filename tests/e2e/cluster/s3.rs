@@ -14,14 +14,50 @@ pub struct Object {
     pub size: u64,
 }
 
+/// What an object of the shared store is, by its name (the layout of `src/cluster/bucket`:
+/// `blobs/<alg>/<hex>`, `manifests/<alg>/<hex>`, `uploads/<alg>-<hex>-<random>.json`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A blob: its bytes are the content of `digest`.
+    Blob(String),
+    /// A manifest: its media type on the first line, then the bytes of `digest`.
+    Manifest(String),
+    /// The record of a multipart upload in progress.
+    UploadMarker,
+    Other,
+}
+
 impl Object {
-    /// The sha256 digest (`sha256:<hex>`) the object's key names, if its last part is 64 hex
-    /// characters (possibly after `sha256:`): how a content-addressed store names a blob.
-    pub fn named_digest(&self) -> Option<String> {
-        let last = self.key.rsplit('/').next()?;
-        let hex = last.strip_prefix("sha256:").unwrap_or(last);
-        (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| format!("sha256:{}", hex.to_ascii_lowercase()))
+    /// What the object's name says it is.
+    pub fn kind(&self) -> Kind {
+        let parts: Vec<&str> = self.key.rsplitn(3, '/').collect();
+        let digest = match parts.as_slice() {
+            [hex, alg, _] | [hex, alg]
+                if *alg == "sha256"
+                    && hex.len() == 64
+                    && hex.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                format!("sha256:{hex}")
+            }
+            _ if self.key.split('/').any(|p| p == "uploads") => return Kind::UploadMarker,
+            _ => return Kind::Other,
+        };
+        let kind = parts
+            .get(2)
+            .map(|rest| rest.rsplit('/').next().unwrap_or(rest));
+        match kind {
+            Some("blobs") => Kind::Blob(digest),
+            Some("manifests") => Kind::Manifest(digest),
+            _ => Kind::Other,
+        }
+    }
+
+    /// The digest of the blob this object holds, if it is one.
+    pub fn blob_digest(&self) -> Option<String> {
+        match self.kind() {
+            Kind::Blob(d) => Some(d),
+            _ => None,
+        }
     }
 }
 
@@ -277,6 +313,21 @@ impl S3 {
             .collect()
     }
 
+    /// Object `key`'s bytes (for small objects: manifests).
+    pub async fn read_bytes(&self, key: &str) -> Vec<u8> {
+        let resp = self.get(key, &[]).await;
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap_or_default();
+        assert_eq!(
+            status,
+            200,
+            "S3 GET /{}/{key}: {}",
+            self.bucket,
+            String::from_utf8_lossy(&body)
+        );
+        body.to_vec()
+    }
+
     /// Reads object `key` back, returning its length and `sha256:<hex>`.
     pub async fn read(&self, key: &str) -> (u64, String) {
         let resp = self.get(key, &[]).await;
@@ -307,15 +358,31 @@ fn hmac_matches_rfc_4231_case_2() {
 }
 
 #[test]
-fn names_digests_of_content_addressed_keys() {
+fn tells_blobs_manifests_and_markers_by_name() {
     let hex = "ab".repeat(32);
-    let obj = |key: String| Object { key, size: 0 };
-    for key in [
-        format!("blobs/sha256/ab/{hex}"),
-        format!("sha256:{hex}"),
-        hex.clone(),
-    ] {
-        assert_eq!(obj(key).named_digest(), Some(format!("sha256:{hex}")));
+    let obj = |key: &str| Object {
+        key: key.to_owned(),
+        size: 0,
+    };
+    let digest = format!("sha256:{hex}");
+    for prefix in ["", "team-a/", "a/b/"] {
+        assert_eq!(
+            obj(&format!("{prefix}blobs/sha256/{hex}")).kind(),
+            Kind::Blob(digest.clone())
+        );
+        assert_eq!(
+            obj(&format!("{prefix}manifests/sha256/{hex}")).kind(),
+            Kind::Manifest(digest.clone())
+        );
+        assert_eq!(
+            obj(&format!("{prefix}uploads/sha256-{hex}-1f2e.json")).kind(),
+            Kind::UploadMarker
+        );
     }
-    assert_eq!(obj("index/snapshot".into()).named_digest(), None);
+    assert_eq!(obj(&format!("harness/sha256/{hex}")).kind(), Kind::Other);
+    assert_eq!(obj("blobs/sha256/abc").kind(), Kind::Other);
+    assert_eq!(
+        obj(&format!("blobs/sha256/{hex}")).blob_digest(),
+        Some(digest)
+    );
 }

@@ -215,7 +215,7 @@ impl ClusterWorld {
                 .list()
                 .await
                 .iter()
-                .filter_map(|o| o.named_digest())
+                .filter_map(|o| o.blob_digest())
                 .collect();
             let missing: Vec<&String> = blobs.iter().filter(|b| !held.contains(b)).collect();
             if missing.is_empty() {
