@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::procs::{serve_on_free_port_via, Proc};
+use crate::procs::{serve_on_free_port_via, serve_on_port_via, Proc};
 
 /// How a mirror is started besides its listen address, data dir and upstream (always flags).
 #[derive(Clone)]
@@ -25,6 +25,8 @@ pub struct Options {
     /// A variable set to the mirror's own URL, `http://127.0.0.1:PORT` (its port is known only
     /// once it is picked): `REGMIRROR_CLUSTER_ADVERTISE` for a replica of a cluster.
     pub own_url_env: Option<String>,
+    /// Listen on this port rather than a free one (started again on the address it had).
+    pub port: Option<u16>,
 }
 
 impl Default for Options {
@@ -36,6 +38,7 @@ impl Default for Options {
             https: None,
             ready_status: 200,
             own_url_env: None,
+            port: None,
         }
     }
 }
@@ -114,8 +117,12 @@ impl Mirror {
             Some(client) => ("https", client.clone()),
             None => ("http", reqwest::Client::new()),
         };
-        let (port, proc) =
-            serve_on_free_port_via(&client, scheme, "/v2/", opts.ready_status, spawn).await;
+        let (port, proc) = match opts.port {
+            Some(port) => {
+                serve_on_port_via(&client, scheme, "/v2/", opts.ready_status, port, spawn).await
+            }
+            None => serve_on_free_port_via(&client, scheme, "/v2/", opts.ready_status, spawn).await,
+        };
         Mirror {
             port,
             data_dir,

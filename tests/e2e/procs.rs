@@ -256,11 +256,35 @@ pub async fn serve_on_free_port_via(
     scheme: &str,
     path: &str,
     status: u16,
+    spawn: impl FnMut(u16) -> Proc,
+) -> (u16, Proc) {
+    serve_via(client, scheme, path, status, None, spawn).await
+}
+
+/// Like [`serve_on_free_port_via`] on `port`, once (a server started again on the address it
+/// had).
+pub async fn serve_on_port_via(
+    client: &reqwest::Client,
+    scheme: &str,
+    path: &str,
+    status: u16,
+    port: u16,
+    spawn: impl FnMut(u16) -> Proc,
+) -> (u16, Proc) {
+    serve_via(client, scheme, path, status, Some(port), spawn).await
+}
+
+async fn serve_via(
+    client: &reqwest::Client,
+    scheme: &str,
+    path: &str,
+    status: u16,
+    fixed: Option<u16>,
     mut spawn: impl FnMut(u16) -> Proc,
 ) -> (u16, Proc) {
-    const ATTEMPTS: u32 = 4;
-    for attempt in 1..=ATTEMPTS {
-        let port = free_port();
+    let attempts: u32 = if fixed.is_some() { 1 } else { 4 };
+    for attempt in 1..=attempts {
+        let port = fixed.unwrap_or_else(free_port);
         let mut proc = spawn(port);
         let url = format!("{scheme}://127.0.0.1:{port}{path}");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -268,7 +292,7 @@ pub async fn serve_on_free_port_via(
         loop {
             if let Some(exit) = proc.exited() {
                 let log = proc.own_log();
-                if log.to_lowercase().contains("address already in use") && attempt < ATTEMPTS {
+                if log.to_lowercase().contains("address already in use") && attempt < attempts {
                     eprintln!("[e2e] {} lost port {port}; trying another", proc.name);
                     break;
                 }

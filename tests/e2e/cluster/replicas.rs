@@ -22,11 +22,17 @@ pub mod names {
 }
 
 /// Starts one replica in `dir` in front of `upstream` with `env` (every replica's variables
-/// and this one's own), advertising `http://127.0.0.1:PORT` of the port it gets.
-pub async fn start(dir: &Path, upstream: &str, env: &[(String, String)]) -> Mirror {
+/// and this one's own), on `port` or a free one, advertising `http://127.0.0.1:PORT`.
+pub async fn start(
+    dir: &Path,
+    upstream: &str,
+    env: &[(String, String)],
+    port: Option<u16>,
+) -> Mirror {
     let opts = Options {
         env: env.to_vec(),
         own_url_env: Some("REGMIRROR_CLUSTER_ADVERTISE".to_owned()),
+        port,
         ..Options::default()
     };
     Mirror::start_with(dir, upstream, &opts).await

@@ -135,16 +135,17 @@ impl ClusterWorld {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
         );
         let dir = self.world.dir(&format!("replica{i}"));
-        let replica = replicas::start(&dir, &self.upstream_url, &env).await;
+        let replica = replicas::start(&dir, &self.upstream_url, &env, None).await;
         self.replicas.push(replica);
         i
     }
 
-    /// Starts replica `i` again (after a kill) on its data directory; it listens on another
-    /// port, and nginx does not know it.
+    /// Starts replica `i` again (after a kill) on its data directory and port: the same
+    /// replica to nginx and to its peers, as a restarted service is.
     pub async fn restart_replica(&mut self, i: usize) {
         let dir = self.world.dir(&format!("replica{i}"));
-        self.replicas[i] = replicas::start(&dir, &self.upstream_url, &self.env).await;
+        let port = Some(self.replicas[i].port);
+        self.replicas[i] = replicas::start(&dir, &self.upstream_url, &self.env, port).await;
     }
 
     /// The replica whose process is `pid`.
