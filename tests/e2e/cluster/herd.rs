@@ -102,9 +102,11 @@ struct Outcome {
 /// 48 clients, 16 on each replica directly, ask for one cold blob; the replica filling it
 /// from the upstream (the lease holder, found as the process on the far end of the fill's
 /// connection, held at the gate after 64 MiB) is killed with SIGKILL once every client has
-/// received bytes. Every client then has the whole blob with the right digest after at most
-/// one retry (clients of the killed replica retry on the next one, as a load balancer would
-/// send them), the upstream serves it at most twice, and after the killed replica starts again
+/// received bytes. Every client of the other replicas then has the whole blob with the right
+/// digest after at most one retry; the killed replica's clients retry on the next replica, as a
+/// load balancer would send them, and get it within two retries (their first retry may join
+/// that replica's follow of the killed holder just as it fails). The upstream serves the blob
+/// at most twice, and after the killed replica starts again
 /// (its start-up cleanup) no multipart upload is left and every blob object in the bucket has
 /// the content its name says, read back directly and through a fresh replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,7 +142,12 @@ async fn killing_the_lease_holder_mid_herd_loses_no_client() {
                     let url = blob_url(&addrs[to], REPO, &digest);
                     let got = get_blob(&client, &url, &progress[k]).await;
                     let whole = matches!(&got, Got::Body { .. });
-                    if whole || attempts == 2 {
+                    let limit = if killed.load(Ordering::SeqCst) == replica {
+                        3
+                    } else {
+                        2
+                    };
+                    if whole || attempts >= limit {
                         return Outcome {
                             replica,
                             attempts,
@@ -175,6 +182,14 @@ async fn killing_the_lease_holder_mid_herd_loses_no_client() {
             .expect("client task");
         outcomes.push(outcome);
     }
+    for (who, of_holder) in [("the killed replica's", true), ("the others'", false)] {
+        let counts: Vec<usize> = outcomes
+            .iter()
+            .filter(|o| (o.replica == holder) == of_holder)
+            .map(|o| o.attempts)
+            .collect();
+        eprintln!("[e2e] requests made by each of {who} clients: {counts:?}");
+    }
     let want = Got::Body {
         len: BLOB_BYTES as u64,
         digest: digest.clone(),
@@ -199,7 +214,8 @@ async fn killing_the_lease_holder_mid_herd_loses_no_client() {
     assert!(
         wrong.is_empty(),
         "after the lease holder (replica {holder}) was killed, {} clients did not get the \
-         blob whole within one retry (lease takeovers counted: {takeovers}):\n  {}\n{}",
+         blob whole within one retry (two for the killed replica's; lease takeovers \
+         counted: {takeovers}):\n  {}\n{}",
         wrong.len(),
         wrong.join("\n  "),
         cluster.logs()
