@@ -46,9 +46,13 @@ use crate::push::{descriptor, Pusher};
 use crate::skopeo::{dir_blobs, Skopeo};
 use crate::world::World;
 
-/// `len` bytes of noise from `seed` (xorshift64*): the same bytes for the same seed.
+/// `len` bytes of noise from `seed` (xorshift64*, seeded through splitmix64 so that nearby
+/// seeds give unrelated bytes): the same bytes for the same seed.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    let mut state = (z ^ (z >> 31)) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         state ^= state >> 12;
@@ -179,4 +183,14 @@ pub async fn get_blob(client: &reqwest::Client, url: &str, progress: &AtomicU64)
 /// `http://ADDR/v2/NAME/blobs/DIGEST`.
 pub fn blob_url(addr: &str, name: &str, digest: &str) -> String {
     format!("http://{addr}/v2/{name}/blobs/{digest}")
+}
+
+#[test]
+fn noise_differs_for_nearby_seeds() {
+    let seeds: Vec<Vec<u8>> = (0..4).map(|s| noise(64, 0xb0d6e7 + s)).collect();
+    for (i, a) in seeds.iter().enumerate() {
+        assert_eq!(a.len(), 64);
+        assert!(seeds[i + 1..].iter().all(|b| a != b), "seed {i} repeats");
+    }
+    assert_eq!(noise(64, 5), noise(64, 5));
 }
