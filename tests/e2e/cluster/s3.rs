@@ -5,6 +5,7 @@
 //! Signature V4 (the mirror's own `hashing::hmac_sha256`, checked against RFC 4231 there), the payload's hash included.
 
 use futures_util::StreamExt as _;
+use regmirror::hashing::hmac_sha256 as hmac;
 use sha2::{Digest as _, Sha256};
 
 /// One object of a listing.
@@ -73,8 +74,6 @@ pub struct S3 {
 
 /// sha256 of nothing: the payload hash of a request without a body.
 const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-
-use regmirror::hashing::hmac_sha256 as hmac;
 
 /// RFC 3986 encoding as SigV4 wants it: unreserved characters kept, `/` kept when `path`.
 fn uri_encode(s: &str, path: bool) -> String {
