@@ -2,8 +2,10 @@
 //! configuration that names those mounts, `docker-compose config`, and the service started with
 //! a certificate and users made as the README makes them. deploy/compose.cluster.yaml with its
 //! mirror.cluster.toml, garage.toml, nginx.conf and cluster.env.example: each replica's
-//! configuration as compose would make it, loaded, and agreeing with Garage, Redis and nginx;
-//! `docker-compose config`, `nginx -t`.
+//! configuration as compose would make it, loaded, and agreeing with Garage, Redis and nginx
+//! (each replica its own service on the compose network, the bucket over plain HTTP only with
+//! `storage.s3.allow_http`); `docker-compose config` and its resolved file, `nginx -t` (on a copy
+//! whose upstream names are loopback: nginx resolves them as it loads).
 
 use std::path::Path;
 use std::process::Command;
@@ -308,18 +310,34 @@ fn env_value<'a>(env: &'a [(String, String)], name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{name} is not set: {env:?}"))
 }
 
-fn is_loopback(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .trim_matches(['[', ']'])
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 /// `host:port` (or `[v6]:port`) split at its last colon.
 fn host_port(addr: &str) -> (&str, u16) {
     let (host, port) = addr.rsplit_once(':').unwrap();
     (host, port.parse().unwrap())
+}
+
+/// The `(host, port)` of each `server` of nginx.conf's upstream blocks.
+fn nginx_upstreams(conf: &str) -> Vec<(String, u16)> {
+    conf.lines()
+        .filter_map(|l| l.trim().strip_prefix("server "))
+        .filter(|l| !l.starts_with('{')) // the server block, not an upstream server
+        .map(|l| {
+            let (host, port) =
+                host_port(l.split_whitespace().next().unwrap().trim_end_matches(';'));
+            (host.to_owned(), port)
+        })
+        .collect()
+}
+
+/// The services named `regmirror*`, as `(name, service)`.
+fn cluster_replicas(compose: &Value) -> Vec<(String, Value)> {
+    compose["services"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| name.starts_with("regmirror"))
+        .map(|(name, s)| (name.clone(), s.clone()))
+        .collect()
 }
 
 #[test]
@@ -331,8 +349,22 @@ fn compose_cluster_replicas_share_one_bucket_and_redis() {
     let nginx = &services["nginx"];
     assert_eq!(str_at(garage, "/image"), "dxflrs/garage:v2.5.0");
     assert!(str_at(redis, "/image").starts_with("redis:7"));
+    // Every service on the compose network, in a namespace of its own; nginx's port alone is
+    // published.
+    for (name, service) in services {
+        assert!(
+            service.get("network_mode").is_none(),
+            "{name}: on the compose network"
+        );
+        if name != "nginx" {
+            assert!(
+                service.get("ports").is_none(),
+                "{name}: nothing published to the host"
+            );
+        }
+    }
 
-    // Garage: its S3 API on loopback of the namespace the replicas share, no secret in its file.
+    // Garage: its S3 API bound on the compose network (not published), no secret in its file.
     let garage_volumes = compose_volumes(garage);
     let garage_file = &garage_volumes
         .iter()
@@ -349,20 +381,13 @@ fn compose_cluster_replicas_share_one_bucket_and_redis() {
     env_value(&garage_env, "GARAGE_RPC_SECRET");
     let (s3_host, s3_port) = host_port(garage_toml["s3_api"]["api_bind_addr"].as_str().unwrap());
     assert!(
-        is_loopback(s3_host),
-        "Garage's S3 API stays off the network"
+        s3_host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified()),
+        "Garage's S3 API on every interface of its container, so on the compose network: {s3_host}"
     );
     let s3_region = garage_toml["s3_api"]["s3_region"].as_str().unwrap();
-    let mut replicas_host: Vec<String> = vec!["garage".into()];
-    if let Some(aliases) = garage.pointer("/networks/default/aliases") {
-        replicas_host.extend(
-            aliases
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|a| a.as_str().unwrap().to_owned()),
-        );
-    }
 
     // Redis: the password it requires.
     let redis_args: Vec<&str> = array_at(redis, "/command")
@@ -376,23 +401,15 @@ fn compose_cluster_replicas_share_one_bucket_and_redis() {
         .expect("Redis requires a password");
 
     // The replicas.
-    let replicas: Vec<(&String, &Value)> = services
-        .iter()
-        .filter(|(name, _)| name.starts_with("regmirror"))
-        .collect();
+    let replicas = cluster_replicas(&compose);
     assert_eq!(replicas.len(), 3, "three replicas");
-    let mut ports = Vec::new();
+    let mut reached = Vec::new();
     let mut advertised = Vec::new();
     let mut data_volumes = Vec::new();
     for (name, service) in &replicas {
         assert_eq!(str_at(service, "/build/context"), "..", "{name}");
         assert_eq!(str_at(service, "/build/dockerfile"), "deploy/Dockerfile");
         assert!(["always", "unless-stopped"].contains(&str_at(service, "/restart")));
-        assert_eq!(
-            str_at(service, "/network_mode"),
-            "service:garage",
-            "{name}: Garage's loopback is the replicas' loopback"
-        );
         assert_eq!(service["read_only"], true, "{name}");
         let volumes = compose_volumes(service);
         let (config_file, _, ro) = volumes
@@ -421,10 +438,33 @@ fn compose_cluster_replicas_share_one_bucket_and_redis() {
         assert_eq!(config.storage.backend, regmirror::config::Backend::S3);
         let s3 = &config.storage.s3;
         let endpoint = s3.endpoint.as_ref().expect("storage.s3.endpoint");
-        assert!(
-            is_loopback(endpoint.host_str().unwrap()) && endpoint.port() == Some(s3_port),
-            "{name}: {endpoint} is not Garage's S3 API ({s3_host}:{s3_port})"
+        assert_eq!(
+            (endpoint.scheme(), endpoint.host_str(), endpoint.port()),
+            ("http", Some("garage"), Some(s3_port)),
+            "{name}: {endpoint} is not Garage's service and S3 port ({s3_port})"
         );
+        assert!(
+            s3.allow_http,
+            "{name}: plain HTTP to Garage, not loopback, is asked for"
+        );
+        assert!(
+            config
+                .storage
+                .warnings()
+                .iter()
+                .any(|w| w.contains("plain HTTP")),
+            "{name}: and warned about at start"
+        );
+        // Without allow_http the same configuration is refused.
+        let mut refused = env.clone();
+        refused.push(("REGMIRROR_STORAGE_S3_ALLOW_HTTP".into(), "false".into()));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mirror.toml");
+        std::fs::write(&file, &text).unwrap();
+        let err = regmirror::config::load(Some(&file), refused, &Default::default())
+            .expect_err("plain HTTP to garage without allow_http")
+            .to_string();
+        assert!(err.contains("allow_http"), "{err}");
         assert_eq!(
             s3.bucket.as_deref(),
             Some(env_value(&garage_env, "GARAGE_DEFAULT_BUCKET"))
@@ -455,28 +495,39 @@ fn compose_cluster_replicas_share_one_bucket_and_redis() {
             "Redis' password"
         );
         assert!(config.cluster.secret.is_some());
+        // Its own container: it listens on every interface, and the others reach it at its
+        // service name.
+        assert!(
+            config.listen.ip().is_unspecified(),
+            "{name}: {}",
+            config.listen
+        );
         let port = config.listen.port();
         let advertise = config.cluster.advertise.clone().expect("cluster.advertise");
-        assert!(
-            is_loopback(advertise.host_str().unwrap()) && advertise.port() == Some(port),
-            "{name}: peers in the shared namespace reach {port}, not {advertise}"
+        assert_eq!(
+            (advertise.scheme(), advertise.host_str(), advertise.port()),
+            ("http", Some(name.as_str()), Some(port)),
+            "{name}: peers reach it at its service name and port {port}, not {advertise}"
         );
-        let check: Vec<&str> = array_at(service, "/healthcheck/test")
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+        // The health check, the image's unless the service has its own, asks its own listener.
+        let check = match service.pointer("/healthcheck/test") {
+            Some(test) => test
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect::<Vec<_>>()
+                .join(" "),
+            None => image_healthcheck(),
+        };
         assert!(
-            check.contains(&format!("http://127.0.0.1:{port}/readyz").as_str()),
-            "{name}: the health check asks its own port: {check:?}"
+            check.contains(&format!("http://127.0.0.1:{port}/readyz")),
+            "{name}: the health check asks its own port: {check}"
         );
-        ports.push(port);
-        advertised.push(advertise);
+        reached.push((name.clone(), port));
+        advertised.push(advertise.to_string());
     }
-    for list in [
-        ports.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        advertised.iter().map(ToString::to_string).collect(),
-        data_volumes,
-    ] {
+    for list in [advertised, data_volumes] {
         let mut unique = list.clone();
         unique.sort();
         unique.dedup();
@@ -487,10 +538,14 @@ fn compose_cluster_replicas_share_one_bucket_and_redis() {
     assert!(bare.cluster.redis.is_none() && bare.cluster.secret.is_none());
     assert!(bare.storage.s3.access_key_id.is_none());
 
-    // nginx: port 5000 published, round-robin over exactly the replicas' ports.
+    // nginx: port 5000 published, round-robin over exactly the replicas' services and ports.
     assert!(array_at(nginx, "/ports")
         .iter()
         .any(|p| p.as_str().is_some_and(|p| p.ends_with(":5000"))));
+    let depends: Vec<&str> = array_at(nginx, "/depends_on")
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
     let nginx_file = &compose_volumes(nginx)
         .into_iter()
         .find(|(_, t, _)| t == "/etc/nginx/nginx.conf")
@@ -498,23 +553,19 @@ fn compose_cluster_replicas_share_one_bucket_and_redis() {
         .0;
     let conf = read(&format!("deploy/{nginx_file}"));
     assert!(conf.contains("listen 5000;"));
-    let mut upstream: Vec<u16> = conf
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("server "))
-        .filter(|l| !l.starts_with('{')) // the server block, not an upstream server
-        .map(|l| {
-            let (host, port) =
-                host_port(l.split_whitespace().next().unwrap().trim_end_matches(';'));
-            assert!(
-                replicas_host.iter().any(|h| h == host),
-                "nginx upstream {host}: not the replicas' namespace ({replicas_host:?})"
-            );
-            port
-        })
-        .collect();
-    upstream.sort_unstable();
-    ports.sort_unstable();
-    assert_eq!(upstream, ports, "nginx spreads clients over every replica");
+    let mut upstream = nginx_upstreams(&conf);
+    upstream.sort();
+    reached.sort();
+    assert_eq!(
+        upstream, reached,
+        "nginx spreads clients over every replica"
+    );
+    for (name, _) in &reached {
+        assert!(
+            depends.contains(&name.as_str()),
+            "nginx looks {name} up at start: it waits for it"
+        );
+    }
 
     // cluster.env stays out of git; its example only has placeholders.
     assert!(read("deploy/.gitignore")
@@ -549,14 +600,38 @@ fn compose_cluster_passes_docker_compose_config() {
         deploy.join("cluster.env"),
     )
     .unwrap();
-    run_ok(Command::new(compose).current_dir(&deploy).args([
+    let (resolved, _) = run_ok(Command::new(compose).current_dir(&deploy).args([
         "-f",
         "compose.cluster.yaml",
         "--env-file",
         "cluster.env",
         "config",
-        "-q",
     ]));
+    // docker-compose's own reading agrees with the one the other tests check: each replica's
+    // environment as interpolated here, on the compose network, nothing but nginx published.
+    let resolved: Value = serde_norway::from_str(&resolved).unwrap();
+    let ours = compose_cluster();
+    let services = resolved["services"].as_object().unwrap();
+    let mut names: Vec<&String> = services.keys().collect();
+    let mut our_names: Vec<&String> = ours["services"].as_object().unwrap().keys().collect();
+    names.sort();
+    our_names.sort();
+    assert_eq!(names, our_names);
+    for (name, service) in services {
+        assert!(service.get("network_mode").is_none(), "{name}");
+        assert_eq!(
+            service.get("ports").is_some(),
+            name == "nginx",
+            "{name}: published ports"
+        );
+    }
+    for (name, ours) in cluster_replicas(&ours) {
+        let mut theirs = compose_env(&services[&name]);
+        let mut ours = compose_env(&ours);
+        theirs.sort();
+        ours.sort();
+        assert_eq!(theirs, ours, "{name}: the environment docker-compose makes");
+    }
 }
 
 #[test]
@@ -564,9 +639,27 @@ fn compose_cluster_nginx_conf_passes_nginx_t() {
     let Some(nginx) = tool("nginx") else {
         return;
     };
-    // The replicas' host name resolves in compose only: loopback stands in for it.
+    // nginx resolves upstream names as it loads the file, and the replicas' service names
+    // resolve inside compose only: in a copy, loopback stands in for each (same ports, same
+    // parameters). The names themselves are checked against the compose services above.
     let dir = tempfile::tempdir().unwrap();
-    let conf = read("deploy/nginx.conf").replace("server replicas:", "server 127.0.0.1:");
+    let mut conf = read("deploy/nginx.conf");
+    let upstreams = nginx_upstreams(&conf);
+    assert!(!upstreams.is_empty());
+    for (host, port) in upstreams {
+        conf = conf.replace(
+            &format!("server {host}:{port} "),
+            &format!("server 127.0.0.1:{port} "),
+        );
+    }
+    assert_eq!(
+        nginx_upstreams(&conf)
+            .iter()
+            .filter(|(h, _)| h != "127.0.0.1")
+            .count(),
+        0,
+        "every upstream replaced:\n{conf}"
+    );
     let file = dir.path().join("nginx.conf");
     std::fs::write(&file, conf).unwrap();
     run_ok(
