@@ -2,7 +2,8 @@
 //! schemas (kubernetes-validate), `kubectl kustomize`, and the pod's container started with the
 //! ConfigMap and Secret, its probes asked. deploy/kubernetes/cluster/, the replicas sharing one
 //! cache: the same, and each pod's environment as the kubelet would make it (the pod's IP, the
-//! Secret's keys) loaded with the ConfigMap.
+//! Secret's keys) loaded with the ConfigMap; its https placeholder swapped for an in-cluster
+//! http bucket, refused until its commented `allow_http = true` is set.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -556,6 +557,34 @@ fn kubernetes_cluster_manifests_fit_together() {
         );
     }
     assert_eq!(rc["securityContext"]["readOnlyRootFilesystem"], true);
+}
+
+#[test]
+fn kubernetes_cluster_config_takes_an_in_cluster_bucket_with_allow_http() {
+    // As the ConfigMap's comment says: an in-cluster Garage or MinIO without TLS is refused
+    // unless its commented `allow_http = true` is set, and is then warned about.
+    let objects = k8s_objects_in(CLUSTER);
+    let config_map = k8s_named(&objects, "ConfigMap", "regmirror-cluster-config");
+    let text = str_at(&config_map, "/data/mirror.toml");
+    let https = "endpoint = \"https://s3.example.com\"";
+    assert!(text.contains(https), "the https placeholder");
+    assert!(load_config(text, &[]).storage.warnings().is_empty());
+    let http = text.replace(https, "endpoint = \"http://garage.regmirror.svc:3900\"");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mirror.toml");
+    std::fs::write(&file, &http).unwrap();
+    let err = regmirror::config::load(Some(&file), Vec::new(), &Default::default())
+        .expect_err("plain HTTP in the cluster without allow_http")
+        .to_string();
+    assert!(err.contains("allow_http"), "{err}");
+    let allowed = http.replace("\n# allow_http = true\n", "\nallow_http = true\n");
+    assert_ne!(
+        allowed, http,
+        "the ConfigMap shows allow_http = true, commented out"
+    );
+    let config = load_config(&allowed, &[]);
+    assert!(config.storage.s3.allow_http);
+    assert_eq!(config.storage.warnings().len(), 1, "warned about at start");
 }
 
 #[test]
