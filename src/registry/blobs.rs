@@ -45,6 +45,11 @@ impl Registry {
                 )),
             };
         }
+        if let Some(range) = range_header {
+            if let Some(reply) = self.bucket_range(route, digest, range).await? {
+                return Ok(reply);
+            }
+        }
         let read_timeout = self.upstream(route).read_timeout();
         let mut retried = false;
         loop {

@@ -112,6 +112,71 @@ impl Registry {
         }
     }
 
+    /// A `Range` request for a blob the local tier lacks, answered by a
+    /// ranged read of the bucket's object (as distribution and zot answer
+    /// ranges from S3), without filling the whole blob. `None` when this is
+    /// not a replica, the bucket lacks the blob, or the range is the whole
+    /// blob: the caller then fills it as usual. The bytes of a range are
+    /// not hashed (a range cannot be); the whole blob was when it was
+    /// uploaded, and is again whenever a replica fills it.
+    pub(super) async fn bucket_range(
+        &self,
+        route: &crate::routing::Route,
+        digest: &Digest,
+        range_header: &str,
+    ) -> Result<Option<Reply>, Error> {
+        use crate::range::{self, RangeRequest};
+        let Some(cluster) = &self.cluster else {
+            return Ok(None);
+        };
+        let tiers = &cluster.tiers;
+        let unreachable = |e| {
+            tiers.bucket_health.failed(e);
+            Error::SharedUnavailable("the shared bucket cannot be reached".into())
+        };
+        let key = crate::cache::store::ContentKey::blob(digest);
+        let Some(size) = tiers.bucket.head(&key).await.map_err(unreachable)? else {
+            return Ok(None);
+        };
+        let r = match range::parse(Some(range_header), size) {
+            RangeRequest::Full => return Ok(None),
+            RangeRequest::Unsatisfiable => return Err(Error::RangeNotSatisfiable { size }),
+            RangeRequest::Partial(r) => r,
+        };
+        self.authorize(route, digest, crate::upstream::What::Blob)
+            .await?;
+        let Some(read) = tiers
+            .bucket
+            .read(digest, Some(r.start..r.end + 1))
+            .await
+            .map_err(unreachable)?
+        else {
+            // Evicted in between: fill it as usual.
+            return Ok(None);
+        };
+        tiers.bucket_health.ok();
+        self.metrics.tier_hit("bucket");
+        let digest_shown = digest.clone();
+        let body = futures_util::StreamExt::map(read.stream, move |chunk| {
+            chunk.map_err(|e| {
+                tracing::warn!(digest = %digest_shown, error = %e, "ranged bucket read cut");
+                std::io::Error::other("the shared bucket stopped sending")
+            })
+        });
+        let response = response::builder(StatusCode::PARTIAL_CONTENT)
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(CONTENT_DIGEST, digest.to_string())
+            .header(header::ACCEPT_RANGES, "bytes")
+            .header(header::CONTENT_RANGE, r.content_range(size))
+            .header(header::CONTENT_LENGTH, r.len())
+            .body(response::stream(body))
+            .map_err(|e| Error::internal("building a response", e))?;
+        Ok(Some(Reply {
+            response,
+            outcome: Outcome::Hit,
+        }))
+    }
+
     /// Announces this replica, evicts from the bucket when it holds the
     /// eviction lock, aborts uploads of dead replicas, and copies the shared
     /// parts' state into the metrics.

@@ -1,6 +1,6 @@
 //! Pulls through a cluster as its users make them: skopeo, dockerd and containerd through
-//! nginx in front of 3 replicas; a fourth replica started on an empty disk; one tag pulled
-//! through each replica within its TTL.
+//! nginx in front of 3 replicas; a fourth replica started on an empty disk (a range of a blob
+//! it lacks read from the bucket); one tag pulled through each replica within its TTL.
 
 use crate::cluster::replicas::{names, value};
 use crate::cluster::skopeo_pull;
@@ -76,6 +76,57 @@ async fn a_replica_on_an_empty_disk_serves_the_bucket_without_the_upstream() {
 
     let fourth = cluster.start_replica(&[]).await;
     let addr = cluster.replicas[fourth].addr();
+
+    // A range of a layer the fourth replica lacks locally is a ranged read of the bucket's
+    // object: the bytes of the whole layer (checked against its digest, from replica 0) at
+    // that range, and the layer is not filled into the fourth replica's disk for it.
+    let many = cluster.image("many");
+    let layer = many.platform("amd64").layers[0].clone();
+    let client = reqwest::Client::new();
+    let whole = client
+        .get(crate::cluster::blob_url(
+            &cluster.replicas[0].addr(),
+            &many.name,
+            &layer,
+        ))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let mut hash = crate::cluster::FastSha256::start();
+    hash.update(&whole);
+    assert_eq!(hash.finish(), layer, "replica 0's copy of {layer}");
+    let (first, last) = (whole.len() / 4, whole.len() / 2);
+    let resp = client
+        .get(crate::cluster::blob_url(&addr, &many.name, &layer))
+        .header("Range", format!("bytes={first}-{last}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        206,
+        "a range of a blob of {} bytes in the bucket",
+        whole.len()
+    );
+    assert_eq!(
+        resp.headers()["content-range"].to_str().unwrap(),
+        format!("bytes {first}-{last}/{}", whole.len())
+    );
+    // A fill this request started would say "miss".
+    assert_eq!(
+        resp.headers()["x-cache"],
+        "hit",
+        "the range was not read from the bucket"
+    );
+    assert_eq!(&resp.bytes().await.unwrap()[..], &whole[first..=last]);
+    assert!(
+        !cluster.replicas[fourth].blob_path(&layer).exists(),
+        "a range filled the whole layer into the fourth replica's disk"
+    );
+
     for img in images {
         skopeo_pull(
             &cluster.world,
