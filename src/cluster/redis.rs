@@ -30,6 +30,10 @@ pub struct RedisConn {
     timeout: Duration,
     /// Strings no error message may contain (the password, raw and decoded).
     redact: Arc<Vec<String>>,
+    /// When the last call that asked Redis failed: for one `timeout` after
+    /// it, calls fail at once without asking (a Redis that stopped
+    /// answering costs one timeout per `timeout`, not one per call).
+    failed_at: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl fmt::Debug for RedisConn {
@@ -67,6 +71,7 @@ impl RedisConn {
             health,
             timeout,
             redact: Arc::new(redact),
+            failed_at: Arc::default(),
         })
     }
 
@@ -81,6 +86,7 @@ impl RedisConn {
             health: Arc::new(Health::new("redis")),
             timeout,
             redact: Arc::new(redact),
+            failed_at: Arc::default(),
         })
     }
 
@@ -114,16 +120,30 @@ impl RedisConn {
         &self,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, SharedError> {
-        match tokio::time::timeout(self.timeout, call).await {
+        if let Some(at) = self.recently_failed() {
+            return Err(SharedError::redis(format!(
+                "not asked: Redis failed {} ms ago",
+                at.elapsed().as_millis()
+            )));
+        }
+        let result = match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(v)) => {
                 self.health.ok();
-                Ok(v)
+                return Ok(v);
             }
-            Ok(Err(e)) => Err(self
-                .health
-                .failed(SharedError::redis(redacted(&self.redact, &e)))),
-            Err(_) => Err(self.health.failed(timed_out(self.timeout))),
-        }
+            Ok(Err(e)) => SharedError::redis(redacted(&self.redact, &e)),
+            Err(_) => timed_out(self.timeout),
+        };
+        *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+        Err(self.health.failed(result))
+    }
+}
+
+impl RedisConn {
+    /// When a call failed within the last `timeout`, if one did.
+    fn recently_failed(&self) -> Option<std::time::Instant> {
+        let at = (*self.failed_at.lock().unwrap_or_else(|p| p.into_inner()))?;
+        (at.elapsed() < self.timeout).then_some(at)
     }
 }
 
