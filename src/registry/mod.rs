@@ -402,7 +402,14 @@ impl Registry {
     /// Records a cache hit for eviction's sake (a no-op for an item evicted
     /// meanwhile).
     async fn touch(&self, key: ContentKey) {
-        self.index.touch(&key, SystemTime::now()).await;
+        let now = SystemTime::now();
+        if let Some(bucket) = self.cluster.as_ref().and_then(|c| c.bucket_index.clone()) {
+            // The bucket's one LRU counts the hits every replica serves from
+            // its own disk too; not awaited, a hit does not wait for Redis.
+            let key = key.clone();
+            tokio::spawn(async move { bucket.touch(&key, now).await });
+        }
+        self.index.touch(&key, now).await;
     }
 
     /// Records an item just stored.

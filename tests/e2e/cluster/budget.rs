@@ -1,6 +1,8 @@
 //! The bucket's budget (`storage.max_size`), one LRU for the whole cluster whoever served the
 //! hit: images worth 3 times the budget, pulled one after another through the replicas in
-//! turn, leave the bucket within the budget, holding the images pulled last.
+//! turn, leave the bucket within the budget, holding the images pulled last; and the first
+//! image, pulled again after each of the others from the one replica whose disk holds it (a
+//! local hit, which never reads the bucket), is kept too.
 
 use std::time::Duration;
 
@@ -32,9 +34,13 @@ async fn the_bucket_keeps_within_its_budget_and_keeps_the_last_pulled() {
         );
         images.push(push_image(&pusher, &name, LAYER, 0xb0d6e7 + i as u64).await);
     }
+    let first = cluster.replicas[0].addr();
     for (i, img) in images.iter().enumerate() {
         let replica = &cluster.replicas[i % cluster.replicas.len()];
         skopeo_pull(&cluster.world, &replica.addr(), img, &format!("b{i}")).await;
+        if i > 0 {
+            skopeo_pull(&cluster.world, &first, &images[0], &format!("again{i}")).await;
+        }
     }
 
     // Eviction runs after the fills (on one replica at a time): wait until it is done. The
@@ -61,9 +67,14 @@ async fn the_bucket_keeps_within_its_budget_and_keeps_the_last_pulled() {
         .iter()
         .map(|img| held.contains(&img.platform("amd64").layers[0]))
         .collect();
-    let first_kept = kept.iter().position(|k| *k).unwrap_or(IMAGES);
     let summary: String = kept.iter().map(|k| if *k { 'K' } else { '-' }).collect();
     eprintln!("[e2e] layers kept in the bucket, in pull order (K = kept): {summary}");
+    assert!(
+        kept[0],
+        "the first image, pulled again from replica 0's disk after every other pull, was \
+         evicted from the bucket as the least recently used (K = kept): {summary}"
+    );
+    let first_kept = 1 + kept[1..].iter().position(|k| *k).unwrap_or(IMAGES - 1);
     assert!(
         kept[first_kept..].iter().all(|k| *k),
         "the bucket kept layers of earlier pulls while it evicted later ones (in pull order, \
