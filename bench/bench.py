@@ -17,12 +17,14 @@ import time
 import traceback
 
 import clients
+import cluster
 import fixture as fixtures
 from issuer import generate_keys
 from services import DistributionProxy, Issuer, Nginx, Procs, Regmirror, Upstream
 
 MIRRORS = {"distribution": DistributionProxy, "regmirror": Regmirror}
 TOOLS = ["docker-registry", "skopeo", "nginx", "wrk", "openssl", "curl"]
+CLUSTER_TOOLS = ["garage", "redis-server"]
 
 
 def log(msg):
@@ -98,7 +100,8 @@ class Results:
         ("manifest_upstream", "manifest by tag run: requests at the upstream"),
     ]
 
-    def __init__(self, columns, params):
+    def __init__(self, columns, params, rows=None):
+        self.rows = rows or self.ROWS
         self.columns = columns
         self.params = params
         self.cells = {}
@@ -118,7 +121,7 @@ class Results:
         head = "| measure | " + " | ".join(self.columns) + " |"
         sep = "|---|" + "---:|" * len(self.columns)
         lines = [head, sep]
-        for key, label in self.ROWS:
+        for key, label in self.rows:
             cells = [self.cells.get((key, c), "—") for c in self.columns]
             lines.append(f"| {label.format(**self.params)} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
@@ -353,6 +356,8 @@ def main():
     ap.add_argument("--mirrors", default="distribution,regmirror",
                     help="comma-separated: distribution, regmirror")
     ap.add_argument("--no-nginx", action="store_true")
+    ap.add_argument("--no-cluster", action="store_true",
+                    help="skip the cluster rows (3 replicas on Garage and redis-server)")
     ap.add_argument("--big-mib", type=int, help="size of the big layer's noise, MiB")
     ap.add_argument("--herd", type=int, help="herd clients")
     ap.add_argument("--wrk-seconds", type=int)
@@ -364,6 +369,11 @@ def main():
     missing = [t for t in TOOLS if not shutil.which(t)]
     if missing:
         sys.exit(f"bench: missing {' '.join(missing)} (bench/run.sh installs them as root)")
+    missing = [] if args.no_cluster else [t for t in CLUSTER_TOOLS if not shutil.which(t)]
+    if missing:
+        sys.exit(f"bench: missing {' '.join(missing)} for the cluster rows (redis-server: "
+                 f"apt-get install redis-server; garage: cargo install garage --locked, "
+                 f"~/.cargo/bin on PATH; or --no-cluster)")
     if not os.access(args.binary, os.X_OK):
         sys.exit(f"bench: no regmirror binary at {args.binary} (bench/run.sh builds it)")
     mirrors = [m.strip() for m in args.mirrors.split(",") if m.strip()]
@@ -388,8 +398,10 @@ def main():
     procs = Procs()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     columns = [MIRRORS[m].name for m in mirrors] + ([] if args.no_nginx else [Nginx.name])
-    results = Results(columns, {"herd": herd, "big": human_bytes(sizes["big_bytes"]),
-                                "repeat": repeat, "wrk": wrk_seconds, "rounds": wrk_rounds})
+    params = {"herd": herd, "big": human_bytes(sizes["big_bytes"]), "repeat": repeat,
+              "wrk": wrk_seconds, "rounds": wrk_rounds}
+    results = Results(columns, params)
+    cluster_results = None if args.no_cluster else Results(cluster.COLUMNS, params, cluster.ROWS)
     about = machine(args.binary, repo)
     started = time.monotonic()
     try:
@@ -401,13 +413,18 @@ def main():
         ctx = {"fixture": fx, "upstream": upstream, "issuer": issuer, "procs": procs,
                "run_dir": run_dir, "herd": herd, "repeat": repeat,
                "wrk_seconds": wrk_seconds, "wrk_rounds": wrk_rounds,
-               "nginx_speeds": [], "nginx_rates": [],
+               "nginx_speeds": [], "nginx_rates": [], "binary": args.binary,
                "mirror_args": {"distribution": (), "regmirror": (args.binary,)}}
         if not args.no_nginx:
             start_nginx(ctx, results)
         for kind in mirrors:
             measure_mirror(kind, ctx, results)
+        if cluster_results:
+            cluster.measure(ctx, cluster_results, lambda: Counters(upstream, issuer), prewarm,
+                            human_bytes, ratio_text)
         measure_nginx(ctx, results)
+        if cluster_results:
+            cluster.copy_from_main(cluster_results, results, Regmirror.name, Nginx.name)
     except KeyboardInterrupt:
         results.errors.append("interrupted")
         log("interrupted")
@@ -431,15 +448,22 @@ def main():
                  f"({sizes['many_layers']} layers of {human_bytes(sizes['many_layer_bytes'])}),"
                  f" `library/big` (one {human_bytes(sizes['big_bytes'])} layer).", "",
              results.markdown(), ""]
-    if results.errors:
-        text += ["Failures:", ""] + [f"- {e}" for e in results.errors] + [""]
+    errors = list(results.errors)
+    if cluster_results:
+        garage = " ".join(command_output(["garage", "--version"]).split()[:2])
+        redis = " ".join(command_output(["redis-server", "--version"]).split()[:3])
+        text += ["Cluster: " + cluster.ABOUT.format(garage=garage, redis=redis),
+                 "", cluster_results.markdown(), ""]
+        errors += [f"cluster: {e}" for e in cluster_results.errors]
+    if errors:
+        text += ["Failures:", ""] + [f"- {e}" for e in errors] + [""]
     report = "\n".join(text)
     print(report)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         f.write(report)
     log(f"wrote {out} ({elapsed:.0f} s)")
-    return 1 if results.errors else 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -108,13 +108,15 @@ class PeakRss:
 
 def herd(port, path, digest, size, clients, timeout=900):
     """`clients` connections GET `path` at once (released together by a barrier), each
-    hashing its body as it arrives. Returns (wall seconds until the last body ended, number
-    of bodies with status 200, the right size and the right digest, error strings)."""
+    hashing its body as it arrives; `port` may be a list of ports, client i then asks
+    `port[i % len(port)]` (round-robin). Returns (wall seconds until the last body ended,
+    number of bodies with status 200, the right size and the right digest, error strings)."""
+    ports = list(port) if isinstance(port, (list, tuple)) else [port]
     barrier = threading.Barrier(clients + 1)
     results = [None] * clients
 
     def one(i):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        conn = http.client.HTTPConnection("127.0.0.1", ports[i % len(ports)], timeout=timeout)
         try:
             conn.connect()
             barrier.wait()

@@ -348,3 +348,160 @@ def upstream_lab(procs, work, run_dir, sizes, log):
     fx = fixture.load_or_build(work, sizes, procs, issuer, cert, log)
     upstream = Upstream(procs, os.path.join(run_dir, "upstream"), fx["storage"], issuer, cert)
     return issuer, fx, upstream
+
+
+def random_hex(nbytes):
+    import secrets
+    return secrets.token_hex(nbytes)
+
+
+class Garage:
+    """One Garage node (`server --single-node --default-bucket`): the S3-compatible bucket the
+    cluster's replicas share, on loopback. Up once its S3 API answers (an unsigned GET gets an
+    S3 XML error) and `garage bucket list` shows the bucket."""
+
+    BUCKET = "regmirror-bench"
+    REGION = "garage"
+
+    def __init__(self, procs, directory):
+        import shutil as _shutil
+        self.binary = _shutil.which("garage")
+        if not self.binary:
+            raise RuntimeError("no garage on PATH (cargo install garage --locked)")
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        self.access_key = "GK" + random_hex(12)
+        self.secret_key = random_hex(32)
+        rpc_secret = random_hex(32)
+        self.config = os.path.join(directory, "garage.toml")
+
+        def spawn(port):
+            with open(self.config, "w") as f:
+                f.write(f"""metadata_dir = "{directory}/meta"
+data_dir = "{directory}/data"
+db_engine = "sqlite"
+replication_factor = 1
+compression_level = "none"
+rpc_bind_addr = "127.0.0.1:{free_port()}"
+rpc_secret = "{rpc_secret}"
+
+[s3_api]
+api_bind_addr = "127.0.0.1:{port}"
+s3_region = "{self.REGION}"
+root_domain = ".s3.garage.localhost"
+""")
+            env = dict(os.environ, GARAGE_DEFAULT_ACCESS_KEY=self.access_key,
+                       GARAGE_DEFAULT_SECRET_KEY=self.secret_key,
+                       GARAGE_DEFAULT_BUCKET=self.BUCKET, RUST_LOG="garage=warn,netapp=warn")
+            return procs.start("garage", [self.binary, "-c", self.config, "server",
+                                          "--single-node", "--default-bucket"],
+                               directory, env=env)
+
+        self.port, self.proc = start_on_free_port(procs, "garage", spawn, self._s3_answers)
+        wait_until("garage's bucket", self.proc, self._bucket_listed)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def _s3_answers(self, port):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                body = r.read()
+        except urllib.error.HTTPError as e:
+            body = e.read()
+        except OSError:
+            return False
+        return b"<Error>" in body
+
+    def _bucket_listed(self):
+        try:
+            r = subprocess.run([self.binary, "-c", self.config, "bucket", "list"],
+                               capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            return False
+        return r.returncode == 0 and self.BUCKET in r.stdout
+
+    def env(self):
+        """Every replica's `REGMIRROR_STORAGE_*` for this bucket."""
+        return {"REGMIRROR_STORAGE_BACKEND": "s3",
+                "REGMIRROR_STORAGE_S3_ENDPOINT": f"http://127.0.0.1:{self.port}",
+                "REGMIRROR_STORAGE_S3_BUCKET": self.BUCKET,
+                "REGMIRROR_STORAGE_S3_REGION": self.REGION,
+                "REGMIRROR_STORAGE_S3_PATH_STYLE": "true",
+                "REGMIRROR_STORAGE_S3_ACCESS_KEY_ID": self.access_key,
+                "REGMIRROR_STORAGE_S3_SECRET_ACCESS_KEY": self.secret_key}
+
+
+def redis_ping(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class Redis:
+    """Debian's redis-server on a free loopback port, nothing persisted: the replicas'
+    shared metadata and download leases."""
+
+    def __init__(self, procs, directory):
+        os.makedirs(directory, exist_ok=True)
+
+        def spawn(port):
+            return procs.start("redis-server", ["redis-server", "--port", str(port), "--bind",
+                                                "127.0.0.1", "--save", "", "--appendonly", "no",
+                                                "--dir", directory], directory)
+
+        self.port, self.proc = start_on_free_port(procs, "redis-server", spawn, redis_ping)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+
+class Replica:
+    """A cluster replica: regmirror on an empty data dir (its local tier) with the bucket,
+    Redis and the peer secret, advertising its own loopback URL; otherwise as `Regmirror`."""
+
+    name = "regmirror cluster"
+
+    def __init__(self, procs, directory, upstream, binary, garage, redis, secret):
+        self.directory = directory
+        data = os.path.join(directory, "data")
+        os.makedirs(data, exist_ok=True)
+        base = dict(os.environ, REGMIRROR_UPSTREAM_USERNAME=USER,
+                    REGMIRROR_UPSTREAM_PASSWORD=PASSWORD,
+                    REGMIRROR_UPSTREAM_CREDENTIAL_HOSTS=f'["{upstream.realm_host}"]',
+                    REGMIRROR_CLUSTER_REDIS=redis.url, REGMIRROR_CLUSTER_SECRET=secret,
+                    **garage.env())
+        base.setdefault("RUST_LOG", "info")
+
+        def spawn(port):
+            env = dict(base, REGMIRROR_CLUSTER_ADVERTISE=f"http://127.0.0.1:{port}")
+            return procs.start("regmirror replica", [binary, "serve", "--listen",
+                                                     f"127.0.0.1:{port}", "--data-dir", data,
+                                                     "--upstream", upstream.url],
+                               directory, env=env)
+
+        self.port, self.proc = start_on_free_port(
+            procs, "regmirror replica", spawn,
+            lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 200)
+        self.pid = self.proc.pid
+
+    def metric(self, name, labels=None):
+        """The sum of the samples of `name` (a counter with its `_total`) whose labels include
+        every `labels` pair, from /metrics now; 0 when there is none."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        want = [f'{k}="{v}"' for k, v in (labels or {}).items()]
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("#") or not line.startswith(name):
+                continue
+            rest = line[len(name):]
+            if rest.startswith("{"):
+                labelset, _, value = rest[1:].partition("}")
+            elif rest.startswith(" "):
+                labelset, value = "", rest
+            else:
+                continue
+            have = [l.strip() for l in labelset.split(",")]
+            if all(w in have for w in want):
+                total += float(value.split()[0])
+        return total
