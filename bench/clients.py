@@ -106,11 +106,12 @@ class PeakRss:
         return self.peak, self._read("VmHWM")
 
 
-def herd(port, path, digest, size, clients, timeout=900):
+def herd(port, path, digest, size, clients, timeout=900, walls=None):
     """`clients` connections GET `path` at once (released together by a barrier), each
     hashing its body as it arrives; `port` may be a list of ports, client i then asks
     `port[i % len(port)]` (round-robin). Returns (wall seconds until the last body ended,
-    number of bodies with status 200, the right size and the right digest, error strings)."""
+    number of bodies with status 200, the right size and the right digest, error strings);
+    `walls`, a list, gets each client's own wall time (None for one that never ended)."""
     ports = list(port) if isinstance(port, (list, tuple)) else [port]
     barrier = threading.Barrier(clients + 1)
     results = [None] * clients
@@ -155,6 +156,8 @@ def herd(port, path, digest, size, clients, timeout=900):
         t.join()
     ends = [r[0] for r in results if r]
     wall = max(ends) - start if ends else 0.0
+    if walls is not None:
+        walls.extend(r[0] - start if r else None for r in results)
     ok = sum(1 for r in results if r and r[1])
     errors = [r[2] for r in results if r and r[2]]
     return wall, ok, errors

@@ -121,8 +121,9 @@ def measure(ctx, results, counters, prewarm, human_bytes, ratio_text):
         try:
             seen_from = counters()
             rss = [clients.PeakRss(r.pid) for r in replicas]
+            walls = []
             wall, ok, errors = clients.herd([r.port for r in replicas], big_path, big["digest"],
-                                            big["size"], herd_n)
+                                            big["size"], herd_n, walls=walls)
             peaks = [max(x.stop()) for x in rss]
             seen = seen_from.since()
             gets = [s for s in seen["served"]
@@ -138,7 +139,10 @@ def measure(ctx, results, counters, prewarm, human_bytes, ratio_text):
             results.set("herd_rss", CLUSTER, ", ".join(mib(p) for p in peaks))
             log(f"herd {wall:.2f}s, {ok}/{herd_n} ok, {len(gets)} upstream blob GETs "
                 f"({human_bytes(seen['bytes'])}), fills upstream/peer/bucket "
-                f"{[round(f) for f in fills]}, peak RSS {[mib(p) for p in peaks]}")
+                f"{[round(f) for f in fills]}, peak RSS {[mib(p) for p in peaks]}; slowest "
+                f"client of each replica " + ", ".join(
+                    f"{max((w for w in walls[i::REPLICAS] if w is not None), default=0):.2f}s"
+                    for i in range(REPLICAS)))
             if ok != herd_n:
                 raise RuntimeError("herd bodies wrong: " + "; ".join(errors[:4]))
         except Exception as e:
