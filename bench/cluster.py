@@ -2,6 +2,9 @@
 one-node Garage bucket, metadata and download leases in a redis-server, each replica's data dir
 its local tier. Measured beside the single-node regmirror and nginx sendfile of the same run:
 
+- one client alone on the cold big blob through one replica (its own key prefix in the
+  bucket and its own Redis database, so the herd after it still finds both empty), its body
+  hashed: wall time;
 - the herd: N clients released together on the cold big blob, client i straight to replica
   i % 3 (no load balancer in between), every body hashed; wall time, the upstream's blob GETs
   and bytes (its access log), what each replica filled from where (its /metrics) and each
@@ -35,6 +38,8 @@ ABOUT = (f"{REPLICAS} `regmirror serve` replicas sharing one cache: the bytes in
          "rounds taken in turn with the cluster's.")
 
 ROWS = [
+    ("single_wall", "one client alone × the same cold {big} blob, through one replica: wall "
+                    "time"),
     ("herd_wall", "herd, {herd} clients × one cold {big} blob, client i straight to replica "
                   "i mod " + str(REPLICAS) + ": wall time"),
     ("herd_ratio", "herd wall time ÷ the one-node herd's"),
@@ -91,9 +96,9 @@ def measure(ctx, results, counters, prewarm, human_bytes, ratio_text):
     secret = random_hex(16)
     started = []
 
-    def replica(name):
+    def replica(name, env=None):
         r = Replica(procs, os.path.join(base, name), upstream, ctx["binary"], garage, redis,
-                    secret)
+                    secret, env)
         started.append(r)
         return r
 
@@ -114,6 +119,21 @@ def measure(ctx, results, counters, prewarm, human_bytes, ratio_text):
         return
 
     try:
+        prewarm(fx["storage"])
+        # Apart from the herd's: another prefix in the bucket, another Redis database.
+        alone = replica("alone", {"REGMIRROR_STORAGE_S3_PREFIX": "alone/",
+                                  "REGMIRROR_CLUSTER_REDIS": redis.db(1)})
+        try:
+            wall, ok, errors = clients.herd(alone.port, big_path, big["digest"], big["size"], 1)
+            if ok != 1:
+                raise RuntimeError("single body wrong: " + "; ".join(errors))
+            results.set("single_wall", CLUSTER, f"{wall:.2f} s")
+            log(f"one client alone {wall:.2f}s")
+        except Exception as e:
+            results.fail(["single_wall"], CLUSTER, "one client", e)
+        finally:
+            stop(alone)
+
         prewarm(fx["storage"])
         replicas = [replica(f"replica-{i + 1}") for i in range(REPLICAS)]
         log(f"{REPLICAS} replicas on ports {[r.port for r in replicas]}, bucket and Redis "
@@ -227,7 +247,7 @@ def copy_from_main(results, main, main_regmirror, main_nginx):
         text = main.cells.get((key, column))
         return None if text in (None, "**failed**") else text
 
-    for ours, theirs in (("herd_wall", "herd_wall"), ("herd_bytes", "herd_bytes"),
+    for ours, theirs in (("single_wall", "single_wall"), ("herd_wall", "herd_wall"), ("herd_bytes", "herd_bytes"),
                          ("herd_ok", "herd_ok"), ("herd_rss", "herd_rss"),
                          ("local", "throughput"), ("local_ratio", "throughput_ratio")):
         if cell(theirs, main_regmirror):

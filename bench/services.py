@@ -452,7 +452,11 @@ class Redis:
                                                 "--dir", directory], directory)
 
         self.port, self.proc = start_on_free_port(procs, "redis-server", spawn, redis_ping)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = self.db(0)
+
+    def db(self, n):
+        """`redis://127.0.0.1:PORT/N`: database N of this server."""
+        return f"redis://127.0.0.1:{self.port}/{n}"
 
 
 class Replica:
@@ -461,7 +465,7 @@ class Replica:
 
     name = "regmirror cluster"
 
-    def __init__(self, procs, directory, upstream, binary, garage, redis, secret):
+    def __init__(self, procs, directory, upstream, binary, garage, redis, secret, env=None):
         self.directory = directory
         data = os.path.join(directory, "data")
         os.makedirs(data, exist_ok=True)
@@ -470,6 +474,7 @@ class Replica:
                     REGMIRROR_UPSTREAM_CREDENTIAL_HOSTS=f'["{upstream.realm_host}"]',
                     REGMIRROR_CLUSTER_REDIS=redis.url, REGMIRROR_CLUSTER_SECRET=secret,
                     **garage.env())
+        base.update(env or {})
         base.setdefault("RUST_LOG", "info")
 
         def spawn(port):
