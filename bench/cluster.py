@@ -148,6 +148,8 @@ def measure(ctx, results, counters, prewarm, human_bytes, ratio_text):
             seen = seen_from.since()
             gets = [s for s in seen["served"]
                     if s[0] == "GET" and "/blobs/" in s[1] and 200 <= s[2] < 300]
+            holders = [i + 1 for i, r in enumerate(replicas)
+                       if r.metric("regmirror_upstream_fills_total")]
             fills = [sum(r.metric("regmirror_upstream_fills_total") for r in replicas)] + [
                 sum(r.metric("regmirror_tier_hits_total", {"tier": t}) for r in replicas)
                 for t in ("peer", "bucket")]
@@ -159,7 +161,8 @@ def measure(ctx, results, counters, prewarm, human_bytes, ratio_text):
             results.set("herd_rss", CLUSTER, ", ".join(mib(p) for p in peaks))
             log(f"herd {wall:.2f}s, {ok}/{herd_n} ok, {len(gets)} upstream blob GETs "
                 f"({human_bytes(seen['bytes'])}), fills upstream/peer/bucket "
-                f"{[round(f) for f in fills]}, peak RSS {[mib(p) for p in peaks]}; slowest "
+                f"{[round(f) for f in fills]} (from the upstream: replica {holders}), peak RSS "
+                f"{[mib(p) for p in peaks]}; slowest "
                 f"client of each replica " + ", ".join(
                     f"{max((w for w in walls[i::REPLICAS] if w is not None), default=0):.2f}s"
                     for i in range(REPLICAS)))
