@@ -498,6 +498,8 @@ mod tests {
         assert!(e.contains("cluster.redis") && !e.contains("hunter2"), "{e}");
         let e = fails(&[("REGMIRROR_CLUSTER_REDIS", "redis://r:6379")]);
         assert!(e.contains("cluster.advertise"), "{e}");
+        let e = fails(&[("REGMIRROR_CLUSTER_REDIS", "rediss://:hunter2@r:6380")]);
+        assert!(e.contains("not supported") && !e.contains("hunter2"), "{e}");
         let e = fails(&[
             ("REGMIRROR_CLUSTER_REDIS", "redis://r:6379"),
             ("REGMIRROR_CLUSTER_ADVERTISE", "http://10.0.0.7:5000"),
