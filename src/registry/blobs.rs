@@ -60,6 +60,7 @@ impl Registry {
             let (download, source, started) = match joined {
                 Joined::Cached(blob) => {
                     self.authorize(route, digest, What::Blob).await?;
+                    self.metrics.tier_hit("local");
                     return self.cached_reply(digest, blob, false, range_header).await;
                 }
                 Joined::Download {
@@ -93,6 +94,7 @@ impl Registry {
                 Outcome::Miss
             } else if download.is_verified() {
                 // Verified and being committed: local bytes, a hit.
+                self.metrics.tier_hit("local");
                 Outcome::Hit
             } else {
                 Outcome::Coalesced
