@@ -187,3 +187,67 @@ async fn a_tag_is_checked_once_per_ttl_for_the_whole_cluster() {
         cluster.logs()
     );
 }
+
+/// The peer endpoint, as a stranger and as a replica see it: unsigned or signed with another
+/// secret, refused (403); signed with the cluster's secret, the blob the replica holds, with
+/// its digest; a blob it neither holds nor fetches, 404, and the upstream is not asked for it
+/// (the endpoint never fetches: no proxy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_endpoint_serves_only_signed_requests_for_what_the_replica_has() {
+    use regmirror::cluster::peer::{self, PeerClient};
+    use regmirror::config::Secret;
+    use regmirror::reference::Digest;
+    use std::time::Duration;
+
+    let cluster = ClusterWorld::start(Setup::default()).await;
+    let small = cluster.image("small");
+    let addr = cluster.replicas[0].addr();
+    skopeo_pull(&cluster.world, &addr, small, "peer-small").await;
+    let layer = small.platform("amd64").layers[0].clone();
+    let digest = Digest::parse(&layer).unwrap();
+    let url = url::Url::parse(&format!("http://{addr}/")).unwrap();
+
+    let unsigned = reqwest::get(format!("http://{addr}{}", peer::path(&digest)))
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 403, "an unsigned peer request");
+    let stranger = PeerClient::new(
+        Secret::new("not the cluster's secret"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let e = stranger.get_blob(&url, &digest).await.unwrap_err();
+    assert!(
+        e.to_string().contains("403"),
+        "another secret's request: {e}"
+    );
+
+    let replica = PeerClient::new(Secret::new(cluster.secret()), Duration::from_secs(5)).unwrap();
+    let body = replica
+        .get_blob(&url, &digest)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let mut hash = crate::cluster::FastSha256::start();
+    hash.update(&body);
+    assert_eq!(
+        hash.finish(),
+        layer,
+        "the blob a replica gets from its peer"
+    );
+
+    let before = cluster.upstream().access_lines().len();
+    let nowhere = Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap();
+    let e = replica.get_blob(&url, &nowhere).await.unwrap_err();
+    assert!(
+        matches!(e, regmirror::error::Error::BlobUnknown(_)),
+        "a blob nobody has: {e:?}"
+    );
+    let asked: Vec<String> = cluster.upstream().access_lines()[before..].to_vec();
+    assert!(
+        asked.is_empty(),
+        "the peer endpoint asked the upstream: {asked:?}"
+    );
+}

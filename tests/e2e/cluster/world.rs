@@ -73,6 +73,15 @@ pub struct ClusterWorld {
 }
 
 impl ClusterWorld {
+    /// The `cluster.secret` every replica was given.
+    pub fn secret(&self) -> String {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "REGMIRROR_CLUSTER_SECRET")
+            .map(|(_, v)| v.clone())
+            .expect("the replicas' secret")
+    }
+
     /// Starts everything `setup` says, replicas and nginx included, and waits until each
     /// answers.
     pub async fn start(setup: Setup) -> ClusterWorld {
