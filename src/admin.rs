@@ -73,13 +73,39 @@ pub struct TagRow {
     pub last_pull: Option<SystemTime>,
 }
 
-/// Totals, for `du`.
-#[derive(Debug, Clone, Default)]
-pub struct Usage {
+/// Items and bytes by kind, for `du` (of a data dir, or of a bucket).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tally {
     pub blobs: u64,
     pub blob_bytes: u64,
     pub manifests: u64,
     pub manifest_bytes: u64,
+}
+
+impl Tally {
+    /// Counts one item of `size` bytes.
+    pub fn add(&mut self, kind: Kind, size: u64) {
+        match kind {
+            Kind::Blob => {
+                self.blobs += 1;
+                self.blob_bytes += size;
+            }
+            Kind::Manifest => {
+                self.manifests += 1;
+                self.manifest_bytes += size;
+            }
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.blob_bytes + self.manifest_bytes
+    }
+}
+
+/// Totals, for `du`.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    pub items: Tally,
     pub temp_bytes: u64,
     pub max_size: u64,
 }
@@ -139,16 +165,7 @@ pub async fn usage(config: &Config) -> io::Result<Usage> {
         ..Usage::default()
     };
     for (key, entry) in index.contents().await {
-        match key.kind {
-            Kind::Blob => {
-                u.blobs += 1;
-                u.blob_bytes += entry.size;
-            }
-            Kind::Manifest => {
-                u.manifests += 1;
-                u.manifest_bytes += entry.size;
-            }
-        }
+        u.items.add(key.kind, entry.size);
     }
     Ok(u)
 }

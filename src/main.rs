@@ -306,53 +306,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Du(args) => {
             let config = args.load()?;
             let u = block_on(regmirror::admin::usage(&config))?;
-            let total = u.blob_bytes + u.manifest_bytes + u.temp_bytes;
-            println!(
-                "blobs      {:>8} items {:>12}",
-                u.blobs,
-                human_bytes(u.blob_bytes)
-            );
-            println!(
-                "manifests  {:>8} items {:>12}",
-                u.manifests,
-                human_bytes(u.manifest_bytes)
-            );
+            print_tally("", &u.items);
             println!("downloads  {:>20}", human_bytes(u.temp_bytes));
-            println!(
-                "total      {:>20} of {} ({:.1}%)",
-                human_bytes(total),
-                human_bytes(u.max_size),
-                100.0 * total as f64 / u.max_size.max(1) as f64
-            );
+            print_total("", u.items.bytes() + u.temp_bytes, Some(u.max_size));
             if let Some(b) = block_on(regmirror::admin::shared::usage(&config))? {
                 println!("bucket     {}", b.description);
-                println!(
-                    "  blobs      {:>8} items {:>12}",
-                    b.blobs,
-                    human_bytes(b.blob_bytes)
-                );
-                println!(
-                    "  manifests  {:>8} items {:>12}",
-                    b.manifests,
-                    human_bytes(b.manifest_bytes)
-                );
+                print_tally("  ", &b.items);
                 println!("  uploads    {:>8} not completed", b.pending_uploads);
-                let total = b.blob_bytes + b.manifest_bytes;
-                match b.max_size {
-                    Some(max) => println!(
-                        "  total      {:>20} of {} ({:.1}%)",
-                        human_bytes(total),
-                        human_bytes(max),
-                        100.0 * total as f64 / max.max(1) as f64
-                    ),
-                    None => println!(
-                        "  total      {:>20} (no storage.max_size)",
-                        human_bytes(total)
-                    ),
-                }
+                print_total("  ", b.items.bytes(), b.max_size);
             }
             Ok(())
         }
+    }
+}
+
+/// `du`'s lines of items by kind.
+fn print_tally(indent: &str, t: &regmirror::admin::Tally) {
+    println!(
+        "{indent}blobs      {:>8} items {:>12}",
+        t.blobs,
+        human_bytes(t.blob_bytes)
+    );
+    println!(
+        "{indent}manifests  {:>8} items {:>12}",
+        t.manifests,
+        human_bytes(t.manifest_bytes)
+    );
+}
+
+/// `du`'s total line, against the budget when there is one.
+fn print_total(indent: &str, total: u64, max: Option<u64>) {
+    match max {
+        Some(max) => println!(
+            "{indent}total      {:>20} of {} ({:.1}%)",
+            human_bytes(total),
+            human_bytes(max),
+            100.0 * total as f64 / max.max(1) as f64
+        ),
+        None => println!(
+            "{indent}total      {:>20} (no storage.max_size)",
+            human_bytes(total)
+        ),
     }
 }
 

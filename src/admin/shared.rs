@@ -8,9 +8,9 @@ use std::io;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::{list_from, TagRow};
+use super::{list_from, TagRow, Tally};
 use crate::cache::store::disk::DiskStore;
-use crate::cache::store::{Index, Kind};
+use crate::cache::store::Index;
 use crate::cluster::open::{self, Shared};
 use crate::cluster::tiered_store::TieredStore;
 use crate::cluster::upkeep;
@@ -42,10 +42,7 @@ fn redis_answered(shared: &Shared) -> io::Result<()> {
 #[derive(Debug, Clone, Default)]
 pub struct BucketUsage {
     pub description: String,
-    pub blobs: u64,
-    pub blob_bytes: u64,
-    pub manifests: u64,
-    pub manifest_bytes: u64,
+    pub items: Tally,
     /// Uploads not completed (in flight, or left by a crash).
     pub pending_uploads: usize,
     pub max_size: Option<u64>,
@@ -64,16 +61,7 @@ pub async fn usage(config: &Config) -> io::Result<Option<BucketUsage>> {
         ..BucketUsage::default()
     };
     for found in bucket.scan().await.map_err(bucket_error)? {
-        match found.key.kind {
-            Kind::Blob => {
-                u.blobs += 1;
-                u.blob_bytes += found.size;
-            }
-            Kind::Manifest => {
-                u.manifests += 1;
-                u.manifest_bytes += found.size;
-            }
-        }
+        u.items.add(found.key.kind, found.size);
     }
     Ok(Some(u))
 }

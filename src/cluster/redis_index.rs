@@ -55,7 +55,6 @@ use super::{Health, SharedError};
 use crate::cache::store::{
     ContentEntry, ContentKey, Flush, Found, Index, Kind, ScanMark, TagEntry,
 };
-use crate::config::Secret;
 use crate::reference::{Digest, RepoName, Tag};
 
 /// How long a scan mark lasts: a scan that takes longer is not reconciled.
@@ -368,11 +367,6 @@ impl RedisIndex {
             conn,
             prefix: prefix.into(),
         }
-    }
-
-    /// Connects to `url` with the default timeouts.
-    pub async fn connect(url: &Secret, prefix: impl Into<String>) -> Result<Self, SharedError> {
-        Ok(Self::new(RedisConn::connect(url).await?, prefix))
     }
 
     /// How Redis last answered.

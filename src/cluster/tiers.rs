@@ -342,10 +342,9 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use futures_util::StreamExt;
-    use tokio::sync::Notify;
 
     use super::*;
-    use crate::cache::download::{Downloads, Joined, Verifier};
+    use crate::cache::download::{Downloads, Joined};
     use crate::cache::store::disk::DiskStore;
     use crate::cache::store::local_index::LocalIndex;
     use crate::cache::store::BlobStore;
@@ -386,15 +385,7 @@ mod tests {
         let store: Arc<dyn BlobStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
         let index: Arc<dyn Index> = Arc::new(LocalIndex::in_memory());
         let metrics = Arc::new(Metrics::new());
-        let downloads = Arc::new(Downloads::new(
-            store.clone(),
-            index.clone(),
-            u64::MAX,
-            8,
-            Arc::new(Notify::new()),
-            Arc::new(Verifier::new(store, index)),
-            metrics.clone(),
-        ));
+        let downloads = Downloads::for_tests(store, index, metrics.clone());
         let tiers = Arc::new(Tiers {
             bucket: shared.bucket.clone(),
             bucket_health: Arc::new(Health::new("bucket")),

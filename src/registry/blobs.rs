@@ -26,9 +26,6 @@ impl Registry {
         if let Some(blob) = self.cached_blob(digest).await? {
             self.authorize(route, digest, What::Blob).await?;
             self.touch(ContentKey::blob(digest)).await;
-            if !head {
-                self.metrics.tier_hit("local");
-            }
             return self.cached_reply(digest, blob, head, range_header).await;
         }
         if self.offline {
@@ -60,7 +57,6 @@ impl Registry {
             let (download, source, started) = match joined {
                 Joined::Cached(blob) => {
                     self.authorize(route, digest, What::Blob).await?;
-                    self.metrics.tier_hit("local");
                     return self.cached_reply(digest, blob, false, range_header).await;
                 }
                 Joined::Download {
@@ -138,7 +134,7 @@ impl Registry {
     }
 
     /// A cached blob's answer: its bytes checked as they stream when this
-    /// process has not vouched for them yet.
+    /// process has not vouched for them yet; a GET counts as a local hit.
     async fn cached_reply(
         &self,
         digest: &Digest,
@@ -150,6 +146,7 @@ impl Registry {
         let source = if head {
             None
         } else {
+            self.metrics.tier_hit("local");
             Some(self.verifier.source(digest, blob).await)
         };
         blob_reply(digest, size, source, head, range_header, Outcome::Hit)

@@ -148,6 +148,25 @@ impl Downloads {
         }
     }
 
+    /// Downloads over `store` and `index` with no budget and 8 at once,
+    /// for tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(
+        store: Arc<dyn BlobStore>,
+        index: Arc<dyn Index>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self::new(
+            store.clone(),
+            index.clone(),
+            u64::MAX,
+            8,
+            Arc::new(Notify::new()),
+            Arc::new(Verifier::new(store, index)),
+            metrics,
+        ))
+    }
+
     fn active(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<Download>>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -515,15 +534,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn BlobStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
         let index: Arc<dyn Index> = Arc::new(LocalIndex::in_memory());
-        let downloads = Arc::new(Downloads::new(
-            store.clone(),
-            index.clone(),
-            u64::MAX,
-            8,
-            Arc::new(Notify::new()),
-            Arc::new(Verifier::new(store, index)),
-            Arc::new(Metrics::new()),
-        ));
+        let downloads = Downloads::for_tests(store, index, Arc::new(Metrics::new()));
         let digest = crate::hashing::digest_of(crate::reference::Algorithm::Sha256, b"x");
         let timeout = Duration::from_secs(5);
         let Joined::Download {

@@ -15,7 +15,6 @@ use async_trait::async_trait;
 use super::{lease_key, lock_key, new_token, Coordinator, Lease, Taken, PEERS_KEPT};
 use crate::cluster::redis::RedisConn;
 use crate::cluster::{Health, SharedError};
-use crate::config::Secret;
 use crate::reference::Digest;
 
 /// `SET NX PX`, or the value already there: nil when taken.
@@ -75,11 +74,6 @@ impl RedisCoordinator {
             conn,
             prefix: prefix.into(),
         }
-    }
-
-    /// Connects to `url` with the default timeouts.
-    pub async fn connect(url: &Secret, prefix: impl Into<String>) -> Result<Self, SharedError> {
-        Ok(Self::new(RedisConn::connect(url).await?, prefix))
     }
 
     /// How Redis last answered.

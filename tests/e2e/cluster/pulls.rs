@@ -7,6 +7,7 @@ use crate::cluster::skopeo_pull;
 use crate::cluster::world::{ClusterWorld, Setup};
 use crate::containerd::Containerd;
 use crate::dockerd::{Dockerd, DOCKER};
+use crate::fixture::Image;
 
 /// skopeo, dockerd and containerd each pull the lab images through nginx (round-robin over 3
 /// replicas, so one pull's requests land on several of them): each gets the upstream's
@@ -60,15 +61,7 @@ async fn a_replica_on_an_empty_disk_serves_the_bucket_without_the_upstream() {
     let mut cluster = ClusterWorld::start(Setup::env(&[("REGMIRROR_CACHE_TAG_TTL", "1h")])).await;
     let front = cluster.front();
     let images = ["small", "many", "big", "multi"].map(|s| cluster.image(s));
-    for img in images {
-        skopeo_pull(
-            &cluster.world,
-            &front,
-            img,
-            &format!("warm-{}", img.name.replace('/', "-")),
-        )
-        .await;
-    }
+    pull_each(&cluster, &front, &images, "warm").await;
     for img in images {
         cluster.wait_in_bucket(&img.blobs()).await;
     }
@@ -127,15 +120,7 @@ async fn a_replica_on_an_empty_disk_serves_the_bucket_without_the_upstream() {
         "a range filled the whole layer into the fourth replica's disk"
     );
 
-    for img in images {
-        skopeo_pull(
-            &cluster.world,
-            &addr,
-            img,
-            &format!("fourth-{}", img.name.replace('/', "-")),
-        )
-        .await;
-    }
+    pull_each(&cluster, &addr, &images, "fourth").await;
     let new: Vec<String> = cluster.upstream().access_lines()[before..].to_vec();
     assert!(
         new.is_empty(),
@@ -154,6 +139,14 @@ async fn a_replica_on_an_empty_disk_serves_the_bucket_without_the_upstream() {
         names::TIER_HITS,
         crate::cluster::replicas::metrics(replica).await
     );
+}
+
+/// skopeo pulls each image via `addr`, into directories named after `what`.
+async fn pull_each(cluster: &ClusterWorld, addr: &str, images: &[&Image], what: &str) {
+    for img in images {
+        let dir = format!("{what}-{}", img.name.replace('/', "-"));
+        skopeo_pull(&cluster.world, addr, img, &dir).await;
+    }
 }
 
 /// One tag pulled through each of the 3 replicas directly, within its TTL: the upstream is
