@@ -57,6 +57,23 @@ pub enum Error {
     /// item may well exist, so this is never a 404.
     #[error("shared storage unavailable: {0}")]
     SharedUnavailable(String),
+    #[error("blob upload unknown: {0}")]
+    BlobUploadUnknown(String),
+    #[error("blob upload invalid: {0}")]
+    BlobUploadInvalid(String),
+    /// A chunk that does not start where the upload ends: 416, and the
+    /// client is told how far the upload got.
+    #[error("chunk out of order: the upload holds {received} bytes")]
+    UploadRangeInvalid { received: u64 },
+    #[error("size invalid: {0}")]
+    SizeInvalid(String),
+    #[error("manifest invalid: {0}")]
+    ManifestInvalid(String),
+    #[error("manifest references unknown blob: {0}")]
+    ManifestBlobUnknown(String),
+    /// A request body larger than the mirror takes for it (a manifest).
+    #[error("request body too large: {0}")]
+    TooLarge(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -174,6 +191,41 @@ impl Error {
                 "UNAVAILABLE",
                 "the mirror's shared storage is unreachable; retry later",
             ),
+            Error::BlobUploadUnknown(_) => (
+                StatusCode::NOT_FOUND,
+                "BLOB_UPLOAD_UNKNOWN",
+                "blob upload unknown to registry",
+            ),
+            Error::BlobUploadInvalid(_) => (
+                StatusCode::BAD_REQUEST,
+                "BLOB_UPLOAD_INVALID",
+                "blob upload invalid",
+            ),
+            Error::UploadRangeInvalid { .. } => (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "BLOB_UPLOAD_INVALID",
+                "chunk does not continue the upload",
+            ),
+            Error::SizeInvalid(_) => (
+                StatusCode::BAD_REQUEST,
+                "SIZE_INVALID",
+                "provided length did not match content length",
+            ),
+            Error::ManifestInvalid(_) => (
+                StatusCode::BAD_REQUEST,
+                "MANIFEST_INVALID",
+                "manifest invalid",
+            ),
+            Error::ManifestBlobUnknown(_) => (
+                StatusCode::BAD_REQUEST,
+                "MANIFEST_BLOB_UNKNOWN",
+                "manifest references a blob unknown to the registry",
+            ),
+            Error::TooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "SIZE_INVALID",
+                "request body too large",
+            ),
             Error::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "UNKNOWN",
@@ -208,7 +260,16 @@ impl Error {
             | Error::UriTooLong(d)
             | Error::Busy(d)
             | Error::SharedUnavailable(d)
+            | Error::BlobUploadUnknown(d)
+            | Error::BlobUploadInvalid(d)
+            | Error::SizeInvalid(d)
+            | Error::ManifestInvalid(d)
+            | Error::ManifestBlobUnknown(d)
+            | Error::TooLarge(d)
             | Error::Internal(d) => d.clone(),
+            Error::UploadRangeInvalid { received } => {
+                format!("the upload holds {received} bytes; the next chunk starts there")
+            }
             Error::Unauthorized { detail, .. } => detail.clone(),
             Error::RangeNotSatisfiable { size } => format!("blob size is {size}"),
             Error::LoginBackoff { retry_after } => {
@@ -257,6 +318,7 @@ impl From<ParseError> for Error {
             ParseError::Name(_) => Error::NameInvalid(e.to_string()),
             ParseError::Tag(_) => Error::TagInvalid(e.to_string()),
             ParseError::Digest(_) => Error::DigestInvalid(e.to_string()),
+            ParseError::Upload(_) => Error::BlobUploadUnknown(e.to_string()),
         }
     }
 }

@@ -18,6 +18,8 @@ pub enum ParseError {
     Tag(String),
     #[error("invalid digest {0:?}")]
     Digest(String),
+    #[error("invalid upload id {0:?}")]
+    Upload(String),
 }
 
 /// A repository name such as `library/alpine`.
@@ -215,6 +217,58 @@ impl fmt::Display for Digest {
     }
 }
 
+/// The id of a blob upload in progress: a UUID the mirror handed out, in
+/// its lowercase hyphenated form. Becomes a file name, so it is parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UploadId(String);
+
+impl UploadId {
+    /// A new random id (122 random bits, UUID version 4).
+    pub fn new() -> Self {
+        let mut b: [u8; 16] = rand::random();
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        let h = hex::encode(b);
+        Self(format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        ))
+    }
+
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        let ok = s.len() == 36
+            && s.char_indices().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => c == '-',
+                _ => c.is_ascii_digit() || ('a'..='f').contains(&c),
+            });
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(ParseError::Upload(s.chars().take(64).collect()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for UploadId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for UploadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A manifest reference: a tag or a digest.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Reference {
@@ -260,7 +314,7 @@ macro_rules! serde_as_string {
     )*};
 }
 
-serde_as_string!(RepoName, Tag, Digest);
+serde_as_string!(RepoName, Tag, Digest, UploadId);
 
 /// Keeps error messages bounded whatever the client sent.
 fn truncate(s: &str) -> String {

@@ -99,6 +99,9 @@ pub fn error(err: &Error, head: bool) -> Response<Body> {
         Error::LoginBackoff { retry_after } => {
             b = b.header(header::RETRY_AFTER, *retry_after);
         }
+        Error::UploadRangeInvalid { received } => {
+            b = b.header(header::RANGE, upload_range(*received));
+        }
         Error::Unauthorized { realm, .. } => {
             let realm = realm.replace(['"', '\\'], "");
             b = b.header(header::WWW_AUTHENTICATE, format!("Basic realm=\"{realm}\""));
@@ -111,6 +114,12 @@ pub fn error(err: &Error, head: bool) -> Response<Body> {
         full(Bytes::from(json))
     };
     b.body(body).unwrap_or_else(|_| fallback())
+}
+
+/// The `Range` header of an upload holding `received` bytes: `0-<last>`,
+/// and `0-0` for an empty one, as distribution answers.
+pub fn upload_range(received: u64) -> String {
+    format!("0-{}", received.saturating_sub(1))
 }
 
 /// A bare 500 for the impossible case of a response that cannot be built.

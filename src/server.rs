@@ -304,7 +304,7 @@ impl Frontend {
         let path = req.uri().path().to_owned();
         let head = method == http::Method::HEAD;
         let mut label = "other";
-        let result = self.answer(&req, client, &mut label).await;
+        let result = self.answer(req, client, &mut label).await;
         let (response, outcome) = match result {
             Ok(mut reply) => {
                 if reply.outcome != Outcome::None {
@@ -362,11 +362,12 @@ impl Frontend {
 
     async fn answer(
         &self,
-        req: &Request<Incoming>,
+        req: Request<Incoming>,
         client: IpAddr,
         label: &mut &'static str,
     ) -> Result<response::Reply, Error> {
-        let uri_len = req.uri().path().len() + req.uri().query().map_or(0, |q| q.len() + 1);
+        let (req, body) = req.into_parts();
+        let uri_len = req.uri.path().len() + req.uri.query().map_or(0, |q| q.len() + 1);
         if uri_len > self.max_url_length {
             return Err(Error::UriTooLong(format!(
                 "{uri_len} bytes; the limit is {}",
@@ -375,14 +376,14 @@ impl Frontend {
         }
         // Parsed before authentication, so that a refused request is counted
         // under its endpoint; a parse error is answered only after it.
-        let target = match OpsEndpoint::parse(req.uri().path()) {
+        let target = match OpsEndpoint::parse(req.uri.path()) {
             Some(which) => Target::Ops(which),
-            None => match peer::parse(req.uri().path()) {
+            None => match peer::parse(req.uri.path()) {
                 Some(digest) => Target::Peer(digest),
                 None => Target::Api(endpoint::parse(
-                    req.method(),
-                    req.uri().path(),
-                    req.uri().query(),
+                    &req.method,
+                    req.uri.path(),
+                    req.uri.query(),
                 )),
             },
         };
@@ -395,23 +396,18 @@ impl Frontend {
         if let Target::Peer(digest) = target {
             // Signed by a replica with the cluster's secret, instead of a
             // client's credentials; refused by a mirror that has no cluster.
-            if self.ops_only || req.method() != http::Method::GET {
+            if self.ops_only || req.method != http::Method::GET {
                 return Err(Error::NotFound("no such endpoint".into()));
             }
             return self
                 .registry
-                .peer_blob(
-                    req.method().as_str(),
-                    req.uri().path(),
-                    req.headers(),
-                    digest?,
-                )
+                .peer_blob(req.method.as_str(), req.uri.path(), &req.headers, digest?)
                 .await;
         }
         if let Some(auth) = &self.auth {
             if !matches!(target, Target::Ops(which) if !which.needs_auth()) {
                 let value = req
-                    .headers()
+                    .headers
                     .get(header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok());
                 auth.check(value, client).await?;
@@ -419,12 +415,18 @@ impl Frontend {
         }
         match target {
             Target::Ops(which) => {
-                ops::answer(&self.registry, which, req.method() == http::Method::HEAD).await
+                ops::answer(&self.registry, which, req.method == http::Method::HEAD).await
             }
             Target::Api(_) if self.ops_only => Err(Error::NotFound(
                 "this listener serves /metrics, /healthz, /readyz and /_/status".into(),
             )),
-            Target::Api(api) => self.registry.handle(&api?, req.headers()).await,
+            Target::Api(api) => {
+                use http_body_util::BodyExt;
+                let body = body
+                    .map_err(|e| Box::new(e) as response::BoxError)
+                    .boxed_unsync();
+                self.registry.handle(&api?, &req.headers, Some(body)).await
+            }
             Target::Peer(_) => Err(Error::Internal("a peer request was not answered".into())),
         }
     }

@@ -727,7 +727,7 @@ async fn cosign_signature_and_attestation_tags_pull_like_any_tag() {
 /// request to the point where it waits on another's upstream fetch.
 async fn registry_get(registry: &Registry, path: &str) -> (u16, String, Bytes) {
     let req = regmirror::endpoint::parse(&http::Method::GET, path, None).unwrap();
-    let response = match registry.handle(&req, &http::HeaderMap::new()).await {
+    let response = match registry.handle(&req, &http::HeaderMap::new(), None).await {
         Ok(reply) => reply.response,
         Err(e) => regmirror::response::error(&e, false),
     };

@@ -52,6 +52,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("auth.bcrypt_threads", Kind::Toml),
     ("auth.max_failures", Kind::Toml),
     ("auth.failure_window", Kind::Str),
+    ("auth.anonymous_pull", Kind::Toml),
+    ("auth.access", Kind::Toml),
     ("server.max_header_size", Kind::Str),
     ("server.max_url_length", Kind::Toml),
     ("server.max_connections", Kind::Toml),
@@ -71,6 +73,11 @@ const KEYS: &[(&str, Kind)] = &[
     ("cluster.redis", Kind::Str),
     ("cluster.advertise", Kind::Str),
     ("cluster.secret", Kind::Str),
+    ("hosted.repos", Kind::Toml),
+    ("hosted.max_size", Kind::Str),
+    ("hosted.delete", Kind::Toml),
+    ("hosted.upload_ttl", Kind::Str),
+    ("hosted.shadowing", Kind::Toml),
 ];
 
 /// AWS's own names for the bucket's credentials, read when the
@@ -359,6 +366,11 @@ mod tests {
             ("auth.bcrypt_threads", "3"),
             ("auth.max_failures", "0"),
             ("auth.failure_window", "5m"),
+            ("auth.anonymous_pull", "true"),
+            (
+                "auth.access",
+                r#"[{users = ["ci"], repos = ["myorg/*"], actions = ["pull", "push"]}]"#,
+            ),
             ("server.max_header_size", "16KiB"),
             ("server.max_url_length", "4096"),
             ("server.max_connections", "10"),
@@ -378,6 +390,11 @@ mod tests {
             ("cluster.redis", "redis://:pw@127.0.0.1:6379/0"),
             ("cluster.advertise", "http://10.0.0.7:5000"),
             ("cluster.secret", "0123456789abcdef"),
+            ("hosted.repos", r#"["myorg/*"]"#),
+            ("hosted.max_size", "2GiB"),
+            ("hosted.delete", "true"),
+            ("hosted.upload_ttl", "1h"),
+            ("hosted.shadowing", "[]"),
         ];
         assert_eq!(values.len(), KEYS.len());
         let e: Vec<_> = values
@@ -398,6 +415,12 @@ mod tests {
         assert_eq!(c.upstream.credential_hosts, vec!["auth.example".to_owned()]);
         assert_eq!(c.upstream.credentials_for, vec!["myorg/*".to_owned()]);
         assert_eq!(c.tls.key, Some(PathBuf::from("/k.pem")));
+        assert!(c.auth.anonymous_pull);
+        assert_eq!(c.auth.access[0].users, vec!["ci".to_owned()]);
+        assert_eq!(c.hosted.repos, vec!["myorg/*".to_owned()]);
+        assert_eq!(c.hosted.max_size, Some(ByteSize(2 << 30)));
+        assert!(c.hosted.delete);
+        assert_eq!(c.hosted.upload_ttl, Duration::from_secs(3600));
         assert_eq!(c.server.max_connections, 10);
         assert_eq!(c.auth.bcrypt_threads, 3);
         assert_eq!(c.auth.max_failures, 0);

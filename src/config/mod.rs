@@ -15,10 +15,12 @@ use url::Url;
 use crate::cache::policy::{self, Budget, TagTtlRule};
 
 mod cluster;
+mod hosted;
 mod load;
 mod size;
 
 pub use cluster::{Backend, ClusterConfig, S3Config, StorageConfig, MIN_SECRET_LEN};
+pub use hosted::HostedConfig;
 pub use load::{env_name, load, ConfigError, Flags};
 pub use size::ByteSize;
 
@@ -59,6 +61,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Replicas of one cache: shared metadata, leases, peers.
     pub cluster: ClusterConfig,
+    /// Repositories that live here: pushed to, never fetched upstream.
+    pub hosted: HostedConfig,
 }
 
 /// The operator endpoints (`/metrics`, `/healthz`, `/readyz`, `/_/status`)
@@ -100,6 +104,25 @@ pub struct AuthConfig {
     /// The window of `max_failures`, from the address's first check in it.
     #[serde(with = "humantime_serde_compat")]
     pub failure_window: Duration,
+    /// Clients without credentials may pull (never push or delete); a
+    /// client that sends credentials must still send right ones.
+    pub anonymous_pull: bool,
+    /// Who may do what where. Empty: every user may pull, push and delete
+    /// (where the configuration allows those at all). Otherwise a user may
+    /// do an action on a repository only when a rule grants it.
+    pub access: Vec<AccessRule>,
+}
+
+/// `[[auth.access]]`: `users` may do `actions` on `repos`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessRule {
+    /// htpasswd user names (`*` matches every user).
+    pub users: Vec<String>,
+    /// Repository globs, as the client names them (`myorg/*`).
+    pub repos: Vec<String>,
+    /// `pull`, `push`, `delete`.
+    pub actions: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -110,6 +133,8 @@ impl Default for AuthConfig {
             bcrypt_threads: 2,
             max_failures: 10,
             failure_window: Duration::from_secs(60),
+            anonymous_pull: false,
+            access: Vec::new(),
         }
     }
 }
@@ -158,6 +183,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             metrics: MetricsConfig::default(),
             storage: StorageConfig::default(),
+            hosted: HostedConfig::default(),
             cluster: ClusterConfig::default(),
         }
     }
@@ -234,6 +260,18 @@ impl Config {
                     .into(),
             );
         }
+        for (i, rule) in self.auth.access.iter().enumerate() {
+            if let Some(bad) = rule
+                .actions
+                .iter()
+                .find(|a| crate::endpoint::Action::parse(a).is_none())
+            {
+                return Err(format!(
+                    "key auth.access[{i}].actions: {bad:?} is not pull, push or delete"
+                ));
+            }
+        }
+        self.hosted.check(self.all_upstreams())?;
         if self.server.max_connections == 0 {
             return Err("key server.max_connections: must be at least 1".into());
         }

@@ -22,8 +22,9 @@ use crate::cache::store::Kind;
 use crate::cache::store::{
     disk::DiskStore, local_index::LocalIndex, BlobStore, ContentKey, Flush, Index, StoredManifest,
 };
+use crate::config::HostedConfig;
 use crate::config::{CacheConfig, Config, UpstreamConfig};
-use crate::endpoint::{ApiRequest, Endpoint};
+use crate::endpoint::{Action, ApiRequest, Endpoint};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Reference, RepoName};
@@ -89,6 +90,8 @@ pub struct Registry {
     readiness: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
     /// The shared parts, when this is one replica of several.
     cluster: Option<cluster::Cluster>,
+    /// Which repositories live here rather than upstream.
+    hosted_repos: HostedConfig,
     /// The data dir's lock, held while this registry lives.
     _lock: Option<std::fs::File>,
 }
@@ -197,12 +200,30 @@ impl Registry {
             max_size: config.cache.max_size.0,
             readiness: tokio::sync::Mutex::new(None),
             cluster: None,
+            hosted_repos: config.hosted.clone(),
             _lock: None,
         })
     }
 
-    /// Answers one parsed request.
-    pub async fn handle(&self, req: &ApiRequest, headers: &HeaderMap) -> Result<Reply, Error> {
+    /// Answers one parsed request; `body` is the request's (the push API
+    /// reads it).
+    pub async fn handle(
+        &self,
+        req: &ApiRequest,
+        headers: &HeaderMap,
+        body: Option<response::Body>,
+    ) -> Result<Reply, Error> {
+        if let Some(name) = req.endpoint.name() {
+            if req.namespace.is_none() && self.hosted_repos.hosts(name.as_str()) {
+                return self.hosted(req, headers, body).await;
+            }
+            if req.endpoint.action() != Action::Pull {
+                return Err(Error::Denied(format!(
+                    "{name} is mirrored, not hosted here: pushes and deletes go only to the \
+                     repositories hosted.repos names"
+                )));
+            }
+        }
         let (name, route) = match req.endpoint.name() {
             Some(name) => (name, self.route(name, req.namespace.as_deref())?),
             None => {
@@ -243,9 +264,16 @@ impl Registry {
                 self.referrers(&route, digest, artifact_type.as_deref(), req.head)
                     .await
             }
-            Endpoint::Ping | Endpoint::Catalog { .. } => {
-                Err(Error::Internal("endpoint without a name routed".into()))
-            }
+            Endpoint::Ping
+            | Endpoint::Catalog { .. }
+            | Endpoint::StartUpload { .. }
+            | Endpoint::Upload { .. }
+            | Endpoint::PutManifest { .. }
+            | Endpoint::DeleteManifest { .. }
+            | Endpoint::DeleteBlob { .. } => Err(Error::Internal(format!(
+                "{} request routed to an upstream",
+                req.endpoint.label()
+            ))),
         }?;
         if req.namespace.is_some() {
             if let Ok(v) = http::HeaderValue::from_str(self.router.name(route.upstream)) {
@@ -253,6 +281,19 @@ impl Registry {
             }
         }
         Ok(reply)
+    }
+
+    /// A request for a hosted repository.
+    async fn hosted(
+        &self,
+        req: &ApiRequest,
+        _headers: &HeaderMap,
+        _body: Option<response::Body>,
+    ) -> Result<Reply, Error> {
+        Err(Error::Unsupported(format!(
+            "{} of a hosted repository is not implemented yet",
+            req.endpoint.label()
+        )))
     }
 
     /// Routes a name to its upstream and checks that upstream's allow/deny.
