@@ -27,6 +27,7 @@ pub mod config;
 pub mod endpoint;
 pub mod error;
 pub mod hashing;
+pub mod hosted;
 pub mod idle;
 pub mod imageref;
 pub mod manifest;

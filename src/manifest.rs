@@ -1,5 +1,6 @@
-//! Manifest media types and the digests a manifest references. Pure
-//! functions of the bytes; manifests are otherwise kept byte for byte.
+//! Manifest media types and the digests a manifest references, and the
+//! check of a pushed manifest. Pure functions of the bytes; manifests are
+//! otherwise kept byte for byte.
 
 use serde::Deserialize;
 
@@ -81,6 +82,96 @@ fn servable(t: &str) -> bool {
     })
 }
 
+/// What a pushed manifest says, checked: every descriptor's digest parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    /// The type it is served with (its `Content-Type`, or its own).
+    pub media_type: String,
+    /// Blobs it needs in its repository: config, layers, artifact blobs.
+    pub blobs: Vec<Digest>,
+    /// Manifests it needs in its repository (an index's children).
+    pub children: Vec<Digest>,
+    /// The manifest it refers to, which need not exist (yet).
+    pub subject: Option<Digest>,
+    /// For the referrers API: `artifactType`, else the config's media type.
+    pub artifact_type: Option<String>,
+    pub annotations: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PushedShape {
+    schema_version: Option<u32>,
+    media_type: Option<String>,
+    artifact_type: Option<String>,
+    config: Option<PushedDescriptor>,
+    layers: Option<Vec<PushedDescriptor>>,
+    manifests: Option<Vec<PushedDescriptor>>,
+    blobs: Option<Vec<PushedDescriptor>>,
+    subject: Option<PushedDescriptor>,
+    annotations: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PushedDescriptor {
+    digest: String,
+    media_type: Option<String>,
+}
+
+/// Checks a manifest a client pushes: JSON of schema version 2 with a
+/// servable media type (`Content-Type` unless generic, else its own
+/// `mediaType`), and every descriptor's digest well formed. The error says
+/// what is wrong, for `MANIFEST_INVALID`.
+pub fn check_pushed(content_type: Option<&str>, bytes: &[u8]) -> Result<Pushed, String> {
+    let shape: PushedShape =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
+    if shape.schema_version != Some(2) {
+        return Err("schemaVersion must be 2 (schema 1 manifests are not taken)".into());
+    }
+    let declared = content_type
+        .map(|c| c.split(';').next().unwrap_or("").trim())
+        .filter(|c| !c.is_empty() && *c != "application/json");
+    let media_type = match (declared, shape.media_type.as_deref()) {
+        (Some(c), Some(m)) if c != m => {
+            return Err(format!(
+                "Content-Type {c:?} differs from the manifest's mediaType {m:?}"
+            ))
+        }
+        (Some(c), _) | (None, Some(c)) => c.to_owned(),
+        (None, None) if shape.manifests.is_some() => OCI_INDEX.to_owned(),
+        (None, None) => OCI_MANIFEST.to_owned(),
+    };
+    if !servable(&media_type) {
+        return Err(format!("{media_type:?} is not a manifest media type"));
+    }
+    let parse = |d: &PushedDescriptor| {
+        Digest::parse(&d.digest).map_err(|e| format!("a descriptor's digest: {e}"))
+    };
+    let all = |list: &Option<Vec<PushedDescriptor>>| -> Result<Vec<Digest>, String> {
+        list.iter().flatten().map(parse).collect()
+    };
+    let mut blobs: Vec<Digest> = shape.config.iter().map(parse).collect::<Result<_, _>>()?;
+    blobs.extend(all(&shape.layers)?);
+    blobs.extend(all(&shape.blobs)?);
+    let children = all(&shape.manifests)?;
+    if children.is_empty() && shape.manifests.is_none() && shape.config.is_none() {
+        return Err("neither an image manifest (config, layers) nor an index (manifests)".into());
+    }
+    let subject = shape.subject.as_ref().map(parse).transpose()?;
+    let artifact_type = shape
+        .artifact_type
+        .or_else(|| shape.config.and_then(|c| c.media_type));
+    Ok(Pushed {
+        media_type,
+        blobs,
+        children,
+        subject,
+        artifact_type,
+        annotations: shape.annotations,
+    })
+}
+
 /// Every digest the manifest points at (config, layers, child manifests,
 /// artifact blobs): the content a repository holding this manifest holds.
 pub fn references(bytes: &[u8]) -> Vec<Digest> {
@@ -147,6 +238,45 @@ mod tests {
         let i = format!(r#"{{"manifests":[{{"digest":"{}"}}]}}"#, d('c'));
         assert_eq!(references(i.as_bytes()).len(), 1);
         assert!(references(b"not json").is_empty());
+    }
+
+    #[test]
+    fn a_pushed_manifest_is_checked_and_its_needs_listed() {
+        let image = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.example+json","digest":"{}","size":2}},"layers":[{{"digest":"{}","size":1}}],"subject":{{"digest":"{}","size":3}}}}"#,
+            d('a'),
+            d('b'),
+            d('c')
+        );
+        let p = check_pushed(Some(OCI_MANIFEST), image.as_bytes()).unwrap();
+        assert_eq!(p.media_type, OCI_MANIFEST);
+        assert_eq!(p.blobs.len(), 2);
+        assert!(p.children.is_empty());
+        assert_eq!(p.subject.unwrap().to_string(), d('c'));
+        assert_eq!(
+            p.artifact_type.as_deref(),
+            Some("application/vnd.example+json")
+        );
+        let index = format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"digest":"{}","size":1}}]}}"#,
+            d('e')
+        );
+        let p = check_pushed(None, index.as_bytes()).unwrap();
+        assert_eq!(p.media_type, OCI_INDEX);
+        assert_eq!(p.children.len(), 1);
+        for (ct, bad) in [
+            (None, "not json".to_owned()),
+            (None, r#"{"schemaVersion":1}"#.to_owned()),
+            (None, r#"{"schemaVersion":2}"#.to_owned()),
+            (
+                None,
+                r#"{"schemaVersion":2,"config":{"digest":"sha256:nope"}}"#.to_owned(),
+            ),
+            (Some(DOCKER_MANIFEST), image.clone()),
+            (Some("text/html"), index.clone()),
+        ] {
+            assert!(check_pushed(ct, bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]

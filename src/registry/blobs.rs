@@ -155,7 +155,7 @@ impl Registry {
     /// The committed blob, if present and of the size the index recorded
     /// (its bytes are checked as it streams). A file of another size is
     /// removed, so the caller fetches it again.
-    async fn cached_blob(&self, digest: &Digest) -> Result<Option<BlobFile>, Error> {
+    pub(super) async fn cached_blob(&self, digest: &Digest) -> Result<Option<BlobFile>, Error> {
         let key = ContentKey::blob(digest);
         // Read before the open, so a commit that lands in between is not
         // forgotten below.
@@ -184,7 +184,7 @@ fn storage(e: std::io::Error) -> Error {
 }
 
 /// A blob answer of known size: 200, or 206 for a satisfiable `Range`.
-fn blob_reply(
+pub(super) fn blob_reply(
     digest: &Digest,
     size: u64,
     source: Option<Source>,

@@ -29,19 +29,7 @@ impl Registry {
         head: bool,
     ) -> Result<Reply, Error> {
         let (tags, outcome) = self.tag_list(route).await?;
-        let tags: Vec<&str> = tags.iter().map(Tag::as_str).collect();
-        let (items, next) = paginate(&tags, page.n, page.last.as_ref().map(Tag::as_str));
-        let body = serde_json::json!({ "name": name.as_str(), "tags": items }).to_string();
-        let link = next.map(|last| {
-            let mut q = url::form_urlencoded::Serializer::new(String::new());
-            q.append_pair("n", &page.n.unwrap_or_default().to_string());
-            q.append_pair("last", last);
-            if let Some(ns) = ns {
-                q.append_pair("ns", ns);
-            }
-            format!("</v2/{name}/tags/list?{}>; rel=\"next\"", q.finish())
-        });
-        json_reply(body, link, head, outcome)
+        tags_reply(name, ns, &tags, page, head, outcome)
     }
 
     /// The whole tag list: the one fetched within the tag TTL, else from the
@@ -97,6 +85,16 @@ impl Registry {
                     .to_owned()
             })
             .collect();
+        if let Some(h) = &self.hosted {
+            use crate::cache::store::Index as _;
+            names.extend(
+                h.index
+                    .repositories()
+                    .await
+                    .iter()
+                    .map(|r| r.as_str().to_owned()),
+            );
+        }
         names.sort();
         names.dedup();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -190,7 +188,31 @@ pub fn paginate<'a>(
     (page, next)
 }
 
-fn json_reply(
+/// A page of a sorted tag list, with `Link` to the next.
+pub(super) fn tags_reply(
+    name: &RepoName,
+    ns: Option<&str>,
+    tags: &[Tag],
+    page: &TagsPage,
+    head: bool,
+    outcome: Outcome,
+) -> Result<Reply, Error> {
+    let tags: Vec<&str> = tags.iter().map(Tag::as_str).collect();
+    let (items, next) = paginate(&tags, page.n, page.last.as_ref().map(Tag::as_str));
+    let body = serde_json::json!({ "name": name.as_str(), "tags": items }).to_string();
+    let link = next.map(|last| {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        q.append_pair("n", &page.n.unwrap_or_default().to_string());
+        q.append_pair("last", last);
+        if let Some(ns) = ns {
+            q.append_pair("ns", ns);
+        }
+        format!("</v2/{name}/tags/list?{}>; rel=\"next\"", q.finish())
+    });
+    json_reply(body, link, head, outcome)
+}
+
+pub(super) fn json_reply(
     body: String,
     link: Option<String>,
     head: bool,

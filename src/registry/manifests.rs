@@ -322,7 +322,7 @@ enum Resolved {
     Fetched(Digest, Arc<StoredManifest>),
 }
 
-fn manifest_reply(
+pub(super) fn manifest_reply(
     digest: &Digest,
     m: &StoredManifest,
     head: bool,

@@ -5,6 +5,7 @@
 
 mod blobs;
 mod cluster;
+mod hosted;
 mod listings;
 mod manifests;
 
@@ -22,7 +23,6 @@ use crate::cache::store::Kind;
 use crate::cache::store::{
     disk::DiskStore, local_index::LocalIndex, BlobStore, ContentKey, Flush, Index, StoredManifest,
 };
-use crate::config::HostedConfig;
 use crate::config::{CacheConfig, Config, UpstreamConfig};
 use crate::endpoint::{Action, ApiRequest, Endpoint};
 use crate::error::Error;
@@ -90,8 +90,9 @@ pub struct Registry {
     readiness: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
     /// The shared parts, when this is one replica of several.
     cluster: Option<cluster::Cluster>,
-    /// Which repositories live here rather than upstream.
-    hosted_repos: HostedConfig,
+    /// The repositories that live here rather than upstream (none when
+    /// `hosted.repos` is empty).
+    hosted: Option<Arc<crate::hosted::Hosted>>,
     /// The data dir's lock, held while this registry lives.
     _lock: Option<std::fs::File>,
 }
@@ -134,6 +135,19 @@ impl Registry {
         let mut registry = Self::assemble(config, store, index, metrics)?;
         registry.cluster = cluster;
         registry._lock = Some(lock);
+        if !config.hosted.repos.is_empty() {
+            if registry.cluster.is_some() {
+                return Err(Error::Internal(
+                    "hosted repositories (hosted.repos) do not work with storage.backend = \"s3\" \
+                     yet: each replica would keep its own"
+                        .into(),
+                ));
+            }
+            let hosted = crate::hosted::Hosted::open(dir, &config.hosted)
+                .await
+                .map_err(|e| Error::internal(&ctx("opening the hosted repositories"), e))?;
+            registry.hosted = Some(Arc::new(hosted));
+        }
         if registry.cluster.is_some() {
             registry.cluster_upkeep(true).await;
         }
@@ -200,7 +214,7 @@ impl Registry {
             max_size: config.cache.max_size.0,
             readiness: tokio::sync::Mutex::new(None),
             cluster: None,
-            hosted_repos: config.hosted.clone(),
+            hosted: None,
             _lock: None,
         })
     }
@@ -214,7 +228,7 @@ impl Registry {
         body: Option<response::Body>,
     ) -> Result<Reply, Error> {
         if let Some(name) = req.endpoint.name() {
-            if req.namespace.is_none() && self.hosted_repos.hosts(name.as_str()) {
+            if req.namespace.is_none() && self.hosted.as_ref().is_some_and(|h| h.hosts(name)) {
                 return self.hosted(req, headers, body).await;
             }
             if req.endpoint.action() != Action::Pull {
@@ -281,19 +295,6 @@ impl Registry {
             }
         }
         Ok(reply)
-    }
-
-    /// A request for a hosted repository.
-    async fn hosted(
-        &self,
-        req: &ApiRequest,
-        _headers: &HeaderMap,
-        _body: Option<response::Body>,
-    ) -> Result<Reply, Error> {
-        Err(Error::Unsupported(format!(
-            "{} of a hosted repository is not implemented yet",
-            req.endpoint.label()
-        )))
     }
 
     /// Routes a name to its upstream and checks that upstream's allow/deny.
