@@ -380,3 +380,115 @@ async fn hash_file(path: &Path, algorithm: Algorithm) -> Result<Digest, Error> {
 fn flatten<T>(r: Result<io::Result<T>, tokio::task::JoinError>) -> io::Result<T> {
     r.map_err(io::Error::other).and_then(|r| r)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hashing::digest_of;
+    use crate::response;
+
+    fn body(bytes: &'static [u8]) -> Option<Body> {
+        Some(response::full(Bytes::from_static(bytes)))
+    }
+
+    fn any(_: u64) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn repo(s: &str) -> RepoName {
+        RepoName::parse(s).unwrap()
+    }
+
+    /// A restart loses the hash state but not the bytes: the upload resumes
+    /// where the disk says, and its completion hashes the file.
+    #[tokio::test]
+    async fn an_upload_resumes_after_a_restart_and_is_hashed_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = repo("myorg/app");
+        let id = {
+            let uploads = Uploads::open(dir.path()).unwrap();
+            let id = uploads.create(&app).await.unwrap();
+            let s = uploads
+                .append(&id, &app, Some(0), body(b"hello "), &any)
+                .await
+                .unwrap();
+            assert_eq!(s.received, 6);
+            id
+        };
+        let uploads = Uploads::open(dir.path()).unwrap();
+        assert_eq!(uploads.bytes(), 6);
+        assert_eq!(uploads.status(&id, &app).await.unwrap().received, 6);
+        // Another repository's request does not see it.
+        assert!(matches!(
+            uploads.status(&id, &repo("other/app")).await,
+            Err(Error::BlobUploadUnknown(_))
+        ));
+        // A chunk that does not continue it is refused with how far it got.
+        assert!(matches!(
+            uploads.append(&id, &app, Some(3), body(b"x"), &any).await,
+            Err(Error::UploadRangeInvalid { received: 6 })
+        ));
+        let digest = digest_of(Algorithm::Sha256, b"hello world");
+        let done = uploads
+            .complete(&id, &app, &digest, body(b"world"), &any)
+            .await
+            .unwrap();
+        assert_eq!(done.size, 11);
+        assert_eq!(std::fs::read(done.spool.path()).unwrap(), b"hello world");
+        assert_eq!(uploads.bytes(), 0);
+        assert!(matches!(
+            uploads.status(&id, &app).await,
+            Err(Error::BlobUploadUnknown(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn bytes_that_do_not_match_the_digest_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let uploads = Uploads::open(dir.path()).unwrap();
+        let app = repo("myorg/app");
+        let id = uploads.create(&app).await.unwrap();
+        let wrong = digest_of(Algorithm::Sha256, b"something else");
+        assert!(matches!(
+            uploads
+                .complete(&id, &app, &wrong, body(b"abc"), &any)
+                .await,
+            Err(Error::DigestInvalid(_))
+        ));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(uploads.bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_chunk_past_the_quota_removes_the_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let uploads = Uploads::open(dir.path()).unwrap();
+        let app = repo("myorg/app");
+        let id = uploads.create(&app).await.unwrap();
+        let full = |_: u64| Err(Error::Denied("quota exceeded".into()));
+        assert!(matches!(
+            uploads.append(&id, &app, None, body(b"abc"), &full).await,
+            Err(Error::Denied(_))
+        ));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn untouched_uploads_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let uploads = Uploads::open(dir.path()).unwrap();
+        let app = repo("myorg/app");
+        let id = uploads.create(&app).await.unwrap();
+        uploads
+            .append(&id, &app, None, body(b"abc"), &any)
+            .await
+            .unwrap();
+        assert_eq!(uploads.expire(Duration::from_secs(3600)).await, 0);
+        assert_eq!(uploads.expire(Duration::ZERO).await, 1);
+        assert_eq!(uploads.bytes(), 0);
+        assert!(matches!(
+            uploads.status(&id, &app).await,
+            Err(Error::BlobUploadUnknown(_))
+        ));
+    }
+}
