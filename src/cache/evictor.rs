@@ -286,6 +286,12 @@ mod tests {
         async fn add_holds(&self, repo: &RepoName, digests: Vec<Digest>) {
             self.inner.add_holds(repo, digests).await
         }
+        async fn held(&self, repo: &RepoName) -> Vec<Digest> {
+            self.inner.held(repo).await
+        }
+        async fn drop_hold(&self, repo: &RepoName, digest: &Digest) {
+            self.inner.drop_hold(repo, digest).await
+        }
         async fn record(&self, key: &ContentKey, size: u64, now: SystemTime) {
             self.inner.record(key, size, now).await
         }

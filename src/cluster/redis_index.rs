@@ -677,6 +677,34 @@ impl Index for RedisIndex {
         dropped("add_holds", r);
     }
 
+    async fn held(&self, repo: &RepoName) -> Vec<Digest> {
+        let members: Vec<String> = or_empty(
+            self.conn
+                .query(::redis::cmd("SMEMBERS").arg(self.key(&["holds", repo.as_str()])))
+                .await,
+        );
+        members
+            .iter()
+            .filter_map(|d| Digest::parse(d).ok())
+            .collect()
+    }
+
+    async fn drop_hold(&self, repo: &RepoName, digest: &Digest) {
+        let mut pipe = ::redis::pipe();
+        pipe.atomic();
+        let d = digest.to_string();
+        pipe.cmd("SREM")
+            .arg(self.key(&["holds", repo.as_str()]))
+            .arg(&d)
+            .ignore();
+        pipe.cmd("SREM")
+            .arg(self.key(&["heldby", &d]))
+            .arg(repo.as_str())
+            .ignore();
+        let r: Result<(), _> = self.conn.pipe(&pipe).await;
+        dropped("drop_hold", r);
+    }
+
     async fn record(&self, key: &ContentKey, size: u64, now: SystemTime) {
         let r: Result<i64, _> = self
             .conn

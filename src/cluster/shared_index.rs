@@ -127,6 +127,19 @@ impl Index for SharedIndex {
         self.shared.add_holds(repo, digests).await;
     }
 
+    async fn held(&self, repo: &RepoName) -> Vec<Digest> {
+        let mut all = self.local.held(repo).await;
+        all.extend(self.shared.held(repo).await);
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    async fn drop_hold(&self, repo: &RepoName, digest: &Digest) {
+        self.local.drop_hold(repo, digest).await;
+        self.shared.drop_hold(repo, digest).await;
+    }
+
     async fn record(&self, key: &ContentKey, size: u64, now: SystemTime) {
         self.local.record(key, size, now).await;
     }

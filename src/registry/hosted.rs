@@ -70,7 +70,7 @@ impl Registry {
                     .filter(|(r, _, _)| r == name)
                     .map(|(_, t, _)| t)
                     .collect();
-                if tags.is_empty() && h.index.held(name).is_empty() {
+                if tags.is_empty() && h.index.held(name).await.is_empty() {
                     return Err(Error::NameUnknown(format!("{name} has nothing pushed")));
                 }
                 tags.sort();
@@ -95,7 +95,7 @@ impl Registry {
                 if h.blob(name, digest).await?.is_none() {
                     return Err(Error::BlobUnknown(format!("{name}@{digest}")));
                 }
-                h.index.drop_hold(name, digest);
+                h.index.drop_hold(name, digest).await;
                 h.persist().await?;
                 accepted()
             }
@@ -391,7 +391,7 @@ async fn delete_manifest(
                     h.index.remove_tag(name, &tag).await;
                 }
             }
-            h.index.drop_hold(name, digest);
+            h.index.drop_hold(name, digest).await;
         }
     }
     h.persist().await?;
@@ -418,7 +418,7 @@ async fn referrers(
     head: bool,
 ) -> Result<Reply, Error> {
     let mut found = Vec::new();
-    for digest in h.index.held(name) {
+    for digest in h.index.held(name).await {
         let Some(m) = h
             .store
             .get_manifest(&digest)

@@ -318,39 +318,6 @@ impl LocalIndex {
         self.inner.changed();
     }
 
-    /// The digests `repo` holds (hosted repositories list their manifests
-    /// and blobs this way).
-    pub fn held(&self, repo: &RepoName) -> Vec<Digest> {
-        self.state()
-            .holds
-            .get(repo)
-            .map(|set| set.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    /// `repo` no longer holds `digest` (a hosted repository's delete); the
-    /// item itself stays until a collection finds nothing references it.
-    pub fn drop_hold(&self, repo: &RepoName, digest: &Digest) {
-        let mut state = self.state();
-        let Some(set) = state.holds.get_mut(repo) else {
-            return;
-        };
-        if !set.remove(digest) {
-            return;
-        }
-        if set.is_empty() {
-            state.holds.remove(repo);
-        }
-        if let Some(repos) = state.held_by.get_mut(digest) {
-            repos.remove(repo);
-            if repos.is_empty() {
-                state.held_by.remove(digest);
-            }
-        }
-        drop(state);
-        self.changed();
-    }
-
     /// Writes the snapshot if anything changed since the last write, access
     /// times included, on the calling thread (for synchronous callers;
     /// [`Index::flush`] uses the blocking pool).
@@ -438,6 +405,35 @@ fn write_atomically(path: &Path, snapshot: &Snapshot) -> io::Result<()> {
 
 #[async_trait]
 impl Index for LocalIndex {
+    async fn held(&self, repo: &RepoName) -> Vec<Digest> {
+        self.state()
+            .holds
+            .get(repo)
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    async fn drop_hold(&self, repo: &RepoName, digest: &Digest) {
+        let mut state = self.state();
+        let Some(set) = state.holds.get_mut(repo) else {
+            return;
+        };
+        if !set.remove(digest) {
+            return;
+        }
+        if set.is_empty() {
+            state.holds.remove(repo);
+        }
+        if let Some(repos) = state.held_by.get_mut(digest) {
+            repos.remove(repo);
+            if repos.is_empty() {
+                state.held_by.remove(digest);
+            }
+        }
+        drop(state);
+        self.changed();
+    }
+
     async fn tag(&self, repo: &RepoName, tag: &Tag) -> Option<TagEntry> {
         self.state().tags.get(repo)?.get(tag).cloned()
     }

@@ -238,6 +238,11 @@ pub trait Index: Send + Sync + 'static {
     async fn holds(&self, repo: &RepoName, digest: &Digest) -> bool;
     /// Records that `repo` holds these digests.
     async fn add_holds(&self, repo: &RepoName, digests: Vec<Digest>);
+    /// The digests `repo` holds (a hosted repository's links).
+    async fn held(&self, repo: &RepoName) -> Vec<Digest>;
+    /// `repo` no longer holds `digest` (a hosted repository's delete); the
+    /// item itself stays until nothing references it.
+    async fn drop_hold(&self, repo: &RepoName, digest: &Digest);
     /// Records an item newly stored (a commit or an import) of `size` bytes,
     /// accessed `now`; replaces what was known of it.
     async fn record(&self, key: &ContentKey, size: u64, now: SystemTime);
