@@ -16,6 +16,7 @@
 //!
 //! Mechanism only: when to upload, read, scan or clean up is the cache's.
 
+mod chunks;
 mod upload;
 
 use std::fmt;
@@ -35,6 +36,7 @@ use object_store::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use chunks::{Chunk, ChunkWriter, UploadObjects};
 pub use upload::Upload;
 
 use super::SharedError;
@@ -250,6 +252,25 @@ impl Bucket {
                 prefix,
                 description,
                 redact: Vec::new(),
+            }),
+        }
+    }
+
+    /// The same bucket with every name under `<prefix>/<sub>`: an area of
+    /// its own (the hosted repositories'), which the cache's scans, which
+    /// list its own areas only, never see.
+    pub fn under(&self, sub: &str) -> Bucket {
+        let inner = &self.inner;
+        let prefix = inner.prefix.clone().join(sub);
+        let description = format!("{} (area {sub}/)", inner.description);
+        Bucket {
+            inner: Arc::new(Inner {
+                store: inner.store.clone(),
+                reader: inner.reader.clone(),
+                multipart: inner.multipart.clone(),
+                prefix,
+                description,
+                redact: inner.redact.clone(),
             }),
         }
     }
