@@ -25,7 +25,7 @@ use crate::config::HostedConfig;
 use crate::error::Error;
 use crate::reference::{Digest, RepoName};
 
-pub use uploads::Uploads;
+pub use uploads::{DiskUploads, UploadArea};
 
 /// The directory under the data dir.
 pub const DIR: &str = "hosted";
@@ -36,7 +36,7 @@ pub struct Hosted {
     pub store: Arc<dyn BlobStore>,
     pub index: Arc<LocalIndex>,
     pub verifier: Arc<Verifier>,
-    pub uploads: Uploads,
+    pub uploads: Box<dyn UploadArea>,
     /// Held by a manifest's commit (its references checked, then linked) and
     /// by a collection's mark, so a collection never removes what a
     /// manifest being pushed references.
@@ -55,7 +55,7 @@ impl Hosted {
         let verifier = Arc::new(Verifier::new(store.clone(), index.clone()));
         Ok(Self {
             config: config.clone(),
-            uploads: Uploads::open(&root.join("uploads"))?,
+            uploads: Box::new(DiskUploads::open(&root.join("uploads"))?),
             store,
             index,
             verifier,

@@ -1,4 +1,5 @@
-//! Blob uploads in progress: one directory per upload under
+//! Blob uploads in progress ([`UploadArea`]), and those of one mirror on its
+//! own disk ([`DiskUploads`]): one directory per upload under
 //! `hosted/uploads/`, holding the bytes received so far (`data`) and the
 //! repository it is for (`repo`). The bytes are hashed as they arrive; after
 //! a restart (the hash state is not on disk) the file is hashed again when
@@ -27,8 +28,49 @@ use crate::response::Body;
 const DATA: &str = "data";
 const REPO: &str = "repo";
 
+/// Checks the bytes about to be written against the quota.
+pub type Room<'a> = &'a (dyn Fn(u64) -> Result<(), Error> + Send + Sync);
+
+/// Where uploads in progress live: one mirror's disk, or (for replicas) the
+/// bucket. Each is answered for the repository it was started for only.
+#[async_trait::async_trait]
+pub trait UploadArea: Send + Sync + 'static {
+    /// Bytes held by uploads in progress (this process's view).
+    fn bytes(&self) -> u64;
+    /// A new, empty upload for `repo`.
+    async fn create(&self, repo: &RepoName) -> Result<UploadId, Error>;
+    /// How far the upload got.
+    async fn status(&self, id: &UploadId, repo: &RepoName) -> Result<Status, Error>;
+    /// Appends a request body. `expected` is where the client says the
+    /// chunk starts (416 otherwise); `room` refuses bytes past the quota,
+    /// and the upload is then removed whole.
+    async fn append(
+        &self,
+        id: &UploadId,
+        repo: &RepoName,
+        expected: Expected,
+        body: Option<Body>,
+        room: Room<'_>,
+    ) -> Result<Status, Error>;
+    /// Appends a last body, then checks the whole upload against `digest`.
+    /// The upload is gone afterwards either way: its bytes handed over in a
+    /// spool to commit, or removed when they do not match.
+    async fn complete(
+        &self,
+        id: &UploadId,
+        repo: &RepoName,
+        digest: &Digest,
+        body: Option<Body>,
+        room: Room<'_>,
+    ) -> Result<Completed, Error>;
+    /// Abandons an upload.
+    async fn cancel(&self, id: &UploadId, repo: &RepoName) -> Result<(), Error>;
+    /// Removes uploads nobody touched for `ttl`; returns how many.
+    async fn expire(&self, ttl: Duration) -> usize;
+}
+
 /// The uploads under one directory.
-pub struct Uploads {
+pub struct DiskUploads {
     dir: PathBuf,
     /// Uploads a request is working on or has worked on since the start;
     /// each entry's lock serialises that upload's requests.
@@ -62,7 +104,7 @@ pub struct Completed {
 /// Where a chunk must start, when the client says (`Content-Range`).
 pub type Expected = Option<u64>;
 
-impl Uploads {
+impl DiskUploads {
     /// Opens (creating) the uploads directory; counts what is there.
     pub fn open(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
@@ -80,11 +122,6 @@ impl Uploads {
         })
     }
 
-    /// Bytes held by uploads in progress.
-    pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
-
     fn path(&self, id: &UploadId) -> PathBuf {
         // An UploadId is a parsed UUID: no separator, no `..`.
         self.dir.join(id.as_str())
@@ -98,32 +135,6 @@ impl Uploads {
     fn release(&self, id: &UploadId) {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         open.remove(id);
-    }
-
-    /// A new, empty upload for `repo`.
-    pub async fn create(&self, repo: &RepoName) -> Result<UploadId, Error> {
-        let id = UploadId::new();
-        let dir = self.path(&id);
-        let repo = repo.as_str().to_owned();
-        let made = {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || -> io::Result<()> {
-                std::fs::create_dir(&dir)?;
-                std::fs::write(dir.join(REPO), repo)?;
-                std::fs::File::create(dir.join(DATA))?.sync_all()?;
-                Ok(())
-            })
-            .await
-        };
-        flatten(made).map_err(|e| Error::internal("creating an upload", e))?;
-        let slot = self.slot(&id);
-        let mut p = slot.lock().await;
-        *p = Progress {
-            received: 0,
-            hasher: Some(Hasher::new(Algorithm::Sha256)),
-            known: true,
-        };
-        Ok(id)
     }
 
     /// Reads what the disk says of an upload of `repo` into `p`, once.
@@ -150,8 +161,47 @@ impl Uploads {
         Ok(())
     }
 
-    /// How far the upload got.
-    pub async fn status(&self, id: &UploadId, repo: &RepoName) -> Result<Status, Error> {
+    async fn remove_locked(&self, id: &UploadId, p: &mut Progress) {
+        let _ = tokio::fs::remove_dir_all(self.path(id)).await;
+        self.bytes
+            .fetch_sub(p.received.min(self.bytes()), Ordering::Relaxed);
+        *p = Progress::default();
+        self.release(id);
+    }
+}
+
+#[async_trait::async_trait]
+impl UploadArea for DiskUploads {
+    fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    async fn create(&self, repo: &RepoName) -> Result<UploadId, Error> {
+        let id = UploadId::new();
+        let dir = self.path(&id);
+        let repo = repo.as_str().to_owned();
+        let made = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || -> io::Result<()> {
+                std::fs::create_dir(&dir)?;
+                std::fs::write(dir.join(REPO), repo)?;
+                std::fs::File::create(dir.join(DATA))?.sync_all()?;
+                Ok(())
+            })
+            .await
+        };
+        flatten(made).map_err(|e| Error::internal("creating an upload", e))?;
+        let slot = self.slot(&id);
+        let mut p = slot.lock().await;
+        *p = Progress {
+            received: 0,
+            hasher: Some(Hasher::new(Algorithm::Sha256)),
+            known: true,
+        };
+        Ok(id)
+    }
+
+    async fn status(&self, id: &UploadId, repo: &RepoName) -> Result<Status, Error> {
         let slot = self.slot(id);
         let mut p = slot.lock().await;
         self.load(id, repo, &mut p).await?;
@@ -160,17 +210,13 @@ impl Uploads {
         })
     }
 
-    /// Appends a request body to the upload. `expected` is where the client
-    /// says the chunk starts; `room` is called with the bytes about to be
-    /// written and refuses them when the quota would be passed (the upload
-    /// is then removed whole).
-    pub async fn append(
+    async fn append(
         &self,
         id: &UploadId,
         repo: &RepoName,
         expected: Expected,
         body: Option<Body>,
-        room: &(dyn Fn(u64) -> Result<(), Error> + Send + Sync),
+        room: Room<'_>,
     ) -> Result<Status, Error> {
         let slot = self.slot(id);
         let mut p = slot.lock().await;
@@ -240,16 +286,13 @@ impl Uploads {
         }
     }
 
-    /// Appends a last body, then checks the whole upload against `digest`.
-    /// The upload is gone afterwards either way: committed by the caller
-    /// from the spool, or removed when its bytes do not match.
-    pub async fn complete(
+    async fn complete(
         &self,
         id: &UploadId,
         repo: &RepoName,
         digest: &Digest,
         body: Option<Body>,
-        room: &(dyn Fn(u64) -> Result<(), Error> + Send + Sync),
+        room: Room<'_>,
     ) -> Result<Completed, Error> {
         self.append(id, repo, None, body, room).await?;
         let slot = self.slot(id);
@@ -277,8 +320,7 @@ impl Uploads {
         Ok(Completed { spool, size })
     }
 
-    /// Abandons an upload.
-    pub async fn cancel(&self, id: &UploadId, repo: &RepoName) -> Result<(), Error> {
+    async fn cancel(&self, id: &UploadId, repo: &RepoName) -> Result<(), Error> {
         let slot = self.slot(id);
         let mut p = slot.lock().await;
         self.load(id, repo, &mut p).await?;
@@ -286,17 +328,7 @@ impl Uploads {
         Ok(())
     }
 
-    async fn remove_locked(&self, id: &UploadId, p: &mut Progress) {
-        let _ = tokio::fs::remove_dir_all(self.path(id)).await;
-        self.bytes
-            .fetch_sub(p.received.min(self.bytes()), Ordering::Relaxed);
-        *p = Progress::default();
-        self.release(id);
-    }
-
-    /// Removes uploads nobody touched for `ttl` (and leftovers of completed
-    /// ones a crash interrupted); returns how many.
-    pub async fn expire(&self, ttl: Duration) -> usize {
+    async fn expire(&self, ttl: Duration) -> usize {
         let dir = self.dir.clone();
         let listed = tokio::task::spawn_blocking(move || -> io::Result<Vec<(PathBuf, u64)>> {
             let now = SystemTime::now();
@@ -406,7 +438,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let app = repo("myorg/app");
         let id = {
-            let uploads = Uploads::open(dir.path()).unwrap();
+            let uploads = DiskUploads::open(dir.path()).unwrap();
             let id = uploads.create(&app).await.unwrap();
             let s = uploads
                 .append(&id, &app, Some(0), body(b"hello "), &any)
@@ -415,7 +447,7 @@ mod tests {
             assert_eq!(s.received, 6);
             id
         };
-        let uploads = Uploads::open(dir.path()).unwrap();
+        let uploads = DiskUploads::open(dir.path()).unwrap();
         assert_eq!(uploads.bytes(), 6);
         assert_eq!(uploads.status(&id, &app).await.unwrap().received, 6);
         // Another repository's request does not see it.
@@ -445,7 +477,7 @@ mod tests {
     #[tokio::test]
     async fn bytes_that_do_not_match_the_digest_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let uploads = Uploads::open(dir.path()).unwrap();
+        let uploads = DiskUploads::open(dir.path()).unwrap();
         let app = repo("myorg/app");
         let id = uploads.create(&app).await.unwrap();
         let wrong = digest_of(Algorithm::Sha256, b"something else");
@@ -462,7 +494,7 @@ mod tests {
     #[tokio::test]
     async fn a_chunk_past_the_quota_removes_the_upload() {
         let dir = tempfile::tempdir().unwrap();
-        let uploads = Uploads::open(dir.path()).unwrap();
+        let uploads = DiskUploads::open(dir.path()).unwrap();
         let app = repo("myorg/app");
         let id = uploads.create(&app).await.unwrap();
         let full = |_: u64| Err(Error::Denied("quota exceeded".into()));
@@ -476,7 +508,7 @@ mod tests {
     #[tokio::test]
     async fn untouched_uploads_expire() {
         let dir = tempfile::tempdir().unwrap();
-        let uploads = Uploads::open(dir.path()).unwrap();
+        let uploads = DiskUploads::open(dir.path()).unwrap();
         let app = repo("myorg/app");
         let id = uploads.create(&app).await.unwrap();
         uploads
