@@ -15,6 +15,8 @@
 
 pub mod bucket;
 pub mod coordinator;
+pub mod hosted_store;
+pub mod hosted_uploads;
 pub mod open;
 pub mod peer;
 pub mod redis;
