@@ -10,7 +10,11 @@
 //! may cause only a few failed runs per window ([`backoff`]). An unknown user
 //! is checked against a dummy hash of the file's cost, so the time of a
 //! refusal does not tell which user names exist.
+//!
+//! What an authenticated user (or a client without credentials) may do is
+//! [`access`]'s decision, asked through [`Authenticator::authorize`].
 
+pub mod access;
 mod backoff;
 mod pool;
 
@@ -23,10 +27,12 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 
 use crate::config::AuthConfig;
+use crate::endpoint::Endpoint;
 use crate::error::Error;
 use crate::hashing::hmac_sha256;
 use crate::metrics::Metrics;
 
+use access::{Decision, Policy};
 use backoff::Backoff;
 use pool::BcryptPool;
 
@@ -124,9 +130,20 @@ fn dummy_hash(cost: u32) -> String {
 /// of guesses without the per-process key.
 type CheckKey = [u8; 32];
 
-/// Checks `Authorization: Basic` headers.
+/// A user whose credentials [`Authenticator::check`] verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User(String);
+
+impl User {
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Checks `Authorization: Basic` headers, and what their users may do.
 pub struct Authenticator {
     realm: String,
+    access: Policy,
     path: PathBuf,
     users: RwLock<Arc<Htpasswd>>,
     modified: Mutex<Option<SystemTime>>,
@@ -145,6 +162,7 @@ impl Authenticator {
     pub fn new(path: &Path, users: Htpasswd, config: &AuthConfig, metrics: Arc<Metrics>) -> Self {
         Self {
             realm: config.realm.clone(),
+            access: Policy::new(config, true),
             path: path.to_path_buf(),
             users: RwLock::new(Arc::new(users)),
             modified: Mutex::new(modified(path)),
@@ -167,9 +185,9 @@ impl Authenticator {
         }
     }
 
-    /// `Ok` when the header carries the credentials of a user in the file.
+    /// The user whose credentials the header carries, when they are right.
     /// `client` is the address failures are held against.
-    pub async fn check(&self, authorization: Option<&str>, client: IpAddr) -> Result<(), Error> {
+    pub async fn check(&self, authorization: Option<&str>, client: IpAddr) -> Result<User, Error> {
         let Some(value) = authorization else {
             return Err(self.unauthorized("missing", "authentication required"));
         };
@@ -211,13 +229,33 @@ impl Authenticator {
             })
             .await;
         match verified {
-            Ok(true) => Ok(()),
+            Ok(true) => Ok(User(user)),
             Ok(false) => Err(self.unauthorized("invalid", "invalid username or password")),
             Err(e) => {
                 if matches!(*e, Error::LoginBackoff { .. }) {
                     self.metrics.auth_refusal("backoff");
                 }
                 Err((*e).clone())
+            }
+        }
+    }
+
+    /// Whether a request without credentials goes on without a check
+    /// (`auth.anonymous_pull`): `endpoint` is the parsed request (`None`
+    /// when it did not parse), `read` whether its method is GET or HEAD.
+    pub fn lets_in_anonymous(&self, endpoint: Option<&Endpoint>, read: bool) -> bool {
+        self.access.lets_in_anonymous(endpoint, read)
+    }
+
+    /// Whether `user` (`None`: no credentials were sent) may make the
+    /// request: `DENIED` naming user, action and repository when a user may
+    /// not, the challenge when a client without credentials may not.
+    pub fn authorize(&self, user: Option<&User>, endpoint: &Endpoint) -> Result<(), Error> {
+        match self.access.decide(user.map(User::name), endpoint) {
+            Decision::Allowed => Ok(()),
+            Decision::Denied(denial) => Err(Error::Denied(denial.to_string())),
+            Decision::Unauthenticated(want) => {
+                Err(self.unauthorized("missing", &format!("authentication required to {want}")))
             }
         }
     }
@@ -347,8 +385,14 @@ mod tests {
         let (auth, metrics) = authenticator(&format!("moby:{hash}\n"), &AuthConfig::default());
         let good = encoded("moby:gordon");
         let bad = encoded("moby:wrong");
-        assert!(auth.check(Some(&good), CLIENT).await.is_ok());
-        assert!(auth.check(Some(&good), CLIENT).await.is_ok());
+        assert_eq!(
+            auth.check(Some(&good), CLIENT).await.unwrap().name(),
+            "moby"
+        );
+        assert_eq!(
+            auth.check(Some(&good), CLIENT).await.unwrap().name(),
+            "moby"
+        );
         assert_eq!(sample(&metrics, "regmirror_auth_bcrypt_total"), 1);
         for _ in 0..3 {
             assert!(matches!(
@@ -367,6 +411,58 @@ mod tests {
         ));
         let invalid = "regmirror_auth_refusals_total{reason=\"invalid\"}";
         assert_eq!(sample(&metrics, invalid), 3);
+    }
+
+    #[tokio::test]
+    async fn refusals_are_denied_for_a_user_and_the_challenge_without_credentials() {
+        use crate::endpoint::Endpoint;
+        use crate::reference::{Reference, RepoName};
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let config = AuthConfig {
+            realm: "r".into(),
+            anonymous_pull: true,
+            access: vec![crate::config::AccessRule {
+                users: vec!["ci".into()],
+                repos: vec!["myorg/*".into()],
+                actions: vec!["push".into()],
+            }],
+            ..AuthConfig::default()
+        };
+        let users = format!("ci:{hash}\nbob:{hash}\n");
+        let (auth, metrics) = authenticator(&users, &config);
+        let push = Endpoint::PutManifest {
+            name: RepoName::parse("myorg/app").unwrap(),
+            reference: Reference::parse("v1").unwrap(),
+        };
+        let ci = auth.check(Some(&encoded("ci:pw")), CLIENT).await.unwrap();
+        let bob = auth.check(Some(&encoded("bob:pw")), CLIENT).await.unwrap();
+        assert!(auth.authorize(Some(&ci), &push).is_ok());
+        let e = auth.authorize(Some(&bob), &push).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            Error::Denied(
+                "user \"bob\" may not push to myorg/app: no auth.access rule grants it".into()
+            )
+            .to_string()
+        );
+        assert!(!e.to_string().contains("pw"), "{e}");
+        let e = auth.authorize(None, &push).unwrap_err();
+        let Error::Unauthorized { realm, detail } = e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            (realm.as_str(), detail.as_str()),
+            ("r", "authentication required to push to myorg/app")
+        );
+        let missing = "regmirror_auth_refusals_total{reason=\"missing\"}";
+        assert_eq!(sample(&metrics, missing), 1);
+        assert!(auth.lets_in_anonymous(
+            Some(&Endpoint::Catalog {
+                page: Default::default()
+            }),
+            true
+        ));
+        assert!(!auth.lets_in_anonymous(Some(&push), false));
     }
 
     #[test]

@@ -404,13 +404,26 @@ impl Frontend {
                 .peer_blob(req.method.as_str(), req.uri.path(), &req.headers, digest?)
                 .await;
         }
+        // Who sent it: `None` without users, or for a client without
+        // credentials that `auth.anonymous_pull` lets pull.
+        let mut user = None;
         if let Some(auth) = &self.auth {
             if !matches!(target, Target::Ops(which) if !which.needs_auth()) {
                 let value = req
                     .headers
                     .get(header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok());
-                auth.check(value, client).await?;
+                let read = matches!(req.method, http::Method::GET | http::Method::HEAD);
+                let anonymous = !req.headers.contains_key(header::AUTHORIZATION)
+                    && match &target {
+                        Target::Api(api) => {
+                            auth.lets_in_anonymous(api.as_ref().ok().map(|a| &a.endpoint), read)
+                        }
+                        Target::Ops(_) | Target::Peer(_) => false,
+                    };
+                if !anonymous {
+                    user = Some(auth.check(value, client).await?);
+                }
             }
         }
         match target {
@@ -422,10 +435,14 @@ impl Frontend {
             )),
             Target::Api(api) => {
                 use http_body_util::BodyExt;
+                let api = api?;
+                if let Some(auth) = &self.auth {
+                    auth.authorize(user.as_ref(), &api.endpoint)?;
+                }
                 let body = body
                     .map_err(|e| Box::new(e) as response::BoxError)
                     .boxed_unsync();
-                self.registry.handle(&api?, &req.headers, Some(body)).await
+                self.registry.handle(&api, &req.headers, Some(body)).await
             }
             Target::Peer(_) => Err(Error::Internal("a peer request was not answered".into())),
         }
