@@ -255,7 +255,11 @@ impl Authenticator {
             Decision::Allowed => Ok(()),
             Decision::Denied(denial) => Err(Error::Denied(denial.to_string())),
             Decision::Unauthenticated(want) => {
-                Err(self.unauthorized("missing", &format!("authentication required to {want}")))
+                let detail = match want {
+                    Some(want) => format!("authentication required to {want}"),
+                    None => "authentication required".to_owned(),
+                };
+                Err(self.unauthorized("missing", &detail))
             }
         }
     }
@@ -454,8 +458,13 @@ mod tests {
             (realm.as_str(), detail.as_str()),
             ("r", "authentication required to push to myorg/app")
         );
+        let ping = auth.authorize(None, &Endpoint::Ping);
+        assert!(
+            matches!(&ping, Err(Error::Unauthorized { detail, .. }) if detail == "authentication required"),
+            "{ping:?}"
+        );
         let missing = "regmirror_auth_refusals_total{reason=\"missing\"}";
-        assert_eq!(sample(&metrics, missing), 1);
+        assert_eq!(sample(&metrics, missing), 2);
         assert!(auth.lets_in_anonymous(
             Some(&Endpoint::Catalog {
                 page: Default::default()

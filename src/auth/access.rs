@@ -51,8 +51,9 @@ pub enum Decision {
     /// An authenticated user that no rule lets do it (403 `DENIED`).
     Denied(Denial),
     /// No credentials, and a client without them may not do this (401 with
-    /// the challenge, so the client logs in and tries again).
-    Unauthenticated(Want),
+    /// the challenge, so the client logs in and tries again); what it asked,
+    /// unless it was the ping.
+    Unauthenticated(Option<Want>),
 }
 
 /// What was asked: an action on a repository, or on the whole registry
@@ -149,10 +150,7 @@ impl Policy {
         if matches!(endpoint, Endpoint::Ping) {
             return match user {
                 Some(_) => Decision::Allowed,
-                None => Decision::Unauthenticated(Want {
-                    action: Action::Pull,
-                    repo: None,
-                }),
+                None => Decision::Unauthenticated(None),
             };
         }
         let own = (endpoint.action(), endpoint.name());
@@ -171,7 +169,7 @@ impl Policy {
                     user: user.to_owned(),
                     want,
                 }),
-                None => Decision::Unauthenticated(want),
+                None => Decision::Unauthenticated(Some(want)),
             };
         }
         Decision::Allowed
@@ -269,11 +267,11 @@ mod tests {
         })
     }
 
-    fn unauthenticated(action: Action, repo: Option<&str>) -> Decision {
-        Decision::Unauthenticated(Want {
+    fn unauthenticated(action: Action, repo: &str) -> Decision {
+        Decision::Unauthenticated(Some(Want {
             action,
-            repo: repo.map(str::to_owned),
-        })
+            repo: Some(repo.to_owned()),
+        }))
     }
 
     #[test]
@@ -316,7 +314,7 @@ mod tests {
         }
         assert_eq!(
             p.decide(None, &put("myorg/app")),
-            unauthenticated(Action::Push, Some("myorg/app"))
+            unauthenticated(Action::Push, "myorg/app")
         );
         assert!(!p.lets_in_anonymous(None, true));
     }
@@ -432,15 +430,15 @@ mod tests {
         }
         assert_eq!(
             p.decide(None, &put("myorg/app")),
-            unauthenticated(Action::Push, Some("myorg/app"))
+            unauthenticated(Action::Push, "myorg/app")
         );
         assert_eq!(
             p.decide(None, &delete("myorg/app")),
-            unauthenticated(Action::Delete, Some("myorg/app"))
+            unauthenticated(Action::Delete, "myorg/app")
         );
         assert_eq!(
             p.decide(None, &Endpoint::Ping),
-            unauthenticated(Action::Pull, None)
+            Decision::Unauthenticated(None)
         );
         for e in [put("myorg/app"), delete("myorg/app"), Endpoint::Ping] {
             assert!(!p.lets_in_anonymous(Some(&e), true), "{e:?}");
@@ -479,7 +477,7 @@ mod tests {
         let anonymous = policy(true, vec![]);
         assert_eq!(
             anonymous.decide(None, &mount("myorg/app", "library/alpine")),
-            unauthenticated(Action::Push, Some("myorg/app"))
+            unauthenticated(Action::Push, "myorg/app")
         );
         // Without `from` it is an upload like any other: push on the target.
         let open_upload = Endpoint::StartUpload {
