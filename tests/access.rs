@@ -174,6 +174,9 @@ async fn clients_without_credentials_pull_but_get_the_challenge_for_pushes_and_t
         format!("Basic realm=\"{REALM}\"")
     );
 
+    // The operator endpoints keep needing a user.
+    assert_challenge(send(&m, "GET", "/metrics", None).await, "GET /metrics").await;
+
     // Pushes and deletes without credentials: the challenge, never DENIED.
     let upload = format!("/v2/{HOSTED}/blobs/uploads/3f2b2c9e-8d4a-4b4e-9a6f-0c1d2e3f4a5b");
     for (method, path) in [
