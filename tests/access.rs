@@ -174,6 +174,18 @@ async fn clients_without_credentials_pull_but_get_the_challenge_for_pushes_and_t
         format!("Basic realm=\"{REALM}\"")
     );
 
+    // A read that does not parse gets its own error (what the conformance suite checks);
+    // a write that does not parse, the challenge.
+    let invalid = format!("/v2/{MIRRORED}/manifests/.INVALID_MANIFEST_NAME");
+    assert_error(
+        send(&m, "GET", &invalid, None).await,
+        404,
+        Some("MANIFEST_UNKNOWN"),
+    )
+    .await;
+    let bad_write = "/v2/Bad..Name/manifests/v1";
+    assert_challenge(send(&m, "PUT", bad_write, None).await, bad_write).await;
+
     // The operator endpoints keep needing a user.
     assert_challenge(send(&m, "GET", "/metrics", None).await, "GET /metrics").await;
 
