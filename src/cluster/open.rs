@@ -23,6 +23,9 @@ pub struct Shared {
     pub tiers: Arc<Tiers>,
     /// The bucket's sizes and access times, tags and memberships: with Redis.
     pub index: Option<Arc<RedisIndex>>,
+    /// The hosted repositories' tags and links, with Redis (keys of their
+    /// own, beside the cache's).
+    pub hosted_index: Option<Arc<RedisIndex>>,
     pub redis: Option<Arc<Health>>,
     /// `storage.max_size` as watermarks (the cache's percentages).
     pub budget: Option<Budget>,
@@ -42,19 +45,29 @@ pub fn open(config: &Config, metrics: &Arc<Metrics>) -> Result<Option<Shared>, E
         .advertise
         .as_ref()
         .map_or_else(|| format!("http://{}/", config.listen), |u| u.to_string());
-    let (coordinator, index, redis): (Arc<dyn Coordinator>, _, _) = match &config.cluster.redis {
-        Some(url) => {
-            // Connects at the first call: a replica starts, and serves on
-            // its own, while Redis is down.
-            let conn = RedisConn::lazy(url, redis::TIMEOUT)
-                .map_err(|e| Error::Internal(format!("cluster.redis: {e}")))?;
-            let health = conn.health();
-            let coordinator = RedisCoordinator::new(conn.clone(), redis::DEFAULT_PREFIX);
-            let index = Arc::new(RedisIndex::new(conn, redis::DEFAULT_PREFIX));
-            (Arc::new(coordinator), Some(index), Some(health))
-        }
-        None => (Arc::new(MemoryCoordinator::new()), None, None),
-    };
+    let (coordinator, index, hosted_index, redis): (Arc<dyn Coordinator>, _, _, _) =
+        match &config.cluster.redis {
+            Some(url) => {
+                // Connects at the first call: a replica starts, and serves on
+                // its own, while Redis is down.
+                let conn = RedisConn::lazy(url, redis::TIMEOUT)
+                    .map_err(|e| Error::Internal(format!("cluster.redis: {e}")))?;
+                let health = conn.health();
+                let coordinator = RedisCoordinator::new(conn.clone(), redis::DEFAULT_PREFIX);
+                let index = Arc::new(RedisIndex::new(conn.clone(), redis::DEFAULT_PREFIX));
+                let hosted = Arc::new(RedisIndex::new(
+                    conn,
+                    format!("{}:{}", redis::DEFAULT_PREFIX, crate::hosted::DIR),
+                ));
+                (
+                    Arc::new(coordinator),
+                    Some(index),
+                    Some(hosted),
+                    Some(health),
+                )
+            }
+            None => (Arc::new(MemoryCoordinator::new()), None, None, None),
+        };
     let peers = match &config.cluster.secret {
         Some(secret) => Some(PeerClient::new(
             secret.clone(),
@@ -81,6 +94,7 @@ pub fn open(config: &Config, metrics: &Arc<Metrics>) -> Result<Option<Shared>, E
     Ok(Some(Shared {
         tiers,
         index,
+        hosted_index,
         redis,
         budget,
     }))

@@ -21,6 +21,10 @@ use crate::cache::download::Verifier;
 use crate::cache::store::disk::DiskStore;
 use crate::cache::store::local_index::LocalIndex;
 use crate::cache::store::{BlobFile, BlobStore, ContentKey, Flush, Index, StoredManifest};
+use crate::cluster::bucket::Bucket;
+use crate::cluster::hosted_store::HostedTiers;
+use crate::cluster::hosted_uploads::BucketUploads;
+use crate::cluster::Health;
 use crate::config::HostedConfig;
 use crate::error::Error;
 use crate::reference::{Digest, RepoName};
@@ -34,7 +38,12 @@ pub const DIR: &str = "hosted";
 pub struct Hosted {
     pub config: HostedConfig,
     pub store: Arc<dyn BlobStore>,
-    pub index: Arc<LocalIndex>,
+    pub index: Arc<dyn Index>,
+    /// Redis, when the index is there: its writes fail silently, so a
+    /// push checks it is up before it answers.
+    pub shared: Option<Arc<Health>>,
+    /// Whether the store is the bucket's (its failures are 503s).
+    shared_store: bool,
     pub verifier: Arc<Verifier>,
     pub uploads: Box<dyn UploadArea>,
     /// Held by a manifest's commit (its references checked, then linked) and
@@ -44,23 +53,98 @@ pub struct Hosted {
 }
 
 impl Hosted {
-    /// Opens (creating) `<data_dir>/hosted`.
+    /// Opens (creating) `<data_dir>/hosted`: everything on this disk.
     pub async fn open(data_dir: &Path, config: &HostedConfig) -> io::Result<Self> {
         let root = data_dir.join(DIR);
         let disk = DiskStore::open(&root)?;
         disk.clean_temp(None).await?;
         let found = disk.scan().await?;
         let index = Arc::new(LocalIndex::load(&root.join("index.json"), found));
-        let store: Arc<dyn BlobStore> = Arc::new(disk);
+        let uploads = Box::new(DiskUploads::open(&root.join("uploads"))?);
+        Ok(Self::assemble(
+            config,
+            Arc::new(disk),
+            index,
+            uploads,
+            None,
+            false,
+        ))
+    }
+
+    /// The hosted repositories of a replica: content in the bucket's hosted
+    /// area (`bucket` is that area) with this disk's `<data_dir>/hosted` as
+    /// a copy, uploads in the bucket, and the index in Redis (or, for a
+    /// bucket without Redis, which only one replica may use, on this disk).
+    pub async fn open_shared(
+        data_dir: &Path,
+        config: &HostedConfig,
+        bucket: Bucket,
+        redis: Option<(Arc<dyn Index>, Arc<Health>)>,
+        holder: String,
+    ) -> io::Result<Self> {
+        let root = data_dir.join(DIR);
+        let disk = DiskStore::open(&root)?;
+        disk.clean_temp(None).await?;
+        let local: Arc<dyn BlobStore> = Arc::new(disk);
+        let store = Arc::new(HostedTiers {
+            local: local.clone(),
+            bucket: bucket.clone(),
+            holder,
+        });
+        let uploads = Box::new(BucketUploads::new(bucket, local));
+        let (index, shared) = match redis {
+            Some((index, health)) => (index, Some(health)),
+            None => {
+                let found = store.scan().await?;
+                let index: Arc<dyn Index> =
+                    Arc::new(LocalIndex::load(&root.join("index.json"), found));
+                (index, None)
+            }
+        };
+        Ok(Self::assemble(config, store, index, uploads, shared, true))
+    }
+
+    fn assemble(
+        config: &HostedConfig,
+        store: Arc<dyn BlobStore>,
+        index: Arc<dyn Index>,
+        uploads: Box<dyn UploadArea>,
+        shared: Option<Arc<Health>>,
+        shared_store: bool,
+    ) -> Self {
         let verifier = Arc::new(Verifier::new(store.clone(), index.clone()));
-        Ok(Self {
+        Self {
             config: config.clone(),
-            uploads: Box::new(DiskUploads::open(&root.join("uploads"))?),
+            uploads,
             store,
             index,
+            shared,
+            shared_store,
             verifier,
             commits: tokio::sync::RwLock::new(()),
-        })
+        }
+    }
+
+    /// A failure of the hosted store: the bucket's is a 503 (the client may
+    /// retry), the disk's a 500.
+    pub fn storage(&self, e: io::Error) -> Error {
+        if self.shared_store {
+            tracing::warn!(error = %e, "hosted storage: the bucket failed");
+            Error::SharedUnavailable("the hosted repositories' bucket did not answer".into())
+        } else {
+            Error::internal("hosted storage", e)
+        }
+    }
+
+    /// `err` for something not found, unless the index could not be asked:
+    /// then the answer is 503, never a 404 a client would take as final.
+    pub fn unknown(&self, err: Error) -> Error {
+        match &self.shared {
+            Some(h) if !h.is_up() => Error::SharedUnavailable(
+                "the hosted repositories' index (Redis) does not answer".into(),
+            ),
+            _ => err,
+        }
     }
 
     /// Whether `repo`, as the client named it, is hosted here.
@@ -101,7 +185,7 @@ impl Hosted {
         self.store
             .open_blob(digest)
             .await
-            .map_err(|e| Error::internal("hosted storage", e))
+            .map_err(|e| self.storage(e))
     }
 
     /// The manifest `digest` of `repo`, if the repository holds it.
@@ -116,7 +200,7 @@ impl Hosted {
         self.store
             .get_manifest(digest)
             .await
-            .map_err(|e| Error::internal("hosted storage", e))
+            .map_err(|e| self.storage(e))
     }
 
     /// Records a committed item and links it to `repo`, durably.
@@ -129,6 +213,13 @@ impl Hosted {
     /// Writes the index now: a push is answered only once it would survive
     /// a crash.
     pub async fn persist(&self) -> Result<(), Error> {
+        if let Some(h) = &self.shared {
+            if !h.is_up() {
+                return Err(Error::SharedUnavailable(
+                    "the hosted repositories' index (Redis) does not answer; push again".into(),
+                ));
+            }
+        }
         self.index
             .flush(Flush::Changes)
             .await
@@ -151,14 +242,10 @@ impl Hosted {
             .store
             .contains(&key)
             .await
-            .map_err(|e| Error::internal("hosted storage", e))?;
+            .map_err(|e| self.storage(e))?;
         if !present {
             self.room(self.usage().await, blob.size)?;
-            let spool = self
-                .store
-                .spool()
-                .await
-                .map_err(|e| Error::internal("hosted storage", e))?;
+            let spool = self.store.spool().await.map_err(|e| self.storage(e))?;
             let (algorithm, wanted) = (digest.algorithm(), digest.clone());
             let copied = tokio::task::spawn_blocking(move || -> io::Result<_> {
                 use std::io::{Read, Write};
@@ -188,7 +275,7 @@ impl Hosted {
             self.store
                 .commit_blob(spool, digest)
                 .await
-                .map_err(|e| Error::internal("hosted storage", e))?;
+                .map_err(|e| self.storage(e))?;
         }
         let size = match self.index.entry(&key).await {
             Some(e) => e.size,
@@ -196,7 +283,7 @@ impl Hosted {
                 .store
                 .open_blob(digest)
                 .await
-                .map_err(|e| Error::internal("hosted storage", e))?
+                .map_err(|e| self.storage(e))?
                 .map_or(0, |b| b.size),
         };
         self.link(repo, key, size).await

@@ -33,6 +33,8 @@ pub(super) struct Cluster {
     pub bucket_index: Option<Arc<RedisIndex>>,
     /// `storage.max_size` as watermarks.
     pub budget: Option<Budget>,
+    /// The hosted repositories' index in Redis.
+    pub hosted_index: Option<Arc<RedisIndex>>,
 }
 
 /// The store and index a registry runs on: the local disk's, or those
@@ -75,6 +77,7 @@ pub(super) async fn open(
             redis: shared.redis,
             bucket_index: shared.index,
             budget: shared.budget,
+            hosted_index: shared.hosted_index,
         }),
     ))
 }

@@ -10,7 +10,7 @@ use super::blobs::blob_reply;
 use super::listings::{json_reply, tags_reply};
 use super::manifests::manifest_reply;
 use super::Registry;
-use crate::cache::store::{ContentKey, Index as _, StoredManifest, TagEntry};
+use crate::cache::store::{ContentKey, StoredManifest, TagEntry};
 use crate::endpoint::{ApiRequest, Endpoint, UploadOp, UploadStart};
 use crate::error::Error;
 use crate::hosted::Hosted;
@@ -45,14 +45,14 @@ impl Registry {
                 let m = h
                     .manifest(name, &digest)
                     .await?
-                    .ok_or_else(|| manifest_unknown(name, reference))?;
+                    .ok_or_else(|| h.unknown(manifest_unknown(name, reference)))?;
                 manifest_reply(&digest, &m, head, Outcome::Hit)
             }
             Endpoint::Blob { digest, .. } => {
                 let blob = h
                     .blob(name, digest)
                     .await?
-                    .ok_or_else(|| Error::BlobUnknown(format!("{name}@{digest}")))?;
+                    .ok_or_else(|| h.unknown(Error::BlobUnknown(format!("{name}@{digest}"))))?;
                 let size = blob.size;
                 let source = match head {
                     true => None,
@@ -71,7 +71,7 @@ impl Registry {
                     .map(|(_, t, _)| t)
                     .collect();
                 if tags.is_empty() && h.index.held(name).await.is_empty() {
-                    return Err(Error::NameUnknown(format!("{name} has nothing pushed")));
+                    return Err(h.unknown(Error::NameUnknown(format!("{name} has nothing pushed"))));
                 }
                 tags.sort();
                 tags_reply(name, None, &tags, page, head, Outcome::Hit)
@@ -176,7 +176,7 @@ async fn resolve(h: &Hosted, name: &RepoName, reference: &Reference) -> Result<D
             .tag(name, t)
             .await
             .map(|e| e.digest)
-            .ok_or_else(|| manifest_unknown(name, reference)),
+            .ok_or_else(|| h.unknown(manifest_unknown(name, reference))),
     }
 }
 
@@ -225,11 +225,7 @@ async fn finish(
     let room = |more: u64| h.room(used, more);
     let done = h.uploads.complete(id, name, digest, body, &room).await?;
     let key = ContentKey::blob(digest);
-    let present = h
-        .store
-        .contains(&key)
-        .await
-        .map_err(|e| Error::internal("hosted storage", e))?;
+    let present = h.store.contains(&key).await.map_err(|e| h.storage(e))?;
     if !present {
         h.store
             .commit_blob(done.spool, digest)
@@ -288,16 +284,16 @@ async fn put_manifest(
     let _commit = h.commits.read().await;
     for blob in &pushed.blobs {
         if h.blob(name, blob).await?.is_none() {
-            return Err(Error::ManifestBlobUnknown(format!(
+            return Err(h.unknown(Error::ManifestBlobUnknown(format!(
                 "{name} holds no blob {blob}; push it (or mount it) first"
-            )));
+            ))));
         }
     }
     for child in &pushed.children {
         if h.manifest(name, child).await?.is_none() {
-            return Err(Error::ManifestBlobUnknown(format!(
+            return Err(h.unknown(Error::ManifestBlobUnknown(format!(
                 "{name} holds no manifest {child}; push it first"
-            )));
+            ))));
         }
     }
     let stored = StoredManifest {
@@ -423,7 +419,7 @@ async fn referrers(
             .store
             .get_manifest(&digest)
             .await
-            .map_err(|e| Error::internal("hosted storage", e))?
+            .map_err(|e| h.storage(e))?
         else {
             continue;
         };

@@ -86,7 +86,6 @@ impl Registry {
             })
             .collect();
         if let Some(h) = &self.hosted {
-            use crate::cache::store::Index as _;
             names.extend(
                 h.index
                     .repositories()

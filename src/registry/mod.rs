@@ -136,16 +136,22 @@ impl Registry {
         registry.cluster = cluster;
         registry._lock = Some(lock);
         if !config.hosted.repos.is_empty() {
-            if registry.cluster.is_some() {
-                return Err(Error::Internal(
-                    "hosted repositories (hosted.repos) do not work with storage.backend = \"s3\" \
-                     yet: each replica would keep its own"
-                        .into(),
-                ));
+            let hosted = match &registry.cluster {
+                None => crate::hosted::Hosted::open(dir, &config.hosted).await,
+                Some(c) => {
+                    let redis = match (&c.hosted_index, &c.redis) {
+                        (Some(index), Some(health)) => {
+                            Some((index.clone() as Arc<dyn Index>, health.clone()))
+                        }
+                        _ => None,
+                    };
+                    let bucket = c.tiers.bucket.under(crate::hosted::DIR);
+                    let holder = c.tiers.advertise.clone();
+                    crate::hosted::Hosted::open_shared(dir, &config.hosted, bucket, redis, holder)
+                        .await
+                }
             }
-            let hosted = crate::hosted::Hosted::open(dir, &config.hosted)
-                .await
-                .map_err(|e| Error::internal(&ctx("opening the hosted repositories"), e))?;
+            .map_err(|e| Error::internal(&ctx("opening the hosted repositories"), e))?;
             registry.hosted = Some(Arc::new(hosted));
         }
         if registry.cluster.is_some() {
