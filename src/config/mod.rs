@@ -221,6 +221,15 @@ impl Config {
             })
             .collect::<Vec<_>>();
         warnings.extend(credentials);
+        if !self.hosted.repos.is_empty() {
+            warnings.push(format!(
+                "hosted.repos is set and [auth] is off: anyone who reaches {} may push to {} \
+                 (as to distribution's registry without auth); set auth.htpasswd, or listen on \
+                 a private address",
+                self.listen,
+                self.hosted.repos.join(", ")
+            ));
+        }
         warnings
     }
 
@@ -611,6 +620,21 @@ mod tests {
         assert!(!w[0].contains("pw"), "{}", w[0]);
         c.upstream.credentials_for = vec!["myorg/*".into()];
         assert!(c.exposure_warnings()[0].contains("myorg/*"));
+        c.auth.htpasswd = Some(PathBuf::from("/h"));
+        assert!(c.exposure_warnings().is_empty());
+    }
+
+    #[test]
+    fn hosted_repositories_without_auth_are_warned_about() {
+        let mut c = Config::default();
+        c.hosted.repos = vec!["myorg/*".into()];
+        let w = c.exposure_warnings();
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("myorg/*") && w[0].contains("auth.htpasswd"),
+            "{}",
+            w[0]
+        );
         c.auth.htpasswd = Some(PathBuf::from("/h"));
         assert!(c.exposure_warnings().is_empty());
     }
