@@ -26,6 +26,7 @@ use crate::reference::{Algorithm, Digest, RepoName, UploadId};
 use crate::response::Body;
 
 const DATA: &str = "data";
+const WRITE_SIZE: usize = 1 << 20;
 const REPO: &str = "repo";
 
 /// Checks the bytes about to be written against the quota.
@@ -234,11 +235,13 @@ impl UploadArea for DiskUploads {
             });
         };
         let path = self.path(id).join(DATA);
-        let mut file = tokio::fs::OpenOptions::new()
+        let file = tokio::fs::OpenOptions::new()
             .append(true)
             .open(&path)
             .await
             .map_err(|e| Error::internal("opening an upload", e))?;
+        // Frames are small (16 KiB from hyper): written in writes of 1 MiB.
+        let mut file = tokio::io::BufWriter::with_capacity(WRITE_SIZE, file);
         let mut frames = body.into_data_stream();
         let result: Result<(), Error> = async {
             while let Some(chunk) = frames.next().await {
@@ -255,7 +258,11 @@ impl UploadArea for DiskUploads {
                 p.received += chunk.len() as u64;
                 self.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             }
-            file.sync_data()
+            file.flush()
+                .await
+                .map_err(|e| Error::internal("writing an upload", e))?;
+            file.get_ref()
+                .sync_data()
                 .await
                 .map_err(|e| Error::internal("writing an upload", e))
         }
