@@ -61,10 +61,14 @@ impl BucketUploads {
         if let Err(e) = self.bucket.delete_chunks(id).await {
             tracing::warn!(%id, error = %e, "upload not removed from the bucket");
         }
+        self.release(received);
+    }
+
+    fn release(&self, bytes: u64) {
         let _ = self
             .bytes
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some(b.saturating_sub(received))
+                Some(b.saturating_sub(bytes))
             });
     }
 }
@@ -118,9 +122,11 @@ impl UploadArea for BucketUploads {
                 if chunk.is_empty() {
                     continue;
                 }
-                room(chunk.len() as u64)?;
+                let len = chunk.len() as u64;
+                let reserved = self.bytes.fetch_add(len, Ordering::Relaxed) + len;
+                written += len;
+                room(reserved)?;
                 let w = writer.get_or_insert_with(|| self.bucket.chunk_writer(id, received));
-                written += chunk.len() as u64;
                 w.put(chunk).await.map_err(unavailable)?;
             }
             Ok(())
@@ -133,13 +139,14 @@ impl UploadArea for BucketUploads {
                 if let Some(w) = w {
                     w.abort().await;
                 }
+                // Nothing of this body landed.
+                self.release(written);
                 if matches!(e, Error::Denied(_)) {
                     self.remove(id, received).await;
                 }
                 return Err(e);
             }
         }
-        self.bytes.fetch_add(written, Ordering::Relaxed);
         Ok(Status {
             received: received + written,
         })

@@ -152,16 +152,19 @@ impl Hosted {
         self.config.hosts(repo.as_str())
     }
 
-    /// Bytes the hosted content takes: committed items and uploads.
-    pub async fn usage(&self) -> u64 {
-        let items: u64 = self
-            .index
+    /// Bytes the committed hosted items take.
+    pub async fn committed(&self) -> u64 {
+        self.index
             .contents()
             .await
             .iter()
             .map(|(_, e)| e.size)
-            .sum();
-        items + self.uploads.bytes()
+            .sum()
+    }
+
+    /// Bytes the hosted content takes: committed items and uploads.
+    pub async fn usage(&self) -> u64 {
+        self.committed().await + self.uploads.bytes()
     }
 
     /// Refuses `more` bytes that would take the hosted content past

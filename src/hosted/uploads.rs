@@ -29,7 +29,9 @@ const DATA: &str = "data";
 const WRITE_SIZE: usize = 1 << 20;
 const REPO: &str = "repo";
 
-/// Checks the bytes about to be written against the quota.
+/// Checks the quota, given the bytes every upload in progress holds once
+/// the chunk about to be written is counted (the area reserves the chunk's
+/// bytes first, so uploads racing for the last room cannot both pass).
 pub type Room<'a> = &'a (dyn Fn(u64) -> Result<(), Error> + Send + Sync);
 
 /// Where uploads in progress live: one mirror's disk, or (for replicas) the
@@ -248,15 +250,20 @@ impl UploadArea for DiskUploads {
                 let chunk: Bytes = chunk.map_err(|e| {
                     Error::BlobUploadInvalid(format!("the request body broke off: {e}"))
                 })?;
-                room(chunk.len() as u64)?;
-                file.write_all(&chunk)
-                    .await
-                    .map_err(|e| Error::internal("writing an upload", e))?;
+                let len = chunk.len() as u64;
+                let reserved = self.bytes.fetch_add(len, Ordering::Relaxed) + len;
+                if let Err(e) = room(reserved) {
+                    self.bytes.fetch_sub(len, Ordering::Relaxed);
+                    return Err(e);
+                }
+                if let Err(e) = file.write_all(&chunk).await {
+                    self.bytes.fetch_sub(len, Ordering::Relaxed);
+                    return Err(Error::internal("writing an upload", e));
+                }
                 if let Some(h) = &mut p.hasher {
                     h.update(&chunk);
                 }
-                p.received += chunk.len() as u64;
-                self.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                p.received += len;
             }
             file.flush()
                 .await

@@ -200,8 +200,8 @@ async fn upload(
         }
         UploadOp::Append => {
             let start = content_range_start(headers)?;
-            let used = h.usage().await;
-            let room = |more: u64| h.room(used, more);
+            let committed = h.committed().await;
+            let room = |uploads: u64| h.room(committed, uploads);
             let status = h.uploads.append(id, name, start, body, &room).await?;
             upload_reply(StatusCode::ACCEPTED, name, id, status.received)
         }
@@ -221,8 +221,8 @@ async fn finish(
     digest: &Digest,
     body: Option<Body>,
 ) -> Result<Reply, Error> {
-    let used = h.usage().await;
-    let room = |more: u64| h.room(used, more);
+    let committed = h.committed().await;
+    let room = |uploads: u64| h.room(committed, uploads);
     let done = h.uploads.complete(id, name, digest, body, &room).await?;
     let key = ContentKey::blob(digest);
     let present = h.store.contains(&key).await.map_err(|e| h.storage(e))?;
