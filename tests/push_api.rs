@@ -1,0 +1,27 @@
+//! The push API of hosted repositories (issue 16), in process against a fake upstream, checking
+//! the facts the OCI distribution-spec conformance suite (v1.1.1, `conformance/0*_test.go`)
+//! checks in its four workflows, with the status, headers and error codes the spec asks for:
+//! - `uploads`: blob uploads (POST+PUT, `POST ?digest=`, chunked PATCH, status, cancel, wrong
+//!   digest, a restart in the middle) and cross-repository mounts;
+//! - `manifests`: manifest PUT by tag and digest, GET back byte for byte, the refusals
+//!   (MANIFEST_BLOB_UNKNOWN, MANIFEST_INVALID);
+//! - `discovery`: tags/list, `_catalog`, referrers from pushed manifests with a subject;
+//! - `management`: DELETE of manifests, tags and blobs, or its refusal;
+//! - `refusals`: pushes to mirrored repositories, the hosted quota, and hosted pulls never
+//!   reaching the upstream.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "common/push.rs"]
+mod push;
+
+#[path = "push_api/discovery.rs"]
+mod discovery;
+#[path = "push_api/management.rs"]
+mod management;
+#[path = "push_api/manifests.rs"]
+mod manifests;
+#[path = "push_api/refusals.rs"]
+mod refusals;
+#[path = "push_api/uploads.rs"]
+mod uploads;

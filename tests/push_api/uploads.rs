@@ -1,0 +1,389 @@
+//! Blob uploads: the spec's "Pushing blobs" (POST then PUT, single POST, chunked, upload
+//! status, cancel), digest verification, a mirror restarted in the middle of an upload, and
+//! cross-repository mounts (from a hosted repository, and from a mirrored one whose blob is
+//! cached).
+
+use crate::common::images::sha256_digest;
+use crate::common::{random_bytes, FakeUpstream, MirrorHandle};
+use crate::push::{
+    get, head, hosted_mirror, hosting, open_upload, patch, path_of, post_upload, push_blob,
+    put_upload, send, upstream_requests_for, APP,
+};
+use reqwest::Method;
+
+/// Asserts the blob `digest` of `repo` is served: HEAD with its length and digest and no
+/// body, GET with exactly `bytes`.
+pub async fn assert_blob_served(m: &MirrorHandle, repo: &str, digest: &str, bytes: &[u8]) {
+    let path = format!("/v2/{repo}/blobs/{digest}");
+    let h = head(m, &path).await.expect(200);
+    assert_eq!(h.header("docker-content-digest"), digest, "HEAD {path}");
+    assert_eq!(
+        h.header("content-length"),
+        bytes.len().to_string(),
+        "HEAD {path}"
+    );
+    assert!(h.body.is_empty(), "HEAD {path} has a body");
+    let g = get(m, &path).await.expect(200);
+    assert_eq!(g.header("docker-content-digest"), digest, "GET {path}");
+    assert_eq!(
+        g.header("content-length"),
+        bytes.len().to_string(),
+        "GET {path}"
+    );
+    assert!(g.body[..] == bytes[..], "GET {path}: other bytes");
+}
+
+#[tokio::test]
+async fn post_opens_an_upload_with_location_uuid_and_range_0_0() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let a = post_upload(&m, APP, "").await.expect(202);
+    let loc = a.location(&m);
+    assert!(
+        path_of(&loc).starts_with(&format!("/v2/{APP}/blobs/uploads/")),
+        "Location {loc}"
+    );
+    let uuid = a.header("docker-upload-uuid");
+    assert!(!uuid.is_empty(), "no Docker-Upload-UUID: {:?}", a.headers);
+    assert!(loc.contains(&uuid), "Location {loc} does not name {uuid}");
+    assert_eq!(a.header("range"), "0-0");
+    // Two uploads are two sessions.
+    let b = post_upload(&m, APP, "").await.expect(202);
+    assert_ne!(b.header("docker-upload-uuid"), uuid);
+    assert!(upstream_requests_for(&fake, "/v2/myorg/").is_empty());
+}
+
+#[tokio::test]
+async fn post_then_put_with_the_body_stores_the_blob() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(100_000, 1);
+    let digest = sha256_digest(&bytes);
+    // Absent before (conformance: GET of a nonexistent blob is 404).
+    get(&m, &format!("/v2/{APP}/blobs/{digest}"))
+        .await
+        .expect_error(404, "BLOB_UNKNOWN");
+    let loc = open_upload(&m, APP).await;
+    let put = put_upload(&m, &loc, &digest, &bytes).await.expect(201);
+    assert_eq!(
+        path_of(&put.location(&m)),
+        format!("/v2/{APP}/blobs/{digest}")
+    );
+    assert_eq!(put.header("docker-content-digest"), digest);
+    assert_blob_served(&m, APP, &digest, &bytes).await;
+    // The session is closed.
+    get(&m, &loc).await.expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    assert!(upstream_requests_for(&fake, "/v2/myorg/").is_empty());
+}
+
+#[tokio::test]
+async fn post_with_digest_and_body_is_a_whole_upload_in_one_request() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(5000, 2);
+    let digest = sha256_digest(&bytes);
+    let a = send(
+        &m,
+        Method::POST,
+        &format!("/v2/{APP}/blobs/uploads/?digest={digest}"),
+        &[("content-type", "application/octet-stream")],
+        Some(bytes.clone()),
+    )
+    .await
+    .expect(201);
+    assert_eq!(
+        path_of(&a.location(&m)),
+        format!("/v2/{APP}/blobs/{digest}")
+    );
+    assert_eq!(a.header("docker-content-digest"), digest);
+    assert_blob_served(&m, APP, &digest, &bytes).await;
+}
+
+#[tokio::test]
+async fn chunks_in_order_then_put_make_the_blob() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(150_000, 3);
+    let digest = sha256_digest(&bytes);
+    let (one, rest) = bytes.split_at(60_001);
+    let (two, three) = rest.split_at(50_000);
+    let loc = open_upload(&m, APP).await;
+
+    let a = patch(&m, &loc, one, Some((0, 60_000))).await.expect(202);
+    assert_eq!(a.header("range"), "0-60000");
+    assert!(
+        !a.header("docker-upload-uuid").is_empty(),
+        "{:?}",
+        a.headers
+    );
+    let loc = a.location(&m);
+
+    // The upload's status: 204, how far it got, where to go on.
+    let s = get(&m, &loc).await.expect(204);
+    assert_eq!(s.header("range"), "0-60000");
+    let loc = s.location(&m);
+
+    let b = patch(&m, &loc, two, Some((60_001, 110_000)))
+        .await
+        .expect(202);
+    assert_eq!(b.header("range"), "0-110000");
+    let loc = b.location(&m);
+    let c = patch(&m, &loc, three, Some((110_001, 149_999)))
+        .await
+        .expect(202);
+    assert_eq!(c.header("range"), "0-149999");
+
+    // The closing PUT carries the whole blob's digest and no body.
+    let put = put_upload(&m, &c.location(&m), &digest, &[])
+        .await
+        .expect(201);
+    assert_eq!(put.header("docker-content-digest"), digest);
+    assert_eq!(
+        path_of(&put.location(&m)),
+        format!("/v2/{APP}/blobs/{digest}")
+    );
+    assert_blob_served(&m, APP, &digest, &bytes).await;
+}
+
+#[tokio::test]
+async fn the_closing_put_may_carry_the_last_chunk() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(20_000, 4);
+    let digest = sha256_digest(&bytes);
+    let loc = open_upload(&m, APP).await;
+    let a = patch(&m, &loc, &bytes[..12_000], Some((0, 11_999)))
+        .await
+        .expect(202);
+    put_upload(&m, &a.location(&m), &digest, &bytes[12_000..])
+        .await
+        .expect(201);
+    assert_blob_served(&m, APP, &digest, &bytes).await;
+}
+
+/// skopeo and dockerd send the whole layer in one PATCH with no `Content-Range`
+/// (shared/PROTOCOL.md), which the conformance suite calls a streamed upload.
+#[tokio::test]
+async fn a_streamed_patch_without_content_range_is_accepted() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(70_000, 5);
+    let digest = sha256_digest(&bytes);
+    let loc = open_upload(&m, APP).await;
+    let a = patch(&m, &loc, &bytes, None).await.expect(202);
+    assert_eq!(a.header("range"), "0-69999");
+    put_upload(&m, &a.location(&m), &digest, &[])
+        .await
+        .expect(201);
+    assert_blob_served(&m, APP, &digest, &bytes).await;
+}
+
+#[tokio::test]
+async fn a_chunk_out_of_order_is_416_and_the_upload_goes_on() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(42, 6);
+    let digest = sha256_digest(&bytes);
+    let (one, two) = bytes.split_at(22);
+
+    // The second chunk first (the conformance suite's "Out-of-order blob upload").
+    let loc = open_upload(&m, APP).await;
+    let r = patch(&m, &loc, two, Some((22, 41))).await;
+    assert_eq!(r.status, 416, "{}: {}", r.what, r.text());
+
+    // The conformance suite's "PATCH request with first chunk", then its "Retry previous
+    // blob chunk": 416, and `Range` says how far the upload got.
+    let loc = open_upload(&m, APP).await;
+    let first = patch(&m, &loc, one, Some((0, 21))).await.expect(202);
+    assert_eq!(first.header("range"), "0-21");
+    let again = patch(&m, &loc, one, Some((0, 21))).await;
+    assert_eq!(again.status, 416, "{}: {}", again.what, again.text());
+    assert_eq!(again.header("range"), "0-21", "{:?}", again.headers);
+    // A gap is out of order too.
+    let gap = patch(&m, &first.location(&m), &two[1..], Some((23, 41))).await;
+    assert_eq!(gap.status, 416, "{}: {}", gap.what, gap.text());
+
+    // The refused chunks changed nothing: the status, then the right chunk, complete it.
+    let s = get(&m, &loc).await.expect(204);
+    assert_eq!(s.header("range"), "0-21");
+    let b = patch(&m, &s.location(&m), two, Some((22, 41)))
+        .await
+        .expect(202);
+    assert_eq!(b.header("range"), "0-41");
+    put_upload(&m, &b.location(&m), &digest, &[])
+        .await
+        .expect(201);
+    assert_blob_served(&m, APP, &digest, &bytes).await;
+}
+
+#[tokio::test]
+async fn a_cancelled_upload_is_unknown_afterwards() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(30_000, 7);
+    let loc = open_upload(&m, APP).await;
+    let a = patch(&m, &loc, &bytes, Some((0, 29_999))).await.expect(202);
+    let loc = a.location(&m);
+    send(&m, Method::DELETE, &loc, &[], None).await.expect(204);
+    get(&m, &loc).await.expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    patch(&m, &loc, &bytes, Some((30_000, 59_999)))
+        .await
+        .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    put_upload(&m, &loc, &sha256_digest(&bytes), &[])
+        .await
+        .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    head(&m, &format!("/v2/{APP}/blobs/{}", sha256_digest(&bytes)))
+        .await
+        .expect(404);
+}
+
+#[tokio::test]
+async fn an_upload_nobody_opened_is_blob_upload_unknown() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let path = format!("/v2/{APP}/blobs/uploads/3f1c2b8e-6a4d-4c1e-9b0a-5d2e7f8a9c10");
+    get(&m, &path)
+        .await
+        .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    patch(&m, &path, b"abc", Some((0, 2)))
+        .await
+        .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    send(&m, Method::DELETE, &path, &[], None)
+        .await
+        .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    // An upload is its repository's: another repository does not know it.
+    let loc = open_upload(&m, APP).await;
+    let elsewhere = path_of(&loc).replace(APP, "myorg/other");
+    get(&m, &elsewhere)
+        .await
+        .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    assert!(upstream_requests_for(&fake, "/v2/myorg/").is_empty());
+}
+
+#[tokio::test]
+async fn a_wrong_digest_is_digest_invalid_and_nothing_is_stored() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(10_000, 8);
+    let real = sha256_digest(&bytes);
+    let claimed = sha256_digest(b"something else");
+
+    let loc = open_upload(&m, APP).await;
+    put_upload(&m, &loc, &claimed, &bytes)
+        .await
+        .expect_error(400, "DIGEST_INVALID");
+    // Chunked, then the wrong digest at the end.
+    let loc = open_upload(&m, APP).await;
+    let a = patch(&m, &loc, &bytes, Some((0, 9_999))).await.expect(202);
+    put_upload(&m, &a.location(&m), &claimed, &[])
+        .await
+        .expect_error(400, "DIGEST_INVALID");
+    // Single POST.
+    send(
+        &m,
+        Method::POST,
+        &format!("/v2/{APP}/blobs/uploads/?digest={claimed}"),
+        &[("content-type", "application/octet-stream")],
+        Some(bytes.clone()),
+    )
+    .await
+    .expect_error(400, "DIGEST_INVALID");
+
+    for d in [&claimed, &real] {
+        head(&m, &format!("/v2/{APP}/blobs/{d}")).await.expect(404);
+        assert!(!m.blob_path(d).exists(), "{d} committed");
+    }
+}
+
+#[tokio::test]
+async fn an_upload_survives_a_restart_of_the_mirror() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(90_000, 9);
+    let digest = sha256_digest(&bytes);
+    let loc = open_upload(&m, APP).await;
+    let a = patch(&m, &loc, &bytes[..40_000], Some((0, 39_999)))
+        .await
+        .expect(202);
+    // The new mirror listens on another port: the client keeps the Location's path.
+    let loc = path_of(&a.location(&m));
+
+    let dir = m.stop().await;
+    let m = MirrorHandle::start_in(dir, &fake.url(), hosting).await;
+
+    let s = get(&m, &loc).await.expect(204);
+    assert_eq!(s.header("range"), "0-39999");
+    let b = patch(
+        &m,
+        &s.location(&m),
+        &bytes[40_000..],
+        Some((40_000, 89_999)),
+    )
+    .await
+    .expect(202);
+    assert_eq!(b.header("range"), "0-89999");
+    put_upload(&m, &b.location(&m), &digest, &[])
+        .await
+        .expect(201);
+    assert_blob_served(&m, APP, &digest, &bytes).await;
+}
+
+#[tokio::test]
+async fn a_blob_mounts_from_another_hosted_repository() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(8_000, 10);
+    let digest = push_blob(&m, APP, &bytes).await;
+
+    let a = post_upload(&m, "myorg/copy", &format!("?mount={digest}&from={APP}"))
+        .await
+        .expect(201);
+    assert_eq!(
+        path_of(&a.location(&m)),
+        format!("/v2/myorg/copy/blobs/{digest}")
+    );
+    assert_eq!(a.header("docker-content-digest"), digest);
+    assert_blob_served(&m, "myorg/copy", &digest, &bytes).await;
+
+    // A blob the registry does not have, or no `from`: an ordinary upload to go on with
+    // (the conformance suite's "Cross-mounting of nonexistent blob should yield session id").
+    let missing = sha256_digest(b"hello world");
+    for query in [
+        format!("?mount={missing}&from={APP}"),
+        format!("?mount={missing}"),
+    ] {
+        let a = post_upload(&m, "myorg/copy", &query).await.expect(202);
+        assert!(
+            path_of(&a.location(&m)).starts_with("/v2/myorg/copy/blobs/uploads/"),
+            "{query}: Location {}",
+            a.header("location")
+        );
+    }
+    assert!(upstream_requests_for(&fake, "/v2/myorg/").is_empty());
+}
+
+#[tokio::test]
+async fn a_cached_blob_of_a_mirrored_repository_mounts_without_its_bytes() {
+    let fake = FakeUpstream::start().await;
+    let img = fake.add_image("library/alpine", "3.19", vec![random_bytes(50_000, 11)]);
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let layer = &img.layer_digests[0];
+    // Pulled through the mirror, so cached.
+    let pulled = m.blob("library/alpine", layer).await;
+    assert!(pulled == img.layers[0]);
+    assert!(m.committed(layer).await);
+    let fetched = fake.blob_gets(layer);
+
+    let a = post_upload(&m, APP, &format!("?mount={layer}&from=library/alpine"))
+        .await
+        .expect(201);
+    assert_eq!(path_of(&a.location(&m)), format!("/v2/{APP}/blobs/{layer}"));
+    assert_eq!(a.header("docker-content-digest"), *layer);
+    assert_blob_served(&m, APP, layer, &img.layers[0]).await;
+    assert_eq!(
+        fake.blob_gets(layer),
+        fetched,
+        "the mount fetched the blob again"
+    );
+    assert!(upstream_requests_for(&fake, "/v2/myorg/").is_empty());
+}
