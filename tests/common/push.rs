@@ -205,12 +205,27 @@ pub async fn send(
     }
 }
 
+/// The `Accept` clients send for manifests (one comma-joined header, as containerd does).
+pub const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.manifest.v1+json, \
+     application/vnd.oci.image.index.v1+json, \
+     application/vnd.docker.distribution.manifest.v2+json, \
+     application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// The headers a client sends with a GET or HEAD of `url`: `Accept` for a manifest.
+fn pull_headers(url: &str) -> &'static [(&'static str, &'static str)] {
+    if url.contains("/manifests/") {
+        &[("accept", ACCEPT_MANIFESTS)]
+    } else {
+        &[]
+    }
+}
+
 pub async fn get(m: &MirrorHandle, url: &str) -> Answer {
-    send(m, Method::GET, url, &[], None).await
+    send(m, Method::GET, url, pull_headers(url), None).await
 }
 
 pub async fn head(m: &MirrorHandle, url: &str) -> Answer {
-    send(m, Method::HEAD, url, &[], None).await
+    send(m, Method::HEAD, url, pull_headers(url), None).await
 }
 
 pub async fn delete(m: &MirrorHandle, url: &str) -> Answer {
