@@ -7,6 +7,7 @@
 //!   (MANIFEST_BLOB_UNKNOWN, MANIFEST_INVALID);
 //! - `discovery`: tags/list, `_catalog`, referrers from pushed manifests with a subject;
 //! - `management`: DELETE of manifests, tags and blobs, or its refusal;
+//! - `pinning`: hosted content, and cached blobs mounted into it, outlive the cache's budget;
 //! - `refusals`: pushes to mirrored repositories, the hosted quota, and hosted pulls never
 //!   reaching the upstream.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -21,6 +22,8 @@ mod discovery;
 mod management;
 #[path = "push_api/manifests.rs"]
 mod manifests;
+#[path = "push_api/pinning.rs"]
+mod pinning;
 #[path = "push_api/refusals.rs"]
 mod refusals;
 #[path = "push_api/uploads.rs"]

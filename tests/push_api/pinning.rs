@@ -1,0 +1,95 @@
+//! Hosted content is pinned (issue 16): the cache's budget never evicts what was pushed, nor
+//! a cached blob once mounted into a hosted repository; and hosted bytes count against
+//! `hosted.max_size`, not `cache.max_size`.
+
+use std::time::Duration;
+
+use regmirror::config::ByteSize;
+
+use crate::common::cache::{disk_usage, pull};
+use crate::common::images::ImageInfo;
+use crate::common::{random_bytes, wait_until, FakeUpstream, MirrorHandle};
+use crate::push::{get, hosted_mirror, post_upload, push_image, upstream_requests_for, APP};
+
+const MIB: usize = 1 << 20;
+const MIRRORED: &str = "team/app";
+
+/// Pulls `count` fresh 1 MiB images of [`MIRRORED`] (tags `fill<seed>-<i>`) through `m`,
+/// more than the cache's budget, and waits until eviction has taken the first of them (the
+/// least recently used mirrored image, so everything older that is not pinned is gone too).
+async fn churn(m: &MirrorHandle, fake: &FakeUpstream, count: u64, seed: u64) {
+    let mut first = None;
+    for i in 0..count {
+        let tag = format!("fill{seed}-{i}");
+        let img = fake.add_image(MIRRORED, &tag, vec![random_bytes(MIB, seed * 100 + i)]);
+        assert_eq!(pull(m, MIRRORED, &tag).await, img.manifest);
+        first.get_or_insert(img);
+    }
+    let first = first.expect("churned");
+    let path = m.blob_path(&first.layer_digests[0]);
+    // Eviction runs after the download that passes the budget, and every 10 s.
+    let evicted = wait_until(Duration::from_secs(15), || !path.exists()).await;
+    assert!(
+        evicted,
+        "no eviction: {MIRRORED}'s oldest layer is still cached ({} bytes in the cache areas)",
+        disk_usage(&m.data_dir)
+    );
+}
+
+/// Asserts the whole image is served from `repo`: manifest by tag, every blob's bytes.
+async fn assert_image_served(m: &MirrorHandle, repo: &str, tag: &str, img: &ImageInfo) {
+    let a = get(m, &format!("/v2/{repo}/manifests/{tag}"))
+        .await
+        .expect(200);
+    assert!(a.body == img.manifest, "{repo}:{tag}: other manifest bytes");
+    for (d, bytes) in img.blobs() {
+        let a = get(m, &format!("/v2/{repo}/blobs/{d}")).await.expect(200);
+        assert!(a.body == bytes, "{repo}: blob {d}: other bytes");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_content_survives_the_cache_budget() {
+    let fake = FakeUpstream::start().await;
+    let max = 3 * MIB as u64;
+    let m = hosted_mirror(&fake, |c| c.cache.max_size = ByteSize(max)).await;
+    // Bigger than the cache's budget: hosted bytes are not the cache's.
+    let ours = push_image(
+        &m,
+        APP,
+        "v1",
+        vec![random_bytes(2 * MIB, 60), random_bytes(2 * MIB, 61)],
+    )
+    .await;
+    churn(&m, &fake, 5, 1).await;
+    assert_image_served(&m, APP, "v1", &ours).await;
+    assert!(upstream_requests_for(&fake, "/v2/myorg/").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mounted_cached_blob_survives_the_cache_budget() {
+    let fake = FakeUpstream::start().await;
+    let max = 3 * MIB as u64;
+    let theirs = fake.add_image("library/base", "1", vec![random_bytes(MIB, 62)]);
+    let m = hosted_mirror(&fake, |c| c.cache.max_size = ByteSize(max)).await;
+    let layer = &theirs.layer_digests[0];
+    assert_eq!(pull(&m, "library/base", "1").await, theirs.manifest);
+    assert!(m.committed(layer).await);
+    post_upload(&m, APP, &format!("?mount={layer}&from=library/base"))
+        .await
+        .expect(201);
+    let fetched = fake.blob_gets(layer);
+
+    // Enough mirrored pulls that the least recently used, this layer among them, would go.
+    churn(&m, &fake, 6, 2).await;
+    let a = get(&m, &format!("/v2/{APP}/blobs/{layer}"))
+        .await
+        .expect(200);
+    assert!(a.body == theirs.layers[0], "mounted layer: other bytes");
+    assert_eq!(
+        fake.blob_gets(layer),
+        fetched,
+        "the mounted layer was evicted and fetched again"
+    );
+    assert!(upstream_requests_for(&fake, "/v2/myorg/").is_empty());
+}
