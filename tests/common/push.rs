@@ -182,26 +182,93 @@ pub async fn send(
     body: Option<Vec<u8>>,
 ) -> Answer {
     let url = resolve(m, url);
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    exchange(m.client.clone(), method, url, headers, body.map(Into::into))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// One request and its whole answer; `Err` says what failed when no answer came.
+async fn exchange(
+    client: reqwest::Client,
+    method: Method,
+    url: String,
+    headers: Vec<(String, String)>,
+    body: Option<reqwest::Body>,
+) -> Result<Answer, String> {
     let what = format!("{method} {}", path_of(&url));
-    let mut req = m.client.request(method, &url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
+    let mut req = client.request(method, &url);
+    for (k, v) in &headers {
+        req = req.header(k, v);
     }
     if let Some(body) = body {
         req = req.body(body);
     }
-    let resp = req.send().await.unwrap_or_else(|e| panic!("{what}: {e}"));
+    let resp = req.send().await.map_err(|e| format!("{what}: {e:?}"))?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp
         .bytes()
         .await
-        .unwrap_or_else(|e| panic!("{what}: body: {e}"));
-    Answer {
+        .map_err(|e| format!("{what}: body: {e:?}"))?;
+    Ok(Answer {
         status,
         headers,
         body,
         what,
+    })
+}
+
+/// A request whose body the test hands over piece by piece (sent chunked, without
+/// `Content-Length`), so the mirror reads each piece as a frame of its own.
+pub struct Feed {
+    tx: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    answer: tokio::task::JoinHandle<Result<Answer, String>>,
+}
+
+impl Feed {
+    /// Starts `method url` with a body still to come.
+    pub fn start(m: &MirrorHandle, method: Method, url: &str, headers: &[(&str, &str)]) -> Feed {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let pieces = futures_util::stream::unfold(rx, |mut rx| async move {
+            let piece = rx.recv().await?;
+            Some((Ok::<_, std::io::Error>(piece), rx))
+        });
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let answer = tokio::spawn(exchange(
+            m.client.clone(),
+            method,
+            resolve(m, url),
+            headers,
+            Some(reqwest::Body::wrap_stream(pieces)),
+        ));
+        Feed {
+            tx: Some(tx),
+            answer,
+        }
+    }
+
+    /// Hands over one piece, then gives the mirror a moment to read it; `false` once the
+    /// mirror stopped reading (it answered early).
+    pub async fn piece(&self, bytes: &[u8]) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        let sent = tx.send(Bytes::copy_from_slice(bytes)).await.is_ok();
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        sent && !self.answer.is_finished()
+    }
+
+    /// Ends the body and waits for the answer.
+    pub async fn finish(mut self) -> Result<Answer, String> {
+        self.tx = None;
+        self.answer
+            .await
+            .unwrap_or_else(|e| Err(format!("request task: {e}")))
     }
 }
 

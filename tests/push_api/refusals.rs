@@ -8,10 +8,10 @@ use regmirror::config::ByteSize;
 use reqwest::Method;
 
 use crate::common::images::{sha256_digest, OCI_MANIFEST};
-use crate::common::{random_bytes, wait_until, FakeUpstream};
+use crate::common::{random_bytes, wait_until, FakeUpstream, MirrorHandle};
 use crate::push::{
     delete, files_holding, get, head, hosted_mirror, open_upload, patch, post_upload, push_blob,
-    push_image, put_manifest, put_upload, send, upstream_requests_for, Answer, APP,
+    push_image, put_manifest, put_upload, send, upstream_requests_for, Answer, Feed, APP,
 };
 
 /// Asserts a refused write to a mirrored repository: 403 DENIED, naming `hosted.repos`.
@@ -101,7 +101,7 @@ async fn pulls_of_a_hosted_repository_never_reach_the_upstream() {
 
 /// Whether any file under the data dir holds the first KiB of `bytes` (random bytes, so
 /// only a copy of them would).
-fn held(m: &crate::common::MirrorHandle, bytes: &[u8]) -> Vec<std::path::PathBuf> {
+fn held(m: &MirrorHandle, bytes: &[u8]) -> Vec<std::path::PathBuf> {
     files_holding(&m.data_dir, &bytes[..1024])
 }
 
@@ -151,4 +151,114 @@ async fn a_push_past_max_size_is_denied_and_leaves_nothing() {
     // The refusals took no room: a blob that fits still goes in.
     push_blob(&m, APP, &random_bytes(30_000, 56)).await;
     assert!(upstream_requests_for(&fake, "/v2/myorg/").is_empty());
+}
+
+/// Feeds `bytes` as the body of `method url` in `piece`-byte pieces (until the mirror stops
+/// reading) and returns the answer; a PATCH answered 202 is closed with its PUT.
+async fn fed(m: &MirrorHandle, method: Method, url: &str, bytes: &[u8], piece: usize) -> Answer {
+    let feed = Feed::start(
+        m,
+        method,
+        url,
+        &[("content-type", "application/octet-stream")],
+    );
+    for p in bytes.chunks(piece) {
+        if !feed.piece(p).await {
+            break;
+        }
+    }
+    let a = feed
+        .finish()
+        .await
+        .unwrap_or_else(|e| panic!("no answer: {e}"));
+    if a.what.starts_with("PATCH") && a.status == 202 {
+        return put_upload(m, &a.location(m), &sha256_digest(bytes), b"").await;
+    }
+    a
+}
+
+/// A body arriving in small pieces is counted whole: every piece fits in what is left, the
+/// upload does not.
+#[tokio::test]
+async fn a_push_arriving_in_small_pieces_is_held_to_max_size() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |c| c.hosted.max_size = Some(ByteSize(100_000))).await;
+    push_blob(&m, APP, &random_bytes(40_000, 57)).await;
+
+    // skopeo's way: one PATCH with the whole layer, no Content-Range.
+    let big = random_bytes(300_000, 58);
+    let loc = open_upload(&m, APP).await;
+    let a = fed(&m, Method::PATCH, &loc, &big, 8192).await;
+    a.expect_error(403, "DENIED");
+    // And in one POST.
+    let big2 = random_bytes(300_000, 59);
+    let url = format!("/v2/{APP}/blobs/uploads/?digest={}", sha256_digest(&big2));
+    let a = fed(&m, Method::POST, &url, &big2, 8192).await;
+    a.expect_error(403, "DENIED");
+
+    for (what, bytes) in [("PATCH", &big), ("POST", &big2)] {
+        head(&m, &format!("/v2/{APP}/blobs/{}", sha256_digest(bytes)))
+            .await
+            .expect(404);
+        let gone = wait_until(Duration::from_secs(10), || held(&m, bytes).is_empty()).await;
+        assert!(gone, "{what}: refused bytes left in {:?}", held(&m, bytes));
+    }
+}
+
+/// Two uploads that each fit in the room left but not together, sent at the same time:
+/// not both go in.
+#[tokio::test]
+async fn two_pushes_racing_for_the_last_room_do_not_both_get_it() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |c| c.hosted.max_size = Some(ByteSize(100_000))).await;
+    let blobs = [random_bytes(60_000, 60), random_bytes(60_000, 61)];
+    let mut feeds = Vec::new();
+    for _ in &blobs {
+        let loc = open_upload(&m, APP).await;
+        feeds.push(Feed::start(
+            &m,
+            Method::PATCH,
+            &loc,
+            &[("content-type", "application/octet-stream")],
+        ));
+    }
+    // Piece by piece, in turns.
+    let pieces: Vec<Vec<&[u8]>> = blobs.iter().map(|b| b.chunks(4096).collect()).collect();
+    let mut open = [true, true];
+    for (a, b) in pieces[0].iter().zip(&pieces[1]) {
+        for (k, piece) in [a, b].into_iter().enumerate() {
+            if open[k] {
+                open[k] = feeds[k].piece(piece).await;
+            }
+        }
+    }
+    let mut answers = Vec::new();
+    for (feed, bytes) in feeds.into_iter().zip(&blobs) {
+        let a = feed
+            .finish()
+            .await
+            .unwrap_or_else(|e| panic!("no answer: {e}"));
+        answers.push(match a.status {
+            202 => put_upload(&m, &a.location(&m), &sha256_digest(bytes), b"").await,
+            _ => a,
+        });
+    }
+    let stored = answers.iter().filter(|a| a.status == 201).count();
+    assert!(
+        stored <= 1,
+        "both went in, 120000 bytes past hosted.max_size = 100000: {:?}",
+        answers
+            .iter()
+            .map(|a| (a.status, a.code()))
+            .collect::<Vec<_>>()
+    );
+    for a in answers.iter().filter(|a| a.status != 201) {
+        a.expect_error(403, "DENIED");
+    }
+    let mut served = 0;
+    for b in &blobs {
+        let a = head(&m, &format!("/v2/{APP}/blobs/{}", sha256_digest(b))).await;
+        served += usize::from(a.status == 200);
+    }
+    assert!(served <= 1, "{served} of the racing blobs are served");
 }
