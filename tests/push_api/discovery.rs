@@ -210,6 +210,26 @@ async fn referrers_list_the_manifests_pushed_with_a_subject() {
     assert_eq!(v["manifests"].as_array().map(Vec::len), Some(1), "{v}");
     assert_eq!(v["manifests"][0]["digest"], sha256_digest(&b));
 
+    // A referrer deleted is no longer listed.
+    crate::push::delete(&m, &format!("/v2/{APP}/manifests/{}", sha256_digest(&b)))
+        .await
+        .expect(202);
+    let r = get(&m, &format!("/v2/{APP}/referrers/{}", img.manifest_digest))
+        .await
+        .expect(200);
+    let v = r.json();
+    let listed: Vec<&str> = v["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap())
+        .collect();
+    let mut want = vec![sha256_digest(&a), sha256_digest(&idx)];
+    want.sort();
+    let mut listed_sorted = listed.clone();
+    listed_sorted.sort_unstable();
+    assert_eq!(listed_sorted, want, "after deleting {}", sha256_digest(&b));
+
     // A subject nobody refers to: an empty index, not 404.
     let r = get(
         &m,

@@ -2,7 +2,9 @@
 //! type, and the refusals: a missing blob or child manifest (MANIFEST_BLOB_UNKNOWN), bytes
 //! that do not parse (MANIFEST_INVALID), a digest reference the bytes do not match.
 
-use crate::common::images::{build_image, sha256_digest, Format, OCI_INDEX, OCI_MANIFEST};
+use crate::common::images::{
+    build_image, build_index, sha256_digest, Format, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
+};
 use crate::common::{random_bytes, FakeUpstream, MirrorHandle};
 use crate::push::{
     descriptor, get, head, hosted_mirror, index, push_blob, push_image, push_image_for,
@@ -236,4 +238,91 @@ async fn an_impossible_reference_is_manifest_unknown() {
         head(&m, &path).await.expect(404);
     }
     assert!(fake.requests().is_empty(), "{:?}", fake.requests());
+}
+
+/// What `docker push` sends: Docker v2 manifests, and a Docker manifest list over them.
+#[tokio::test]
+async fn docker_manifests_and_manifest_lists_are_taken_and_served_as_pushed() {
+    const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let mut children = Vec::new();
+    for (arch, seed) in [("amd64", 28), ("arm64", 29)] {
+        let img = build_image(vec![random_bytes(1500, seed)], Format::Docker, arch);
+        for (_, b) in img.blobs() {
+            push_blob(&m, APP, &b).await;
+        }
+        let a = put_manifest(&m, APP, arch, DOCKER_MANIFEST, &img.manifest).await;
+        assert_created(a, &m, &img.manifest_digest);
+        assert_manifest_served(&m, APP, arch, DOCKER_MANIFEST, &img.manifest).await;
+        children.push((arch.to_owned(), img));
+    }
+    // build_index writes an OCI index; the same shape under Docker's list type.
+    let oci = build_index(children);
+    let mut v: serde_json::Value = serde_json::from_slice(&oci.bytes).unwrap();
+    v["mediaType"] = json!(DOCKER_LIST);
+    for c in v["manifests"].as_array_mut().unwrap() {
+        c["mediaType"] = json!(DOCKER_MANIFEST);
+    }
+    let list = serde_json::to_vec_pretty(&v).unwrap();
+    let a = put_manifest(&m, APP, "multi", DOCKER_LIST, &list).await;
+    assert_created(a, &m, &sha256_digest(&list));
+    assert_manifest_served(&m, APP, "multi", DOCKER_LIST, &list).await;
+}
+
+#[tokio::test]
+async fn a_tag_pushed_again_moves_to_the_new_manifest() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let old = push_image(&m, APP, "latest", vec![random_bytes(1000, 70)]).await;
+    let new = push_image(&m, APP, "latest", vec![random_bytes(1000, 71)]).await;
+    assert_manifest_served(&m, APP, "latest", OCI_MANIFEST, &new.manifest).await;
+    // The old manifest stays, by digest.
+    assert_manifest_served(&m, APP, &old.manifest_digest, OCI_MANIFEST, &old.manifest).await;
+    let tags = get(&m, &format!("/v2/{APP}/tags/list")).await.expect(200);
+    assert_eq!(tags.json()["tags"], json!(["latest"]));
+}
+
+/// A blob pushed to another repository is not this one's: a manifest naming it is refused
+/// until it is pushed or mounted here.
+#[tokio::test]
+async fn a_manifest_naming_another_repositorys_blob_is_manifest_blob_unknown() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let img = build_image(vec![random_bytes(1000, 72)], Format::Oci, "amd64");
+    for (_, b) in img.blobs() {
+        push_blob(&m, "myorg/other", &b).await;
+    }
+    put_manifest(&m, APP, "v1", OCI_MANIFEST, &img.manifest)
+        .await
+        .expect_error(400, "MANIFEST_BLOB_UNKNOWN");
+    for (d, _) in img.blobs() {
+        crate::push::post_upload(&m, APP, &format!("?mount={d}&from=myorg/other"))
+            .await
+            .expect(201);
+    }
+    let a = put_manifest(&m, APP, "v1", OCI_MANIFEST, &img.manifest).await;
+    assert_created(a, &m, &img.manifest_digest);
+}
+
+/// The spec asks registries to take manifests of at least 4 MB and to answer a bigger one
+/// they refuse with 413.
+#[tokio::test]
+async fn an_oversized_manifest_is_413() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let config = push_blob(&m, APP, b"{}").await;
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+        "layers": [],
+        "annotations": {"padding": "x".repeat(5 << 20)},
+    }))
+    .unwrap();
+    let a = put_manifest(&m, APP, "huge", OCI_MANIFEST, &manifest).await;
+    assert_eq!(a.status, 413, "{}: {}", a.what, a.text());
+    get(&m, &format!("/v2/{APP}/manifests/huge"))
+        .await
+        .expect_error(404, "MANIFEST_UNKNOWN");
 }

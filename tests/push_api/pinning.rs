@@ -1,6 +1,7 @@
-//! Hosted content is pinned (issue 16): the cache's budget never evicts what was pushed, nor
-//! a cached blob once mounted into a hosted repository; and hosted bytes count against
-//! `hosted.max_size`, not `cache.max_size`.
+//! Hosted content is kept (issue 16): across a restart of the mirror (tags, manifests, blobs,
+//! deletes), and through the cache's budget, which never evicts what was pushed nor a cached
+//! blob once mounted into a hosted repository (hosted bytes count against `hosted.max_size`,
+//! not `cache.max_size`).
 
 use std::time::Duration;
 
@@ -9,7 +10,9 @@ use regmirror::config::ByteSize;
 use crate::common::cache::{disk_usage, pull};
 use crate::common::images::ImageInfo;
 use crate::common::{random_bytes, wait_until, FakeUpstream, MirrorHandle};
-use crate::push::{get, hosted_mirror, post_upload, push_image, upstream_requests_for, APP};
+use crate::push::{
+    delete, get, hosted_mirror, hosting, post_upload, push_image, upstream_requests_for, APP,
+};
 
 const MIB: usize = 1 << 20;
 const MIRRORED: &str = "team/app";
@@ -91,5 +94,39 @@ async fn a_mounted_cached_blob_survives_the_cache_budget() {
         fetched,
         "the mounted layer was evicted and fetched again"
     );
+    assert!(upstream_requests_for(&fake, "/v2/myorg/").is_empty());
+}
+
+#[tokio::test]
+async fn pushed_content_and_deletes_survive_a_restart() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let kept = push_image(&m, APP, "v1", vec![random_bytes(5000, 63)]).await;
+    let gone = push_image(&m, APP, "v2", vec![random_bytes(5000, 64)]).await;
+    push_image(&m, "myorg/tools", "latest", vec![random_bytes(5000, 65)]).await;
+    delete(&m, &format!("/v2/{APP}/manifests/{}", gone.manifest_digest))
+        .await
+        .expect(202);
+
+    let dir = m.stop().await;
+    let m = MirrorHandle::start_in(dir, &fake.url(), hosting).await;
+
+    assert_image_served(&m, APP, "v1", &kept).await;
+    get(&m, &format!("/v2/{APP}/manifests/v2"))
+        .await
+        .expect_error(404, "MANIFEST_UNKNOWN");
+    let tags = get(&m, &format!("/v2/{APP}/tags/list")).await.expect(200);
+    assert_eq!(tags.json()["tags"], serde_json::json!(["v1"]));
+    let catalog = get(&m, "/v2/_catalog").await.expect(200).json();
+    for repo in [APP, "myorg/tools"] {
+        assert!(
+            catalog["repositories"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r == repo),
+            "{repo} not in {catalog}"
+        );
+    }
     assert!(upstream_requests_for(&fake, "/v2/myorg/").is_empty());
 }

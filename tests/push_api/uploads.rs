@@ -4,10 +4,12 @@
 //! cached).
 
 use crate::common::images::sha256_digest;
-use crate::common::{random_bytes, FakeUpstream, MirrorHandle};
+use std::time::Duration;
+
+use crate::common::{random_bytes, wait_until, FakeUpstream, MirrorHandle};
 use crate::push::{
-    get, head, hosted_mirror, hosting, open_upload, patch, path_of, post_upload, push_blob,
-    put_upload, send, upstream_requests_for, APP,
+    files_holding, get, head, hosted_mirror, hosting, open_upload, patch, path_of, post_upload,
+    push_blob, put_upload, send, upstream_requests_for, APP,
 };
 use reqwest::Method;
 
@@ -31,6 +33,21 @@ pub async fn assert_blob_served(m: &MirrorHandle, repo: &str, digest: &str, byte
         "GET {path}"
     );
     assert!(g.body[..] == bytes[..], "GET {path}: other bytes");
+}
+
+/// Asserts that within a few seconds no file under the data dir holds the first KiB of
+/// `bytes` (random, so only a copy of them would).
+pub async fn assert_no_copy_left(m: &MirrorHandle, bytes: &[u8], what: &str) {
+    let needle = &bytes[..1024];
+    let gone = wait_until(Duration::from_secs(10), || {
+        files_holding(&m.data_dir, needle).is_empty()
+    })
+    .await;
+    assert!(
+        gone,
+        "{what}: bytes left in {:?}",
+        files_holding(&m.data_dir, needle)
+    );
 }
 
 #[tokio::test]
@@ -235,6 +252,7 @@ async fn a_cancelled_upload_is_unknown_afterwards() {
     head(&m, &format!("/v2/{APP}/blobs/{}", sha256_digest(&bytes)))
         .await
         .expect(404);
+    assert_no_copy_left(&m, &bytes, "a cancelled upload").await;
 }
 
 #[tokio::test]
@@ -291,8 +309,8 @@ async fn a_wrong_digest_is_digest_invalid_and_nothing_is_stored() {
 
     for d in [&claimed, &real] {
         head(&m, &format!("/v2/{APP}/blobs/{d}")).await.expect(404);
-        assert!(!m.blob_path(d).exists(), "{d} committed");
     }
+    assert_no_copy_left(&m, &bytes, "refused uploads").await;
 }
 
 #[tokio::test]
@@ -386,4 +404,78 @@ async fn a_cached_blob_of_a_mirrored_repository_mounts_without_its_bytes() {
         "the mount fetched the blob again"
     );
     assert!(upstream_requests_for(&fake, "/v2/myorg/").is_empty());
+}
+
+#[tokio::test]
+async fn a_pushed_blob_serves_byte_ranges() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(10_000, 12);
+    let digest = push_blob(&m, APP, &bytes).await;
+    let path = format!("/v2/{APP}/blobs/{digest}");
+    let a = send(&m, Method::GET, &path, &[("range", "bytes=100-199")], None)
+        .await
+        .expect(206);
+    assert!(a.body[..] == bytes[100..200], "other bytes");
+    assert_eq!(a.header("content-range"), "bytes 100-199/10000");
+    let a = send(&m, Method::GET, &path, &[("range", "bytes=9000-")], None)
+        .await
+        .expect(206);
+    assert!(a.body[..] == bytes[9000..], "other bytes");
+}
+
+/// A blob is its repository's: another repository does not serve it, nor mount it from a
+/// repository that does not hold it.
+#[tokio::test]
+async fn a_blob_belongs_to_the_repositories_it_was_pushed_or_mounted_to() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(3000, 13);
+    let digest = push_blob(&m, APP, &bytes).await;
+    get(&m, &format!("/v2/myorg/other/blobs/{digest}"))
+        .await
+        .expect_error(404, "BLOB_UNKNOWN");
+    head(&m, &format!("/v2/myorg/other/blobs/{digest}"))
+        .await
+        .expect(404);
+    // `from` names a repository without it: an upload, not a mount.
+    post_upload(
+        &m,
+        "myorg/other",
+        &format!("?mount={digest}&from=myorg/third"),
+    )
+    .await
+    .expect(202);
+    head(&m, &format!("/v2/myorg/other/blobs/{digest}"))
+        .await
+        .expect(404);
+}
+
+#[tokio::test]
+async fn a_malformed_content_range_is_refused_and_the_upload_is_unchanged() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let loc = open_upload(&m, APP).await;
+    patch(&m, &loc, b"abcd", Some((0, 3))).await.expect(202);
+    for range in ["four-seven", "7-4", "4"] {
+        let a = send(
+            &m,
+            Method::PATCH,
+            &loc,
+            &[
+                ("content-type", "application/octet-stream"),
+                ("content-range", range),
+            ],
+            Some(b"efgh".to_vec()),
+        )
+        .await;
+        assert!(
+            (a.status == 400 && a.code() == "BLOB_UPLOAD_INVALID") || a.status == 416,
+            "Content-Range {range}: want 400 BLOB_UPLOAD_INVALID or 416, got {} {}",
+            a.status,
+            a.text()
+        );
+    }
+    let s = get(&m, &loc).await.expect(204);
+    assert_eq!(s.header("range"), "0-3");
 }
