@@ -479,3 +479,73 @@ async fn a_malformed_content_range_is_refused_and_the_upload_is_unchanged() {
     let s = get(&m, &loc).await.expect(204);
     assert_eq!(s.header("range"), "0-3");
 }
+
+#[tokio::test]
+async fn an_empty_blob_is_pushed_and_served() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let digest = sha256_digest(b"");
+    let loc = open_upload(&m, APP).await;
+    let a = put_upload(&m, &loc, &digest, b"").await.expect(201);
+    assert_eq!(a.header("docker-content-digest"), digest);
+    assert_blob_served(&m, APP, &digest, b"").await;
+    // In one POST too, into another repository.
+    send(
+        &m,
+        Method::POST,
+        &format!("/v2/myorg/other/blobs/uploads/?digest={digest}"),
+        &[("content-type", "application/octet-stream")],
+        Some(Vec::new()),
+    )
+    .await
+    .expect(201);
+    assert_blob_served(&m, "myorg/other", &digest, b"").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_blob_goes_in_a_few_big_chunks() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(12 << 20, 14);
+    let digest = sha256_digest(&bytes);
+    let mut loc = open_upload(&m, APP).await;
+    let mut at = 0;
+    for chunk in bytes.chunks(5 << 20) {
+        let end = at + chunk.len() as u64 - 1;
+        let a = patch(&m, &loc, chunk, Some((at, end))).await.expect(202);
+        assert_eq!(a.header("range"), format!("0-{end}"));
+        loc = a.location(&m);
+        at = end + 1;
+    }
+    put_upload(&m, &loc, &digest, b"").await.expect(201);
+    assert_blob_served(&m, APP, &digest, &bytes).await;
+}
+
+/// Parallel pushes of images sharing a layer upload it at the same time: both succeed, and
+/// the bytes are kept (and counted against the quota) once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_blob_pushed_twice_at_once_is_kept_once() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |c| {
+        c.hosted.max_size = Some(regmirror::config::ByteSize(5 << 19));
+    })
+    .await;
+    let bytes = random_bytes(1 << 20, 15);
+    let digest = sha256_digest(&bytes);
+    let (a, b) = tokio::join!(
+        async {
+            let loc = open_upload(&m, APP).await;
+            put_upload(&m, &loc, &digest, &bytes).await
+        },
+        async {
+            let loc = open_upload(&m, "myorg/other").await;
+            put_upload(&m, &loc, &digest, &bytes).await
+        }
+    );
+    a.expect(201);
+    b.expect(201);
+    assert_blob_served(&m, APP, &digest, &bytes).await;
+    assert_blob_served(&m, "myorg/other", &digest, &bytes).await;
+    // 1 MiB held once, under a 2.5 MiB quota: another 1 MiB fits.
+    push_blob(&m, APP, &random_bytes(1 << 20, 16)).await;
+}
