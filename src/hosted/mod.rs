@@ -191,6 +191,23 @@ impl Hosted {
             .map_err(|e| self.storage(e))
     }
 
+    /// The size of the blob `digest` of `repo`, if the repository holds it
+    /// and the store has it: a check that reads no bytes (on a replica, it
+    /// fetches nothing from the bucket).
+    pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, Error> {
+        let key = ContentKey::blob(digest);
+        if !self.index.holds(repo, digest).await
+            || !self
+                .store
+                .contains(&key)
+                .await
+                .map_err(|e| self.storage(e))?
+        {
+            return Ok(None);
+        }
+        Ok(Some(self.index.entry(&key).await.map_or(0, |e| e.size)))
+    }
+
     /// The manifest `digest` of `repo`, if the repository holds it.
     pub async fn manifest(
         &self,

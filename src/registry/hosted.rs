@@ -92,7 +92,7 @@ impl Registry {
             }
             Endpoint::DeleteBlob { digest, .. } => {
                 deletes_allowed(h)?;
-                if h.blob(name, digest).await?.is_none() {
+                if h.blob_size(name, digest).await?.is_none() {
                     return Err(Error::BlobUnknown(format!("{name}@{digest}")));
                 }
                 h.index.drop_hold(name, digest).await;
@@ -147,10 +147,10 @@ impl Registry {
         from: &RepoName,
     ) -> Result<bool, Error> {
         if h.hosts(from) {
-            let Some(blob) = h.blob(from, digest).await? else {
+            let Some(size) = h.blob_size(from, digest).await? else {
                 return Ok(false);
             };
-            h.link(name, ContentKey::blob(digest), blob.size).await?;
+            h.link(name, ContentKey::blob(digest), size).await?;
             return Ok(true);
         }
         let Ok(route) = self.route(from, None) else {
@@ -283,7 +283,7 @@ async fn put_manifest(
     // A collection's mark waits for this commit, and this one for it.
     let _commit = h.commits.read().await;
     for blob in &pushed.blobs {
-        if h.blob(name, blob).await?.is_none() {
+        if h.blob_size(name, blob).await?.is_none() {
             return Err(h.unknown(Error::ManifestBlobUnknown(format!(
                 "{name} holds no blob {blob}; push it (or mount it) first"
             ))));
