@@ -20,7 +20,8 @@
 //! - `cluster`: replicas sharing a Garage bucket and a Redis behind nginx (its own harness).
 //!
 //! Tests live here (pulls through a mirror) and in `offline` (upstream stopped, restarts,
-//! `--offline`), `tls` (HTTPS, users, reloads) and `multi` (two registries through one mirror).
+//! `--offline`), `tls` (HTTPS, users, reloads), `multi` (two registries through one mirror)
+//! and `hosted` (pushes to hosted repositories, and pulls of them).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod airgap;
@@ -29,6 +30,7 @@ mod cluster;
 mod containerd;
 mod dockerd;
 mod fixture;
+mod hosted;
 mod issuer;
 mod mirror;
 mod multi;

@@ -1,0 +1,164 @@
+//! A layer the mirror cached from the upstream, pushed to a hosted repository: dockerd, which
+//! pulled the image from the mirror's address, mounts it (`POST ?mount=<digest>&from=<repo>`)
+//! rather than uploading it, and the layer, now pinned by the hosted image, outlives an
+//! eviction pass that takes the cache's idle blobs.
+
+use std::time::{Duration, Instant};
+
+use crate::dockerd::{Dockerd, DOCKER};
+use crate::hosted::{listing, output_text, pushed_digest, start_hosted_mirror};
+use crate::procs::{run, run_ok};
+use crate::skopeo::Skopeo;
+use crate::world::World;
+
+/// How long a cached blob nobody pulls stays: long enough for the push to follow the pull,
+/// short enough for the test to see an eviction pass (every 10 s) take one.
+const IDLE: &str = "15s";
+
+/// dockerd pulls `127.0.0.1:PORT/library/small:1` (cached from the upstream), tags it
+/// `myorg/small:v1` and pushes it: every layer is mounted (POST answered 201), at most one
+/// upload (the image config) is started, and the pushed manifest names the cached layers.
+/// Then, after an eviction pass took the idle blobs of another cached image, the hosted image
+/// still pulls whole from the mirror and `library/small` still pulls without a new upstream
+/// GET of its layers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_upstream_layer_is_mounted_not_uploaded_and_stays() {
+    let mut world = World::upstream_only(&["dockerd", DOCKER]).await;
+    start_hosted_mirror(
+        &mut world,
+        "",
+        &[("REGMIRROR_CACHE_BLOB_IDLE_TTL", IDLE)],
+        200,
+    )
+    .await;
+    let addr = world.mirror().addr();
+    let small = world.image("small");
+    let layers = small.platform("amd64").layers.clone();
+    let dockerd = Dockerd::start(
+        &world.dir("dk"),
+        &["--insecure-registry".into(), addr.clone()],
+    )
+    .await;
+
+    let cached = format!("{addr}/{}:{}", small.name, small.tag);
+    dockerd.pull(&cached).await;
+    assert_eq!(
+        dockerd.repo_digests(&cached).await,
+        vec![format!("{addr}/{}@{}", small.name, small.digest)],
+        "RepoDigests of the image pulled through the mirror"
+    );
+    world.assert_blob_gets(small, &layers, 1, "after docker pull through the mirror");
+
+    let hosted = format!("{addr}/myorg/small:v1");
+    let mut tag = dockerd.docker();
+    tag.args(["tag", &cached, &hosted]);
+    run_ok(&mut tag, Duration::from_secs(30)).await;
+    let mark = world.mirror().log_mark();
+    let mut push = dockerd.docker();
+    push.args(["push", &hosted]);
+    let out = run(&mut push, Duration::from_secs(120)).await;
+    let served = world.mirror().served_since(mark);
+    assert!(
+        out.status.success(),
+        "docker push {hosted} failed: {}\n--- what the mirror served ---\n{}",
+        output_text(&out),
+        listing(&served)
+    );
+    let pushed = pushed_digest(&output_text(&out));
+    let starts: Vec<_> = served
+        .iter()
+        .filter(|s| s.method == "POST" && s.path == "/v2/myorg/small/blobs/uploads/")
+        .collect();
+    let mounted = starts.iter().filter(|s| s.status == 201).count();
+    let uploads = starts.iter().filter(|s| s.status == 202).count();
+    assert_eq!(
+        (mounted, layers.len()),
+        (layers.len(), layers.len()),
+        "each of the {} cached layers should have been mounted (POST ?mount= answered 201); \
+         what the mirror served for the push:\n{}",
+        layers.len(),
+        listing(&served)
+    );
+    assert!(
+        uploads <= 1,
+        "only the image config may be uploaded, not the mounted layers; {uploads} uploads \
+         started:\n{}",
+        listing(&served)
+    );
+
+    // The manifest pushed names the very layers the mirror cached.
+    let manifest = reqwest::Client::new()
+        .get(format!("http://{addr}/v2/myorg/small/manifests/v1"))
+        .header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json, \
+             application/vnd.oci.image.manifest.v1+json",
+        )
+        .send()
+        .await
+        .expect("GET the pushed manifest")
+        .bytes()
+        .await
+        .expect("the pushed manifest");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&manifest).expect("the pushed manifest is JSON");
+    let named: Vec<&str> = manifest["layers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|l| l["digest"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(named, layers, "the layers of myorg/small:v1 as pushed");
+
+    // Another image cached after the push: once an eviction pass has taken its idle blobs, it
+    // would have taken small's layers too, unless the hosted image keeps them.
+    let many = world.image("many");
+    let skopeo = Skopeo::with_mirror(&world.dir("skopeo"), &addr);
+    skopeo
+        .pull_to_dir(&many.docker_io(), &world.dir("many-out"), false)
+        .await;
+    let started = Instant::now();
+    let cached_many = |world: &World| {
+        many.blobs()
+            .into_iter()
+            .filter(|b| world.mirror().blob_path(b).is_file())
+            .count()
+    };
+    while cached_many(&world) > 0 && started.elapsed() < Duration::from_secs(45) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        cached_many(&world),
+        0,
+        "no eviction pass took the blobs of library/many, idle for over {IDLE}, within {:?}",
+        started.elapsed()
+    );
+    eprintln!(
+        "[e2e] the idle blobs were evicted {:?} after the pull",
+        started.elapsed()
+    );
+
+    let plain = Skopeo::plain(&world.dir("skopeo-plain"));
+    let out = world.dir("hosted-out");
+    let digest = plain
+        .pull_to_dir(&format!("{addr}/myorg/small:v1"), &out, false)
+        .await;
+    assert_eq!(
+        digest, pushed,
+        "the digest skopeo pulled from myorg/small:v1, after the eviction pass"
+    );
+    for layer in &layers {
+        let hex = layer.trim_start_matches("sha256:");
+        assert!(
+            out.join(hex).is_file(),
+            "layer {layer} missing from the copy of myorg/small:v1"
+        );
+    }
+    skopeo
+        .pull_to_dir(&small.docker_io(), &world.dir("small-again"), false)
+        .await;
+    world.assert_blob_gets(
+        small,
+        &layers,
+        1,
+        "after the eviction pass and a second pull of library/small",
+    );
+}
