@@ -1,12 +1,17 @@
 //! A layer the mirror cached from the upstream, pushed to a hosted repository: dockerd, which
-//! pulled the image from the mirror's address, mounts it (`POST ?mount=<digest>&from=<repo>`)
-//! rather than uploading it, and the layer, now pinned by the hosted image, outlives an
-//! eviction pass that takes the cache's idle blobs.
+//! pulled the image from the mirror's address, and skopeo, copying within the mirror, mount it
+//! (`POST ?mount=<digest>&from=<repo>`) rather than upload it, and the layer, now kept by the
+//! hosted images, outlives an eviction pass that takes the cache's idle blobs.
+//!
+//! dockerd mounts only from a repository of the same registry host it pulled the layer from:
+//! an image pulled as `docker.io/...` through `--registry-mirror` has no such candidate, so
+//! dockerd uploads its layers when pushing it to the mirror's address.
 
 use std::time::{Duration, Instant};
 
 use crate::dockerd::{Dockerd, DOCKER};
 use crate::hosted::{listing, output_text, pushed_digest, start_hosted_mirror};
+use crate::mirror::Served;
 use crate::procs::{run, run_ok};
 use crate::skopeo::Skopeo;
 use crate::world::World;
@@ -18,9 +23,9 @@ const IDLE: &str = "15s";
 /// dockerd pulls `127.0.0.1:PORT/library/small:1` (cached from the upstream), tags it
 /// `myorg/small:v1` and pushes it: every layer is mounted (POST answered 201), at most one
 /// upload (the image config) is started, and the pushed manifest names the cached layers.
-/// Then, after an eviction pass took the idle blobs of another cached image, the hosted image
-/// still pulls whole from the mirror and `library/small` still pulls without a new upstream
-/// GET of its layers.
+/// skopeo copying `library/small:1` to `myorg/small-copy:v1` mounts them as well. Then, after
+/// an eviction pass took the idle blobs of another cached image, both hosted images still pull
+/// whole from the mirror, and `library/small` pulls without a new upstream GET of its layers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_upstream_layer_is_mounted_not_uploaded_and_stays() {
     let mut world = World::upstream_only(&["dockerd", DOCKER]).await;
@@ -65,26 +70,7 @@ async fn a_cached_upstream_layer_is_mounted_not_uploaded_and_stays() {
         listing(&served)
     );
     let pushed = pushed_digest(&output_text(&out));
-    let starts: Vec<_> = served
-        .iter()
-        .filter(|s| s.method == "POST" && s.path == "/v2/myorg/small/blobs/uploads/")
-        .collect();
-    let mounted = starts.iter().filter(|s| s.status == 201).count();
-    let uploads = starts.iter().filter(|s| s.status == 202).count();
-    assert_eq!(
-        (mounted, layers.len()),
-        (layers.len(), layers.len()),
-        "each of the {} cached layers should have been mounted (POST ?mount= answered 201); \
-         what the mirror served for the push:\n{}",
-        layers.len(),
-        listing(&served)
-    );
-    assert!(
-        uploads <= 1,
-        "only the image config may be uploaded, not the mounted layers; {uploads} uploads \
-         started:\n{}",
-        listing(&served)
-    );
+    assert_mounted(&served, "myorg/small", &layers, "docker push");
 
     // The manifest pushed names the very layers the mirror cached.
     let manifest = reqwest::Client::new()
@@ -107,6 +93,25 @@ async fn a_cached_upstream_layer_is_mounted_not_uploaded_and_stays() {
         .map(|a| a.iter().filter_map(|l| l["digest"].as_str()).collect())
         .unwrap_or_default();
     assert_eq!(named, layers, "the layers of myorg/small:v1 as pushed");
+
+    // skopeo copying within the mirror finds the layers in the source repository (HEAD
+    // there) and mounts them too; the manifest goes over unchanged.
+    let plain = Skopeo::plain(&world.dir("skopeo-plain"));
+    let mark = world.mirror().log_mark();
+    let mut copy = plain.command("copy");
+    copy.args(["--src-tls-verify=false", "--dest-tls-verify=false"])
+        .arg(format!("docker://{cached}"))
+        .arg(format!("docker://{addr}/myorg/small-copy:v1"));
+    let out = run(&mut copy, Duration::from_secs(120)).await;
+    let served = world.mirror().served_since(mark);
+    assert!(
+        out.status.success(),
+        "skopeo copy of {cached} into myorg/small-copy failed: {}\n--- what the mirror \
+         served ---\n{}",
+        output_text(&out),
+        listing(&served)
+    );
+    assert_mounted(&served, "myorg/small-copy", &layers, "skopeo copy");
 
     // Another image cached after the push: once an eviction pass has taken its idle blobs, it
     // would have taken small's layers too, unless the hosted image keeps them.
@@ -136,7 +141,6 @@ async fn a_cached_upstream_layer_is_mounted_not_uploaded_and_stays() {
         started.elapsed()
     );
 
-    let plain = Skopeo::plain(&world.dir("skopeo-plain"));
     let out = world.dir("hosted-out");
     let digest = plain
         .pull_to_dir(&format!("{addr}/myorg/small:v1"), &out, false)
@@ -144,6 +148,17 @@ async fn a_cached_upstream_layer_is_mounted_not_uploaded_and_stays() {
     assert_eq!(
         digest, pushed,
         "the digest skopeo pulled from myorg/small:v1, after the eviction pass"
+    );
+    let got = plain
+        .pull_to_dir(
+            &format!("{addr}/myorg/small-copy:v1"),
+            &world.dir("copy-out"),
+            false,
+        )
+        .await;
+    assert_eq!(
+        got, small.digest,
+        "the digest of myorg/small-copy:v1 after the eviction pass"
     );
     for layer in &layers {
         let hex = layer.trim_start_matches("sha256:");
@@ -160,5 +175,27 @@ async fn a_cached_upstream_layer_is_mounted_not_uploaded_and_stays() {
         &layers,
         1,
         "after the eviction pass and a second pull of library/small",
+    );
+}
+
+/// Asserts that what the mirror `served` during `who`'s push into `name` mounted each of
+/// `layers` (`POST /v2/<name>/blobs/uploads/?mount=...` answered 201) and started at most one
+/// upload (`POST` answered 202: the image config, which clients do not mount): no byte of a
+/// layer was sent.
+fn assert_mounted(served: &[Served], name: &str, layers: &[String], who: &str) {
+    let path = format!("/v2/{name}/blobs/uploads/");
+    let starts: Vec<&Served> = served
+        .iter()
+        .filter(|s| s.method == "POST" && s.path == path)
+        .collect();
+    let mounted = starts.iter().filter(|s| s.status == 201).count();
+    let uploads = starts.iter().filter(|s| s.status == 202).count();
+    assert!(
+        mounted == layers.len() && uploads <= 1,
+        "{who}: each of the {} cached layers should have been mounted (POST ?mount= answered \
+         201; {mounted} were) and at most the config uploaded (POST answered 202; {uploads} \
+         were); what the mirror served:\n{}",
+        layers.len(),
+        listing(served)
     );
 }
