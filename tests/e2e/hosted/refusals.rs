@@ -30,7 +30,7 @@ async fn world_with_users(users: &[(&str, &str)], auth: &str) -> World {
     world
 }
 
-/// `skopeo copy --dest-tls-verify=false oci:LAYOUT:v1 docker://DEST` of a new small image,
+/// `skopeo copy --dest-tls-verify=false oci:LAYOUT:v1 docker://DEST` of a new small image (64 KiB),
 /// with `creds` as `--dest-creds` if any: the command's output, whether it succeeded or not,
 /// and the digest of the image's manifest.
 async fn try_push(
@@ -38,9 +38,19 @@ async fn try_push(
     creds: Option<&str>,
     dest: &str,
 ) -> (std::process::Output, String) {
+    try_push_sized(world, creds, dest, 64 << 10).await
+}
+
+/// [`try_push`] of an image with `random` incompressible bytes in a layer.
+async fn try_push_sized(
+    world: &World,
+    creds: Option<&str>,
+    dest: &str,
+    random: u64,
+) -> (std::process::Output, String) {
     let name = format!("layout-{}", dest.replace(['/', ':'], "-"));
     let layout = world.dir(&name);
-    let manifest = small_image(&layout, "v1", &name, 64 << 10);
+    let manifest = small_image(&layout, "v1", &name, random);
     let skopeo = Skopeo::plain(&world.dir("skopeo"));
     let mut cmd = skopeo.command("copy");
     cmd.arg("--dest-tls-verify=false");
@@ -220,4 +230,71 @@ async fn a_user_without_the_push_right_is_denied() {
         pushed,
         "the digest dev pulled of what ci pushed"
     );
+}
+
+/// With `hosted.max_size = 512KiB`, skopeo's push of an image with a 1 MiB layer fails and the
+/// mirror refused an upload with 403; the tag does not exist, the layer is not there, and a
+/// 64 KiB image pushes afterwards: the refused upload's bytes were not kept against the quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_past_the_quota_is_refused_and_leaves_nothing() {
+    let world = hosted_world(&[], "", &[("REGMIRROR_HOSTED_MAX_SIZE", "512KiB")], 200).await;
+    let addr = world.mirror().addr();
+    let mark = world.mirror().log_mark();
+    let (out, _) = try_push_sized(&world, None, &format!("{addr}/myorg/big:v1"), 1 << 20).await;
+    let text = output_text(&out);
+    assert!(
+        !out.status.success(),
+        "skopeo's push past hosted.max_size succeeded: {text}"
+    );
+    // Its small blobs fit and may stay; the big layer's upload is refused, and so no manifest
+    // can be put.
+    let writes = writes_to(&world, mark, "myorg/big");
+    assert!(
+        writes.iter().any(|s| s.status == 403)
+            && !writes
+                .iter()
+                .any(|s| s.path.contains("/manifests/") && (200..300).contains(&s.status)),
+        "past the quota, an upload should have been answered 403 and no manifest taken:\n{}",
+        listing(&writes)
+    );
+
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/v2/myorg/big/manifests/v1");
+    let (status, _, body) = raw(client.get(&url)).await;
+    assert_eq!(status, 404, "GET {url} after the refused push: {body}");
+    let layout = world.dir(&format!("layout-{addr}-myorg-big-v1").replace(':', "-"));
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index.json"))
+            .expect("index.json");
+    let manifest_digest = index["manifests"][0]["digest"].as_str().expect("digest");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&crate::hosted::layout_blob(&layout, manifest_digest))
+            .expect("manifest");
+    for layer in manifest["layers"].as_array().expect("layers") {
+        let digest = layer["digest"].as_str().expect("layer digest");
+        let size = layer["size"].as_u64().expect("layer size");
+        let url = format!("http://{addr}/v2/myorg/big/blobs/{digest}");
+        let (status, _, _) = raw(client.head(&url)).await;
+        assert!(
+            status == 404 || size < 64 << 10,
+            "HEAD of the {size}-byte layer the quota refused: {status}"
+        );
+    }
+
+    let (out, pushed) = try_push(&world, None, &format!("{addr}/myorg/small:v1")).await;
+    assert!(
+        out.status.success(),
+        "a 64 KiB push after the refused one failed: {}\n--- what the mirror served ---\n{}",
+        output_text(&out),
+        listing(&world.mirror().served_since(mark))
+    );
+    let skopeo = Skopeo::plain(&world.dir("skopeo-pull"));
+    let got = skopeo
+        .pull_to_dir(
+            &format!("{addr}/myorg/small:v1"),
+            &world.dir("small-out"),
+            false,
+        )
+        .await;
+    assert_eq!(got, pushed, "the digest of myorg/small:v1 pulled back");
 }
