@@ -1,7 +1,7 @@
 //! Pushes a mirror refuses, as real clients see them: to a mirrored repository (403 DENIED
 //! naming `hosted.repos`), without credentials to a mirror with users (401 with the Basic
-//! challenge, even with `anonymous_pull`), and by a user whom no access rule lets push (403
-//! DENIED). Each refusal leaves nothing behind.
+//! challenge, even with `anonymous_pull`), by a user whom no access rule lets push (403
+//! DENIED), and past `hosted.max_size` (403). Each refusal leaves nothing behind.
 
 use std::time::Duration;
 
@@ -9,6 +9,7 @@ use crate::certs::htpasswd_line;
 use crate::hosted::{
     hosted_world, listing, output_text, small_image, start_hosted_mirror, writes_to,
 };
+use crate::oci::Manifest;
 use crate::procs::{run, run_ok};
 use crate::skopeo::{dir_manifest_digest, Skopeo};
 use crate::world::World;
@@ -30,14 +31,14 @@ async fn world_with_users(users: &[(&str, &str)], auth: &str) -> World {
     world
 }
 
-/// `skopeo copy --dest-tls-verify=false oci:LAYOUT:v1 docker://DEST` of a new small image (64 KiB),
-/// with `creds` as `--dest-creds` if any: the command's output, whether it succeeded or not,
-/// and the digest of the image's manifest.
+/// `skopeo copy --dest-tls-verify=false oci:LAYOUT:v1 docker://DEST` of a new image with a
+/// 64 KiB layer, with `creds` as `--dest-creds` if any: the command's output, whether it
+/// succeeded or not, and the image's manifest.
 async fn try_push(
     world: &World,
     creds: Option<&str>,
     dest: &str,
-) -> (std::process::Output, String) {
+) -> (std::process::Output, Manifest) {
     try_push_sized(world, creds, dest, 64 << 10).await
 }
 
@@ -47,7 +48,7 @@ async fn try_push_sized(
     creds: Option<&str>,
     dest: &str,
     random: u64,
-) -> (std::process::Output, String) {
+) -> (std::process::Output, Manifest) {
     let name = format!("layout-{}", dest.replace(['/', ':'], "-"));
     let layout = world.dir(&name);
     let manifest = small_image(&layout, "v1", &name, random);
@@ -59,7 +60,7 @@ async fn try_push_sized(
     }
     cmd.arg(format!("oci:{}:v1", layout.display()))
         .arg(format!("docker://{dest}"));
-    (run(&mut cmd, LIMIT).await, manifest.blob.digest)
+    (run(&mut cmd, LIMIT).await, manifest)
 }
 
 /// The status, `errors[0].code` and the body (with any challenge) of a raw request.
@@ -227,7 +228,7 @@ async fn a_user_without_the_push_right_is_denied() {
     run_ok(&mut pull, LIMIT).await;
     assert_eq!(
         dir_manifest_digest(&out_dir),
-        pushed,
+        pushed.blob.digest,
         "the digest dev pulled of what ci pushed"
     );
 }
@@ -240,7 +241,7 @@ async fn a_push_past_the_quota_is_refused_and_leaves_nothing() {
     let world = hosted_world(&[], "", &[("REGMIRROR_HOSTED_MAX_SIZE", "512KiB")], 200).await;
     let addr = world.mirror().addr();
     let mark = world.mirror().log_mark();
-    let (out, _) = try_push_sized(&world, None, &format!("{addr}/myorg/big:v1"), 1 << 20).await;
+    let (out, big) = try_push_sized(&world, None, &format!("{addr}/myorg/big:v1"), 1 << 20).await;
     let text = output_text(&out);
     assert!(
         !out.status.success(),
@@ -262,26 +263,16 @@ async fn a_push_past_the_quota_is_refused_and_leaves_nothing() {
     let url = format!("http://{addr}/v2/myorg/big/manifests/v1");
     let (status, _, body) = raw(client.get(&url)).await;
     assert_eq!(status, 404, "GET {url} after the refused push: {body}");
-    let layout = world.dir(&format!("layout-{addr}-myorg-big-v1").replace(':', "-"));
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index.json"))
-            .expect("index.json");
-    let manifest_digest = index["manifests"][0]["digest"].as_str().expect("digest");
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&crate::hosted::layout_blob(&layout, manifest_digest))
-            .expect("manifest");
-    for layer in manifest["layers"].as_array().expect("layers") {
-        let digest = layer["digest"].as_str().expect("layer digest");
-        let size = layer["size"].as_u64().expect("layer size");
-        let url = format!("http://{addr}/v2/myorg/big/blobs/{digest}");
-        let (status, _, _) = raw(client.head(&url)).await;
-        assert!(
-            status == 404 || size < 64 << 10,
-            "HEAD of the {size}-byte layer the quota refused: {status}"
-        );
-    }
+    let refused = big
+        .layers
+        .iter()
+        .max_by_key(|l| l.size)
+        .expect("the big layer");
+    let url = format!("http://{addr}/v2/myorg/big/blobs/{}", refused.digest);
+    let (status, _, _) = raw(client.head(&url)).await;
+    assert_eq!(status, 404, "HEAD of the layer the quota refused, {url}");
 
-    let (out, pushed) = try_push(&world, None, &format!("{addr}/myorg/small:v1")).await;
+    let (out, small) = try_push(&world, None, &format!("{addr}/myorg/small:v1")).await;
     assert!(
         out.status.success(),
         "a 64 KiB push after the refused one failed: {}\n--- what the mirror served ---\n{}",
@@ -296,5 +287,8 @@ async fn a_push_past_the_quota_is_refused_and_leaves_nothing() {
             false,
         )
         .await;
-    assert_eq!(got, pushed, "the digest of myorg/small:v1 pulled back");
+    assert_eq!(
+        got, small.blob.digest,
+        "the digest of myorg/small:v1 pulled back"
+    );
 }
