@@ -20,7 +20,7 @@ use crate::world::World;
 
 /// How long a cached blob nobody pulls stays: long enough for the push to follow the pull,
 /// short enough for the test to see an eviction pass (every 10 s) take one.
-const IDLE: &str = "15s";
+const IDLE: &str = "20s";
 
 /// dockerd pulls `127.0.0.1:PORT/library/small:1` (cached from the upstream), tags it
 /// `myorg/small:v1` and pushes it: every layer is mounted (POST answered 201), at most one
@@ -136,7 +136,7 @@ async fn a_cached_upstream_layer_is_mounted_not_uploaded_and_stays() {
             .filter(|b| world.mirror().blob_path(b).is_file())
             .count()
     };
-    while cached_many(&world) > 0 && started.elapsed() < Duration::from_secs(45) {
+    while cached_many(&world) > 0 && started.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(
