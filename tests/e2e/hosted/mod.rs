@@ -1,12 +1,13 @@
 //! Hosted repositories (issue 16) pushed to and pulled from by real clients: the operator
 //! guides' dockerd workflow over TLS with htpasswd (`guide`), skopeo and containerd copying
-//! images and an index in and out (`copies`), the refusals a client sees (`refusals`), and a
-//! layer cached from the upstream mounted into a hosted repository rather than uploaded
-//! (`mount`). Every mirror here hosts `myorg/*` and `hello-world`; the images pushed are
+//! images and an index in and out (`copies`), the refusals a client sees (`refusals`), a layer
+//! cached from the upstream mounted into a hosted repository rather than uploaded (`mount`),
+//! and a repository listed, kept over a restart and deleted with skopeo (`lifecycle`). Every mirror here hosts `myorg/*` and `hello-world`; the images pushed are
 //! written by the test as OCI layouts ([`crate::oci`]), since nothing here reaches Docker Hub.
 
 mod copies;
 mod guide;
+mod lifecycle;
 mod mount;
 mod refusals;
 
