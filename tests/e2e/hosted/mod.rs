@@ -30,7 +30,7 @@ fn write_config(dir: &Path, extra: &str) -> PathBuf {
 }
 
 /// A world whose plain-HTTP mirror hosts [`HOSTED`] with `extra` in its configuration (and
-/// answers `GET /v2/` with `ready_status`: 401 when it has users).
+/// answers `GET /v2/` with `ready`: 401 when it has users).
 async fn hosted_world(tools: &[&str], extra: &str, env: &[(&str, &str)], ready: u16) -> World {
     let mut world = World::upstream_only(tools).await;
     start_hosted_mirror(&mut world, extra, env, ready).await;
