@@ -263,17 +263,19 @@ proxy:
 
 
 class Regmirror:
-    """regmirror with an empty data dir, its default settings, and the upstream credentials."""
+    """regmirror with an empty data dir, its default settings, and the upstream credentials;
+    `env` adds settings (the push rows: `REGMIRROR_HOSTED_REPOS`)."""
 
     name = "regmirror"
 
-    def __init__(self, procs, directory, upstream, binary):
+    def __init__(self, procs, directory, upstream, binary, env=None):
         self.directory = directory
         data = os.path.join(directory, "data")
         os.makedirs(data, exist_ok=True)
         env = dict(os.environ, REGMIRROR_UPSTREAM_USERNAME=USER,
                    REGMIRROR_UPSTREAM_PASSWORD=PASSWORD,
-                   REGMIRROR_UPSTREAM_CREDENTIAL_HOSTS=f'["{upstream.realm_host}"]')
+                   REGMIRROR_UPSTREAM_CREDENTIAL_HOSTS=f'["{upstream.realm_host}"]',
+                   **(env or {}))
         env.setdefault("RUST_LOG", "info")
 
         def spawn(port):
@@ -283,6 +285,40 @@ class Regmirror:
 
         self.port, self.proc = start_on_free_port(
             procs, "regmirror", spawn,
+            lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 200)
+        self.pid = self.proc.pid
+
+
+class DistributionRegistry:
+    """docker-registry as a plain private registry, the push rows' reference: writable
+    filesystem storage in its own empty dir, no auth, no proxy; logs as it does by default
+    (info, access log on)."""
+
+    name = "distribution registry"
+
+    def __init__(self, procs, directory):
+        self.directory = directory
+        os.makedirs(os.path.join(directory, "storage"), exist_ok=True)
+
+        def spawn(port):
+            config = os.path.join(directory, "registry.yml")
+            with open(config, "w") as f:
+                f.write(f"""version: 0.1
+log:
+  level: info
+  formatter: text
+storage:
+  filesystem:
+    rootdirectory: {os.path.join(directory, 'storage')}
+http:
+  addr: 127.0.0.1:{port}
+  secret: regmirror-bench-registry
+""")
+            return procs.start("distribution registry", ["docker-registry", "serve", config],
+                               directory)
+
+        self.port, self.proc = start_on_free_port(
+            procs, "distribution registry", spawn,
             lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 200)
         self.pid = self.proc.pid
 
