@@ -19,6 +19,7 @@ import traceback
 import clients
 import cluster
 import fixture as fixtures
+import push
 from issuer import generate_keys
 from services import DistributionProxy, Issuer, Nginx, Procs, Regmirror, Upstream
 
@@ -358,6 +359,14 @@ def main():
     ap.add_argument("--no-nginx", action="store_true")
     ap.add_argument("--no-cluster", action="store_true",
                     help="skip the cluster rows (3 replicas on Garage and redis-server)")
+    ap.add_argument("--no-push", action="store_true",
+                    help="skip the push rows (regmirror hosting bench/* against a writable "
+                         "docker-registry)")
+    ap.add_argument("--push-mib", type=int,
+                    help="push rows: push this many MiB of noise instead of the big layer "
+                         "(1 in smoke)")
+    ap.add_argument("--push-chunk-kib", type=int,
+                    help="push rows: the chunked push's PATCH size, KiB (65536; 256 in smoke)")
     ap.add_argument("--big-mib", type=int, help="size of the big layer's noise, MiB")
     ap.add_argument("--herd", type=int, help="herd clients")
     ap.add_argument("--wrk-seconds", type=int)
@@ -388,6 +397,8 @@ def main():
     wrk_seconds = args.wrk_seconds or (2 if args.smoke else 5)
     wrk_rounds = args.wrk_rounds or (1 if args.smoke else 3)
     repeat = args.repeat or (1 if args.smoke else 5)
+    push_mib = args.push_mib or (1 if args.smoke else None)
+    push_chunk = (args.push_chunk_kib or (256 if args.smoke else 64 << 10)) << 10
     stamp = datetime.datetime.now(datetime.timezone.utc)
     out = args.out or (os.path.join(args.work, "results-smoke.md") if args.smoke else
                        os.path.join(repo, "bench", f"results-{stamp:%Y-%m-%d}.md"))
@@ -402,6 +413,7 @@ def main():
               "wrk": wrk_seconds, "rounds": wrk_rounds}
     results = Results(columns, params)
     cluster_results = None if args.no_cluster else Results(cluster.COLUMNS, params, cluster.ROWS)
+    push_results = None if args.no_push else Results(push.COLUMNS, params, push.ROWS)
     about = machine(args.binary, repo)
     started = time.monotonic()
     try:
@@ -414,11 +426,14 @@ def main():
                "run_dir": run_dir, "herd": herd, "repeat": repeat,
                "wrk_seconds": wrk_seconds, "wrk_rounds": wrk_rounds,
                "nginx_speeds": [], "nginx_rates": [], "binary": args.binary,
+               "push_mib": push_mib, "push_chunk": push_chunk, "push_servers": mirrors,
                "mirror_args": {"distribution": (), "regmirror": (args.binary,)}}
         if not args.no_nginx:
             start_nginx(ctx, results)
         for kind in mirrors:
             measure_mirror(kind, ctx, results)
+        if push_results:
+            push.measure(ctx, push_results, prewarm, human_bytes, ratio_text)
         if cluster_results:
             cluster.measure(ctx, cluster_results, lambda: Counters(upstream, issuer), prewarm,
                             human_bytes, ratio_text)
@@ -455,6 +470,9 @@ def main():
         text += ["Cluster: " + cluster.ABOUT.format(garage=garage, redis=redis),
                  "", cluster_results.markdown(), ""]
         errors += [f"cluster: {e}" for e in cluster_results.errors]
+    if push_results:
+        text += ["Push: " + push.ABOUT, "", push_results.markdown(), ""]
+        errors += [f"push: {e}" for e in push_results.errors]
     if errors:
         text += ["Failures:", ""] + [f"- {e}" for e in errors] + [""]
     report = "\n".join(text)
