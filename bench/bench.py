@@ -413,7 +413,8 @@ def main():
               "wrk": wrk_seconds, "rounds": wrk_rounds}
     results = Results(columns, params)
     cluster_results = None if args.no_cluster else Results(cluster.COLUMNS, params, cluster.ROWS)
-    push_results = None if args.no_push else Results(push.COLUMNS, params, push.ROWS)
+    push_results = None if args.no_push else Results(push.columns(mirrors), params,
+                                                      push.ROWS)
     about = machine(args.binary, repo)
     started = time.monotonic()
     try:

@@ -27,8 +27,13 @@ from services import DistributionRegistry, Regmirror
 
 HOSTED = "bench/*"
 DIST, REG, RATIO = DistributionRegistry.name, "regmirror (hosted)", "regmirror ÷ distribution"
-COLUMNS = [DIST, REG, RATIO]
 SERVERS = {"distribution": DIST, "regmirror": REG}
+
+
+def columns(servers):
+    """The table's columns for the servers measured (bench.py's --mirrors): the ratio only
+    with both."""
+    return [SERVERS[s] for s in servers] + ([RATIO] if len(set(servers)) == 2 else [])
 
 ABOUT = ("regmirror with `REGMIRROR_HOSTED_REPOS='[\"" + HOSTED + "\"]'` (otherwise as in the "
          "main table) against distribution's registry as a plain private registry "
