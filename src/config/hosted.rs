@@ -25,7 +25,9 @@ pub struct HostedConfig {
     /// Whether manifests, tags and blobs of hosted repositories may be
     /// deleted through the API.
     pub delete: bool,
-    /// An upload nobody touched for this long is removed.
+    /// An upload nobody touched for this long is removed; a blob no
+    /// manifest references is kept this long after its last link, pull or
+    /// check (the grace period of `hosted::gc`).
     #[serde(with = "humantime_serde_compat")]
     pub upload_ttl: Duration,
     /// Hosted globs the operator accepts hiding a mirrored registry's

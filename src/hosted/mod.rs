@@ -10,10 +10,12 @@
 //! uploaded or mounted into it and the manifests pushed to it; a delete
 //! drops the link, and only a collection removes bytes nothing links.
 
+pub mod gc;
 pub mod uploads;
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -46,10 +48,18 @@ pub struct Hosted {
     shared_store: bool,
     pub verifier: Arc<Verifier>,
     pub uploads: Box<dyn UploadArea>,
-    /// Held by a manifest's commit (its references checked, then linked) and
-    /// by a collection's mark, so a collection never removes what a
-    /// manifest being pushed references.
+    /// Held for reading by every check-and-link (an upload's completion, a
+    /// mount, a manifest's commit), for writing by a collection from its mark
+    /// to the end of its sweep: see [`gc`].
     pub commits: tokio::sync::RwLock<()>,
+    /// `<data_dir>/hosted`.
+    root: PathBuf,
+    /// Something was deleted since the last collection.
+    collect_soon: AtomicBool,
+    /// What each stored manifest references (a manifest never changes
+    /// under its digest), so a collection's mark and a delete read each
+    /// manifest once per process.
+    references: gc::References,
 }
 
 impl Hosted {
@@ -63,6 +73,7 @@ impl Hosted {
         let uploads = Box::new(DiskUploads::open(&root.join("uploads"))?);
         Ok(Self::assemble(
             config,
+            root,
             Arc::new(disk),
             index,
             uploads,
@@ -101,11 +112,15 @@ impl Hosted {
                 (index, None)
             }
         };
-        Ok(Self::assemble(config, store, index, uploads, shared, true))
+        Ok(Self::assemble(
+            config, root, store, index, uploads, shared, true,
+        ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         config: &HostedConfig,
+        root: PathBuf,
         store: Arc<dyn BlobStore>,
         index: Arc<dyn Index>,
         uploads: Box<dyn UploadArea>,
@@ -122,6 +137,9 @@ impl Hosted {
             shared_store,
             verifier,
             commits: tokio::sync::RwLock::new(()),
+            root,
+            collect_soon: AtomicBool::new(false),
+            references: gc::references_memory(),
         }
     }
 
@@ -251,6 +269,8 @@ impl Hosted {
     /// Copies a blob this mirror holds elsewhere (the cache) into the hosted
     /// store, hashing it on the way, and links it to `repo`: a mount from a
     /// mirrored repository. The cache may evict its copy; this one stays.
+    /// The copy runs outside [`commits`](Self::commits), so a collection
+    /// does not wait for it; the check, the commit and the link run inside.
     pub async fn adopt(
         &self,
         repo: &RepoName,
@@ -258,54 +278,67 @@ impl Hosted {
         blob: BlobFile,
     ) -> Result<(), Error> {
         let key = ContentKey::blob(digest);
-        let present = self
-            .store
-            .contains(&key)
+        {
+            let _link = self.commits.read().await;
+            if let Some(size) = self.stored_size(&key).await? {
+                return self.link(repo, key, size).await;
+            }
+        }
+        self.room(self.usage().await, blob.size)?;
+        let size = blob.size;
+        let spool = self.store.spool().await.map_err(|e| self.storage(e))?;
+        let (algorithm, wanted) = (digest.algorithm(), digest.clone());
+        let copied = tokio::task::spawn_blocking(move || -> io::Result<_> {
+            use std::io::{Read, Write};
+            let mut reader = blob.reader();
+            let mut out = &*spool.file;
+            let mut h = crate::hashing::Hasher::new(algorithm);
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = reader.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                out.write_all(&buf[..n])?;
+            }
+            Ok((spool, h.finish() == wanted))
+        })
+        .await
+        .map_err(|e| Error::internal("copying a mounted blob", e))?;
+        let (spool, matches) = copied.map_err(|e| Error::internal("copying a mounted blob", e))?;
+        if !matches {
+            return Err(Error::Internal(format!(
+                "the cached copy of {digest} does not hash to its digest"
+            )));
+        }
+        // A commit of the same digest meanwhile is replaced by the same bytes.
+        let _link = self.commits.read().await;
+        self.store
+            .commit_blob(spool, digest)
             .await
             .map_err(|e| self.storage(e))?;
-        if !present {
-            self.room(self.usage().await, blob.size)?;
-            let spool = self.store.spool().await.map_err(|e| self.storage(e))?;
-            let (algorithm, wanted) = (digest.algorithm(), digest.clone());
-            let copied = tokio::task::spawn_blocking(move || -> io::Result<_> {
-                use std::io::{Read, Write};
-                let mut reader = blob.reader();
-                let mut out = &*spool.file;
-                let mut h = crate::hashing::Hasher::new(algorithm);
-                let mut buf = vec![0u8; 1 << 20];
-                loop {
-                    let n = reader.read(&mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    h.update(&buf[..n]);
-                    out.write_all(&buf[..n])?;
-                }
-                Ok((spool, h.finish() == wanted))
-            })
-            .await
-            .map_err(|e| Error::internal("copying a mounted blob", e))?;
-            let (spool, matches) =
-                copied.map_err(|e| Error::internal("copying a mounted blob", e))?;
-            if !matches {
-                return Err(Error::Internal(format!(
-                    "the cached copy of {digest} does not hash to its digest"
-                )));
-            }
-            self.store
-                .commit_blob(spool, digest)
-                .await
-                .map_err(|e| self.storage(e))?;
-        }
-        let size = match self.index.entry(&key).await {
-            Some(e) => e.size,
-            None => self
-                .store
-                .open_blob(digest)
-                .await
-                .map_err(|e| self.storage(e))?
-                .map_or(0, |b| b.size),
-        };
         self.link(repo, key, size).await
+    }
+
+    /// The bytes a committed blob takes, if it is committed.
+    async fn stored_size(&self, key: &ContentKey) -> Result<Option<u64>, Error> {
+        if !self
+            .store
+            .contains(key)
+            .await
+            .map_err(|e| self.storage(e))?
+        {
+            return Ok(None);
+        }
+        if let Some(e) = self.index.entry(key).await {
+            return Ok(Some(e.size));
+        }
+        let blob = self
+            .store
+            .open_blob(&key.digest)
+            .await
+            .map_err(|e| self.storage(e))?;
+        Ok(blob.map(|b| b.size))
     }
 }

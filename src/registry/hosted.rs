@@ -13,6 +13,7 @@ use super::Registry;
 use crate::cache::store::{ContentKey, StoredManifest, TagEntry};
 use crate::endpoint::{ApiRequest, Endpoint, UploadOp, UploadStart};
 use crate::error::Error;
+use crate::hosted::gc::Report;
 use crate::hosted::Hosted;
 use crate::manifest::{self, OCI_INDEX};
 use crate::reference::{Digest, Reference, RepoName, UploadId};
@@ -22,6 +23,12 @@ use crate::response::{self, Body, Outcome, Reply, CONTENT_DIGEST};
 const MAX_MANIFEST: usize = 4 * 1024 * 1024;
 const UPLOAD_UUID: &str = "Docker-Upload-UUID";
 const OCI_SUBJECT: &str = "OCI-Subject";
+/// Upkeep runs between scheduled collections of hosted content (about ten
+/// minutes); a delete or `regmirror gc` asks for one sooner.
+const COLLECT_EVERY: u32 = 60;
+/// Upkeep runs between looks for expired uploads (about a minute: on
+/// replicas each look lists the bucket's uploads).
+const EXPIRE_UPLOADS_EVERY: u32 = 6;
 
 impl Registry {
     /// A request for a hosted repository.
@@ -49,6 +56,9 @@ impl Registry {
                 manifest_reply(&digest, &m, head, Outcome::Hit)
             }
             Endpoint::Blob { digest, .. } => {
+                // Before the check: a client that finds the blob here may
+                // send a manifest naming it next (hosted::gc's grace).
+                h.seen(digest).await;
                 let blob = h
                     .blob(name, digest)
                     .await?
@@ -97,12 +107,53 @@ impl Registry {
                 }
                 h.index.drop_hold(name, digest).await;
                 h.persist().await?;
+                h.collect_soon();
                 accepted()
             }
             Endpoint::Ping | Endpoint::Catalog { .. } => {
                 Err(Error::Internal("endpoint without a name".into()))
             }
         }
+    }
+
+    /// The hosted repositories' share of the upkeep (`runs` counts its
+    /// runs): uploads untouched for `hosted.upload_ttl` removed, and a
+    /// collection on the schedule, after a delete, or when `regmirror gc`
+    /// asked for one.
+    pub(super) async fn hosted_upkeep(&self, runs: u32) {
+        let Some(h) = &self.hosted else {
+            return;
+        };
+        if runs.is_multiple_of(EXPIRE_UPLOADS_EVERY) {
+            let expired = h.uploads.expire(h.config.upload_ttl).await;
+            if expired > 0 {
+                tracing::info!(uploads = expired, "removed expired uploads");
+            }
+        }
+        let wanted = h.collection_wanted();
+        if h.collects() && (wanted || runs.is_multiple_of(COLLECT_EVERY)) {
+            let _ = self.collect_hosted().await;
+        }
+    }
+
+    /// Collects hosted content now (see [`crate::hosted::gc`]), logging what
+    /// it removed; `None` without hosted repositories.
+    pub async fn collect_hosted(&self) -> Option<std::io::Result<Report>> {
+        let h = self.hosted.as_ref()?;
+        let result = h.collect().await;
+        match &result {
+            Ok(r) if r.removed() > 0 => tracing::info!(
+                manifests = r.manifests,
+                blobs = r.blobs,
+                bytes = r.bytes,
+                kept = r.kept,
+                "collected hosted content nothing references"
+            ),
+            Ok(r) => tracing::debug!(kept = r.kept, "hosted content: nothing to collect"),
+            Err(e) => tracing::warn!(error = %e, "cannot collect hosted content"),
+        }
+        h.collection_done();
+        Some(result)
     }
 
     /// `POST .../blobs/uploads/`: an open upload, a whole blob, or a mount.
@@ -147,6 +198,8 @@ impl Registry {
         from: &RepoName,
     ) -> Result<bool, Error> {
         if h.hosts(from) {
+            // A collection never runs between the check and the link.
+            let _link = h.commits.read().await;
             let Some(size) = h.blob_size(from, digest).await? else {
                 return Ok(false);
             };
@@ -225,6 +278,8 @@ async fn finish(
     let room = |uploads: u64| h.room(committed, uploads);
     let done = h.uploads.complete(id, name, digest, body, &room).await?;
     let key = ContentKey::blob(digest);
+    // A collection never runs between the check and the link (hosted::gc).
+    let _link = h.commits.read().await;
     let present = h.store.contains(&key).await.map_err(|e| h.storage(e))?;
     if !present {
         h.store
@@ -365,7 +420,8 @@ async fn read_manifest(body: Option<Body>) -> Result<Bytes, Error> {
 
 /// `DELETE .../manifests/<reference>`: a tag is untagged; a digest is
 /// unlinked from the repository with every tag pointing at it. The bytes
-/// go when a collection finds nothing else references them.
+/// go when a collection finds nothing else references them (see
+/// [`crate::hosted::gc`]).
 async fn delete_manifest(
     h: &Hosted,
     name: &RepoName,
@@ -388,6 +444,7 @@ async fn delete_manifest(
                 }
             }
             h.index.drop_hold(name, digest).await;
+            h.collect_soon();
         }
     }
     h.persist().await?;
@@ -508,3 +565,6 @@ fn build(b: http::response::Builder, outcome: Outcome) -> Result<Reply, Error> {
         .map_err(|e| Error::internal("building a response", e))?;
     Ok(Reply { response, outcome })
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,7 +1,8 @@
 //! The registry API's logic: each parsed [`Endpoint`] answered from the cache
 //! or the upstream. Owns the rule that a digest is served for a repository
 //! only when that repository is known to hold it, and the cache's upkeep
-//! (eviction, index flushes) through [`Registry::maintain`].
+//! (eviction, index flushes; the hosted repositories' expired uploads and
+//! collections) through [`Registry::maintain`].
 
 mod blobs;
 mod cluster;
@@ -348,6 +349,7 @@ impl Registry {
             }
             self.evict_now().await;
             self.cluster_upkeep(false).await;
+            self.hosted_upkeep(runs).await;
             let what = if runs.is_multiple_of(ACCESS_TIMES_EVERY) {
                 Flush::All
             } else {
