@@ -1,5 +1,7 @@
 //! The cache commands of the CLI (`gc`, `ls`, `du`), working on a data dir
 //! whether a mirror is serving it or not. They return data; `main` prints.
+//! `gc` collects hosted content only when no mirror serves the data dir;
+//! a running mirror is asked to collect its own.
 //! [`shared`]: the same on a cluster's shared store.
 
 pub mod shared;
@@ -31,6 +33,23 @@ pub struct GcReport {
     pub mirror_running: bool,
     pub temp_files_removed: usize,
     pub eviction: Report,
+    pub hosted: HostedGc,
+}
+
+/// What `gc` did to the hosted repositories' content.
+#[derive(Debug)]
+pub enum HostedGc {
+    /// The data dir has none.
+    Nothing,
+    /// Collected here (no mirror serves the data dir).
+    Collected {
+        report: crate::hosted::gc::Report,
+        uploads_expired: usize,
+    },
+    /// A mirror serves the data dir: it collects its hosted content itself,
+    /// as its pushes commit under a lock only it holds; it was asked to at
+    /// its next upkeep (`hosted/collect-requested`), and logs what it removes.
+    Requested,
 }
 
 /// Runs temp cleanup and eviction now, safely beside a running mirror.
@@ -59,6 +78,36 @@ pub async fn gc(config: &Config) -> io::Result<GcReport> {
         mirror_running,
         temp_files_removed,
         eviction,
+        hosted: gc_hosted(config, mirror_running).await?,
+    })
+}
+
+/// Collects hosted content of a data dir no mirror serves; beside a running
+/// mirror, asks it to (a sweep from here could remove a blob the server
+/// has just found present for a push, and not yet linked).
+async fn gc_hosted(config: &Config, mirror_running: bool) -> io::Result<HostedGc> {
+    // A replica's hosted/ is a copy of the bucket's, and its index is in
+    // Redis: replicas do not collect yet.
+    if !config.data_dir.join(crate::hosted::DIR).is_dir()
+        || config.storage.backend == crate::config::Backend::S3
+    {
+        return Ok(HostedGc::Nothing);
+    }
+    if mirror_running {
+        if config.hosted.repos.is_empty() {
+            // That mirror, configured alike, has no hosted store open.
+            return Ok(HostedGc::Nothing);
+        }
+        crate::hosted::Hosted::request_collection(&config.data_dir)?;
+        return Ok(HostedGc::Requested);
+    }
+    let hosted = crate::hosted::Hosted::open(&config.data_dir, &config.hosted).await?;
+    let uploads_expired = hosted.uploads.expire(config.hosted.upload_ttl).await;
+    let report = hosted.collect().await?;
+    hosted.collection_done();
+    Ok(HostedGc::Collected {
+        report,
+        uploads_expired,
     })
 }
 

@@ -48,10 +48,13 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
-    /// Evict now what the cache policy selects and remove stale temp files.
+    /// Evict now what the cache policy selects, remove stale temp files, and
+    /// collect hosted content nothing references.
     ///
     /// Safe while a mirror serves the same data dir: it then removes only temp
-    /// files untouched for an hour, and the mirror notices the evictions.
+    /// files untouched for an hour, the mirror notices the evictions, and the
+    /// mirror is asked to collect its hosted content itself (at its next
+    /// upkeep, within 10 s; it logs what it removes).
     Gc(CacheArgs),
     /// List cached repositories and tags with digest, size and last pull.
     Ls(CacheArgs),
@@ -213,6 +216,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 human_bytes(report.eviction.usage_after),
                 human_bytes(config.cache.max_size.0),
             );
+            match report.hosted {
+                regmirror::admin::HostedGc::Nothing => {}
+                regmirror::admin::HostedGc::Collected {
+                    report,
+                    uploads_expired,
+                } => println!(
+                    "hosted: removed {} manifests and {} blobs nothing references, {} freed; \
+                     {} kept; removed {} expired uploads",
+                    report.manifests,
+                    report.blobs,
+                    human_bytes(report.bytes),
+                    report.kept,
+                    uploads_expired,
+                ),
+                regmirror::admin::HostedGc::Requested => println!(
+                    "hosted: the running mirror collects its hosted content itself (its pushes \
+                     commit under a lock only it holds); asked it to at its next upkeep, within \
+                     10 s: its log says what it removed"
+                ),
+            }
             if let Some(shared) =
                 block_on(regmirror::admin::shared::gc(&config, report.mirror_running))?
             {
