@@ -44,7 +44,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::cache::store::{ContentEntry, ContentKey, Kind};
 use crate::manifest;
-use crate::reference::Digest;
+use crate::reference::{Digest, RepoName};
 
 use super::{Hosted, DIR};
 
@@ -205,10 +205,12 @@ impl Hosted {
         !self.shared_store
     }
 
-    /// A client found `digest` here (a `HEAD` or `GET` of a blob, before the
-    /// answer): the blob is in use for another grace period.
-    pub async fn seen(&self, digest: &Digest) {
-        if self.collects() {
+    /// A client asks `repo` for the blob `digest` (a `HEAD` or `GET`, before
+    /// the answer): if the repository holds it, it is in use for another
+    /// grace period. A sweep between the check and the touch leaves nothing
+    /// to touch, and the answer, which checks again, is then 404.
+    pub async fn seen(&self, repo: &RepoName, digest: &Digest) {
+        if self.collects() && self.index.holds(repo, digest).await {
             let key = ContentKey::blob(digest);
             self.index.touch(&key, SystemTime::now()).await;
         }

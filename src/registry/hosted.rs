@@ -58,7 +58,7 @@ impl Registry {
             Endpoint::Blob { digest, .. } => {
                 // Before the check: a client that finds the blob here may
                 // send a manifest naming it next (hosted::gc's grace).
-                h.seen(digest).await;
+                h.seen(name, digest).await;
                 let blob = h
                     .blob(name, digest)
                     .await?

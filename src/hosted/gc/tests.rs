@@ -10,7 +10,6 @@ use crate::cache::store::{StoredManifest, TagEntry};
 use crate::config::HostedConfig;
 use crate::hashing::digest_of;
 use crate::manifest::{OCI_INDEX, OCI_MANIFEST};
-use crate::reference::RepoName;
 use crate::reference::{Algorithm, Tag};
 
 async fn open() -> (tempfile::TempDir, Hosted) {
@@ -274,7 +273,15 @@ async fn a_blob_found_by_a_head_is_kept_for_another_grace_period() {
     let old = SystemTime::now() - 2 * GRACE;
     h.index.record(&ContentKey::blob(&layer), 26, old).await;
     // A client pushing an image with this layer checks it first...
-    h.seen(&layer).await;
+    h.seen(&repo("team/other"), &layer).await;
+    let report = h.collect_at(SystemTime::now(), GRACE).await.unwrap();
+    assert_eq!(
+        report.blobs, 1,
+        "a check in another repository keeps nothing: {report:?}"
+    );
+    let layer = upload(&h, &app, b"a layer of a deleted image").await;
+    h.index.record(&ContentKey::blob(&layer), 26, old).await;
+    h.seen(&app, &layer).await;
     // ...so a collection before its manifest arrives keeps it.
     let report = h.collect_at(SystemTime::now(), GRACE).await.unwrap();
     assert_eq!(report.removed(), 0, "{report:?}");
