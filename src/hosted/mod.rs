@@ -57,8 +57,8 @@ pub struct Hosted {
     /// Something was deleted since the last collection.
     collect_soon: AtomicBool,
     /// What each stored manifest references (a manifest never changes
-    /// under its digest), so a collection's mark and a delete read each
-    /// manifest once per process.
+    /// under its digest), so collections read each manifest once per
+    /// process.
     references: gc::References,
 }
 
