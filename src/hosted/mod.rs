@@ -223,7 +223,15 @@ impl Hosted {
         {
             return Ok(None);
         }
-        Ok(Some(self.index.entry(&key).await.map_or(0, |e| e.size)))
+        if let Some(e) = self.index.entry(&key).await {
+            return Ok(Some(e.size));
+        }
+        Ok(self
+            .store
+            .open_blob(digest)
+            .await
+            .map_err(|e| self.storage(e))?
+            .map(|b| b.size))
     }
 
     /// The manifest `digest` of `repo`, if the repository holds it.

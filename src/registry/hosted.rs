@@ -59,17 +59,18 @@ impl Registry {
                 // Before the check: a client that finds the blob here may
                 // send a manifest naming it next (hosted::gc's grace).
                 h.seen(name, digest).await;
-                let blob = h
-                    .blob(name, digest)
-                    .await?
-                    .ok_or_else(|| h.unknown(Error::BlobUnknown(format!("{name}@{digest}"))))?;
-                let size = blob.size;
-                let source = match head {
-                    true => None,
-                    false => Some(h.verifier.source(digest, blob).await),
-                };
+                let unknown = || h.unknown(Error::BlobUnknown(format!("{name}@{digest}")));
                 let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-                blob_reply(digest, size, source, head, range, Outcome::Hit)
+                if head {
+                    // Without reading bytes: on a replica, a HEAD (each
+                    // push asks one per layer) copies nothing from the bucket.
+                    let size = h.blob_size(name, digest).await?.ok_or_else(unknown)?;
+                    return blob_reply(digest, size, None, true, range, Outcome::Hit);
+                }
+                let blob = h.blob(name, digest).await?.ok_or_else(unknown)?;
+                let size = blob.size;
+                let source = h.verifier.source(digest, blob).await;
+                blob_reply(digest, size, Some(source), false, range, Outcome::Hit)
             }
             Endpoint::TagsList { page, .. } => {
                 let mut tags: Vec<_> = h
