@@ -19,7 +19,7 @@
 //! Tests: `harness` (the parts, without the feature), `pulls` (clients through nginx, a
 //! replica on an empty disk, one tag check per TTL), `herd` (48 clients on one cold blob; the
 //! lease holder killed mid-way), `budget` (`storage.max_size`), `outages` (Redis down, Garage
-//! down, a Garage node lost).
+//! down, a Garage node lost), `hosted` (pushes to hosted repositories through the cluster).
 
 pub mod garage;
 pub mod gate;
@@ -32,6 +32,7 @@ pub mod world;
 mod budget;
 mod harness;
 mod herd;
+mod hosted;
 mod outages;
 mod pulls;
 
