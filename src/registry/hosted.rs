@@ -286,7 +286,7 @@ async fn finish(
         h.store
             .commit_blob(done.spool, digest)
             .await
-            .map_err(|e| Error::internal("committing an upload", e))?;
+            .map_err(|e| h.storage(e))?;
     }
     h.link(name, key, done.size).await?;
     created_blob(name, digest)
@@ -361,7 +361,7 @@ async fn put_manifest(
         .store
         .put_manifest(&digest, &stored)
         .await
-        .map_err(|e| Error::internal("storing a manifest", e))?;
+        .map_err(|e| h.storage(e))?;
     h.index
         .record(
             &ContentKey::manifest(&digest),
