@@ -829,3 +829,67 @@ async fn a_push_while_redis_is_down_is_refused_and_succeeds_once_it_is_back() {
         assert_pulls(&replica.addr(), APP, "v2", &during, &format!("replica {i}")).await;
     }
 }
+
+/// Garage stopped after replica 0 took a push's blobs (so its disk holds them): the manifest
+/// PUT through replica 0, whose blobs it finds on its own disk but which the bucket cannot
+/// take, is 503 `UNAVAILABLE`, never a 201 nor a 500; so is a new upload; replica 0 still
+/// serves the blobs its disk holds, replica 1 answers 503 for them (never 404). Once Garage
+/// is back, the manifest PUT succeeds and every replica serves the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_while_garage_is_down_is_refused_and_succeeds_once_it_is_back() {
+    let mut cluster = ClusterWorld::start(Setup::env(&[HOSTED])).await;
+    let image = Pushed::new(300_000, 0x5eed_0020, "garage");
+    let r0 = Client::new(&cluster.replicas[0].addr());
+    for (_, bytes) in image.blobs() {
+        r0.blob(APP, bytes, 2).await;
+    }
+
+    cluster.garage.kill(0);
+    let put = r0.put_manifest(APP, "v1", &image.manifest).await;
+    assert_eq!(
+        (put.status, put.code().as_deref()),
+        (503, Some("UNAVAILABLE")),
+        "a manifest PUT through replica 0 with Garage down: {}",
+        put.text()
+    );
+    let start = r0
+        .send("POST", &format!("/v2/{APP}/blobs/uploads/"), &[], None)
+        .await;
+    assert_eq!(
+        start.status,
+        503,
+        "the start of an upload with Garage down: {}",
+        start.text()
+    );
+    let none = AtomicU64::new(0);
+    let r1 = Client::new(&cluster.replicas[1].addr());
+    for (digest, bytes) in image.blobs() {
+        let url = blob_url(&cluster.replicas[0].addr(), APP, &digest);
+        assert_eq!(
+            get_blob(&r0.http, &url, &none).await,
+            Got::Body {
+                len: bytes.len() as u64,
+                digest: digest.clone()
+            },
+            "replica 0 serves {digest} from its disk with Garage down"
+        );
+        let got = r1
+            .send("GET", &format!("/v2/{APP}/blobs/{digest}"), &[], None)
+            .await;
+        assert_eq!(
+            got.status,
+            503,
+            "replica 1: {digest}, only in the bucket, with Garage down: {}",
+            got.text()
+        );
+    }
+
+    cluster.garage.restart(0).await;
+    r0.put_manifest(APP, "v1", &image.manifest).await.expect(
+        201,
+        "the manifest PUT through replica 0 once Garage is back",
+    );
+    for (i, replica) in cluster.replicas.iter().enumerate() {
+        assert_pulls(&replica.addr(), APP, "v1", &image, &format!("replica {i}")).await;
+    }
+}
