@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
 use super::bucket::Bucket;
@@ -35,33 +37,43 @@ impl HostedTiers {
     /// Copies the blob from the bucket to the local disk, verified; `false`
     /// when the bucket has none (or a damaged one, which is removed).
     async fn fetch_blob(&self, digest: &Digest) -> io::Result<bool> {
-        let Some(mut read) = self.bucket.read(digest, None).await.map_err(io_err)? else {
+        let Some(read) = self.bucket.read(digest, None).await.map_err(io_err)? else {
             return Ok(false);
         };
-        let spool = self.local.spool().await?;
-        let mut hasher = Hasher::new(digest.algorithm());
-        while let Some(bytes) = read.stream.next().await {
-            let bytes = bytes.map_err(io_err)?;
-            hasher.update(&bytes);
-            let file = spool.file.clone();
-            tokio::task::spawn_blocking(move || {
-                use std::io::Write;
-                (&*file).write_all(&bytes)
-            })
-            .await
-            .map_err(io::Error::other)??;
-        }
-        if hasher.finish() != *digest {
+        let Some(spool) = spool_verified(&*self.local, digest, read.stream).await? else {
             tracing::warn!(%digest, "damaged hosted blob in the bucket; removing it");
             self.bucket
                 .remove(&ContentKey::blob(digest))
                 .await
                 .map_err(io_err)?;
             return Ok(false);
-        }
+        };
         self.local.commit_blob(spool, digest).await?;
         Ok(true)
     }
+}
+
+/// Spools a blob's bytes from `stream` into a spool of `store`, hashing
+/// them; the spool when they hash to `digest`, `None` when they do not.
+pub async fn spool_verified(
+    store: &dyn BlobStore,
+    digest: &Digest,
+    mut stream: BoxStream<'static, Result<Bytes, SharedError>>,
+) -> io::Result<Option<Spool>> {
+    let spool = store.spool().await?;
+    let mut hasher = Hasher::new(digest.algorithm());
+    while let Some(bytes) = stream.next().await {
+        let bytes = bytes.map_err(io_err)?;
+        hasher.update(&bytes);
+        let file = spool.file.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            (&*file).write_all(&bytes)
+        })
+        .await
+        .map_err(io::Error::other)??;
+    }
+    Ok((hasher.finish() == *digest).then_some(spool))
 }
 
 #[async_trait]

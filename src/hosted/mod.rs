@@ -24,7 +24,7 @@ use crate::cache::store::disk::DiskStore;
 use crate::cache::store::local_index::LocalIndex;
 use crate::cache::store::{BlobFile, BlobStore, ContentKey, Flush, Index, StoredManifest};
 use crate::cluster::bucket::Bucket;
-use crate::cluster::hosted_store::HostedTiers;
+use crate::cluster::hosted_store::{spool_verified, HostedTiers};
 use crate::cluster::hosted_uploads::BucketUploads;
 use crate::cluster::Health;
 use crate::config::HostedConfig;
@@ -327,6 +327,50 @@ impl Hosted {
             .await
             .map_err(|e| self.storage(e))?;
         self.link(repo, key, size).await
+    }
+
+    /// A mount from a mirrored repository on a replica whose disk lacks the
+    /// cached blob: copied from the cache's bucket (`cache`), hashed on the
+    /// way, into the hosted store, and linked to `repo`. `false` when the
+    /// bucket has no good copy either (the client then uploads it). Locked
+    /// as [`adopt`](Self::adopt) is.
+    pub async fn adopt_from_bucket(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        cache: &Bucket,
+    ) -> Result<bool, Error> {
+        let key = ContentKey::blob(digest);
+        {
+            let _link = self.commits.read().await;
+            if let Some(size) = self.stored_size(&key).await? {
+                self.link(repo, key, size).await?;
+                return Ok(true);
+            }
+        }
+        let read = cache
+            .read(digest, None)
+            .await
+            .map_err(|e| self.storage(io::Error::other(e.to_string())))?;
+        let Some(read) = read else {
+            return Ok(false);
+        };
+        self.room(self.usage().await, read.size)?;
+        let size = read.size;
+        let spool = spool_verified(&*self.store, digest, read.stream)
+            .await
+            .map_err(|e| self.storage(e))?;
+        let Some(spool) = spool else {
+            tracing::warn!(%digest, "the cache's copy in the bucket does not hash to its digest; not mounted");
+            return Ok(false);
+        };
+        let _link = self.commits.read().await;
+        self.store
+            .commit_blob(spool, digest)
+            .await
+            .map_err(|e| self.storage(e))?;
+        self.link(repo, key, size).await?;
+        Ok(true)
     }
 
     /// The bytes a committed blob takes, if it is committed.

@@ -214,7 +214,11 @@ impl Registry {
             return Ok(false);
         }
         let Some(blob) = self.cached_blob(digest).await? else {
-            return Ok(false);
+            // A replica's disk holds a share of the cache, the bucket all of it.
+            return match &self.cluster {
+                Some(c) => h.adopt_from_bucket(name, digest, &c.tiers.bucket).await,
+                None => Ok(false),
+            };
         };
         h.adopt(name, digest, blob).await?;
         Ok(true)
