@@ -402,6 +402,93 @@ async fn pushes_through_a_cluster_are_pulled_alike_from_every_replica() {
     a_mount_and_deletes_through_one_replica_are_seen_by_the_others(&cluster, &v1, &v2).await;
     wrong_bytes_are_refused_and_leave_no_chunk_in_the_bucket(&cluster).await;
     skopeo_pushes_through_nginx_and_pulls_from_another_replica(&cluster).await;
+    a_mount_from_a_mirrored_repository_works_on_every_replica(&cluster).await;
+}
+
+/// The fixture's `library/small` pulled through replica 0 (its blobs then in replica 0's disk
+/// and in the bucket, not on the other replicas' disks); its blobs mounted into
+/// `myorg/cached`, one through each replica directly: each mount is 201 (no bytes sent),
+/// whichever disk holds the cached copy; its manifest PUT as `myorg/cached:1` through nginx;
+/// every replica then serves the manifest and every blob with their digests.
+async fn a_mount_from_a_mirrored_repository_works_on_every_replica(cluster: &ClusterWorld) {
+    let small = cluster.image("small");
+    assert!(!small.is_index());
+    let r0 = cluster.replicas[0].addr();
+    crate::cluster::skopeo_pull(&cluster.world, &r0, small, "small-r0").await;
+    cluster.wait_in_bucket(&small.blobs()).await;
+    let platform = small.platform("amd64");
+    let blobs: Vec<&String> = std::iter::once(&platform.config)
+        .chain(&platform.layers)
+        .collect();
+    assert_eq!(blobs.len(), cluster.replicas.len(), "one blob per replica");
+    for (i, digest) in blobs.iter().enumerate() {
+        let mounted = Client::new(&cluster.replicas[i].addr())
+            .send(
+                "POST",
+                &format!(
+                    "/v2/myorg/cached/blobs/uploads/?mount={digest}&from={}",
+                    small.name
+                ),
+                &[],
+                None,
+            )
+            .await;
+        assert_eq!(
+            mounted.status,
+            201,
+            "replica {i}: a mount of {digest}, cached from {} (in replica 0's disk and the \
+             bucket), into myorg/cached answered {} {:?} {}",
+            small.name,
+            mounted.status,
+            mounted.header("location"),
+            mounted.text()
+        );
+    }
+    let manifest = Client::new(&r0)
+        .send(
+            "GET",
+            &format!("/v2/{}/manifests/{}", small.name, small.tag),
+            &[("accept", small.media_type.clone())],
+            None,
+        )
+        .await
+        .expect(200, "library/small's manifest through replica 0");
+    let front = Client::new(&cluster.front());
+    front
+        .send(
+            "PUT",
+            "/v2/myorg/cached/manifests/1",
+            &[("content-type", small.media_type.clone())],
+            Some(manifest.body.clone()),
+        )
+        .await
+        .expect(201, "library/small's manifest as myorg/cached:1");
+    let none = AtomicU64::new(0);
+    for (i, replica) in cluster.replicas.iter().enumerate() {
+        let client = Client::new(&replica.addr());
+        let got = client
+            .send(
+                "GET",
+                "/v2/myorg/cached/manifests/1",
+                &[("accept", small.media_type.clone())],
+                None,
+            )
+            .await
+            .expect(200, &format!("replica {i}: myorg/cached:1"));
+        assert_eq!(
+            sha256(&got.body),
+            small.digest,
+            "replica {i}: myorg/cached:1"
+        );
+        for digest in &blobs {
+            let url = blob_url(&replica.addr(), "myorg/cached", digest);
+            let got = get_blob(&client.http, &url, &none).await;
+            assert!(
+                matches!(&got, Got::Body { digest: d, .. } if d == *digest),
+                "replica {i}: GET {url}: {got:?}"
+            );
+        }
+    }
 }
 
 /// A layer of 4 MiB and a bit, in 4 chunks, then the config blob (one streamed `PATCH`, as
