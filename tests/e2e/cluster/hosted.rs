@@ -400,9 +400,88 @@ async fn pushes_through_a_cluster_are_pulled_alike_from_every_replica() {
     a_chunk_sent_again_is_refused_wherever_it_lands(&cluster).await;
     let v2 = a_tag_pushed_through_one_replica_is_seen_at_once_by_the_others(&cluster, &v1).await;
     a_mount_and_deletes_through_one_replica_are_seen_by_the_others(&cluster, &v1, &v2).await;
+    an_artifact_pushed_through_one_replica_is_a_referrer_on_the_others(&cluster, &v1).await;
     wrong_bytes_are_refused_and_leave_no_chunk_in_the_bucket(&cluster).await;
     skopeo_pushes_through_nginx_and_pulls_from_another_replica(&cluster).await;
     a_mount_from_a_mirrored_repository_works_on_every_replica(&cluster).await;
+    every_replica_lists_every_hosted_repository(&cluster).await;
+}
+
+/// An artifact whose subject is `v1` (the empty config, one small blob) pushed through
+/// replica 1: 201 with `OCI-Subject`; replicas 0 and 2 list it at once in `v1`'s referrers,
+/// with its artifact type, filtered by it too.
+async fn an_artifact_pushed_through_one_replica_is_a_referrer_on_the_others(
+    cluster: &ClusterWorld,
+    v1: &Pushed,
+) {
+    const EMPTY: &str = "application/vnd.oci.empty.v1+json";
+    const SBOM: &str = "application/vnd.example.sbom.v1+json";
+    let r1 = Client::new(&cluster.replicas[1].addr());
+    let empty = r1.blob(APP, b"{}", 1).await;
+    let sbom = br#"{"packages": []}"#;
+    r1.blob(APP, sbom, 1).await;
+    let artifact = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": SBOM,
+        "config": {"mediaType": EMPTY, "digest": empty, "size": 2},
+        "layers": [descriptor(SBOM, sbom)],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": v1.digest(), "size": v1.manifest.len()},
+    }))
+    .expect("artifact json");
+    let digest = sha256(&artifact);
+    let put = r1
+        .put_manifest(APP, &digest, &artifact)
+        .await
+        .expect(201, "an artifact of v1 through replica 1");
+    assert_eq!(put.header("oci-subject"), Some(v1.digest()));
+    for i in [0, 2] {
+        let client = Client::new(&cluster.replicas[i].addr());
+        for query in ["", "?artifactType=application/vnd.example.sbom.v1%2Bjson"] {
+            let got = client
+                .send(
+                    "GET",
+                    &format!("/v2/{APP}/referrers/{}{query}", v1.digest()),
+                    &[],
+                    None,
+                )
+                .await
+                .expect(200, &format!("replica {i}: v1's referrers{query}"));
+            let index: Value = serde_json::from_slice(&got.body).expect("referrers json");
+            assert_eq!(
+                index["manifests"],
+                json!([{
+                    "mediaType": OCI_MANIFEST,
+                    "digest": digest,
+                    "size": artifact.len(),
+                    "artifactType": SBOM,
+                }]),
+                "replica {i}: v1's referrers{query} right after the artifact was pushed \
+                 through replica 1: {index}"
+            );
+        }
+    }
+}
+
+/// `_catalog` of each replica names every hosted repository pushed to through any of them.
+async fn every_replica_lists_every_hosted_repository(cluster: &ClusterWorld) {
+    for (i, replica) in cluster.replicas.iter().enumerate() {
+        let got = Client::new(&replica.addr())
+            .send("GET", "/v2/_catalog", &[], None)
+            .await
+            .expect(200, &format!("replica {i}: _catalog"));
+        let catalog: Value = serde_json::from_slice(&got.body).expect("catalog json");
+        let names: Vec<&str> = catalog["repositories"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        for name in [APP, "myorg/other", "myorg/tool", "myorg/cached"] {
+            assert!(
+                names.contains(&name),
+                "replica {i}'s _catalog lacks {name}: {catalog}"
+            );
+        }
+    }
 }
 
 /// The fixture's `library/small` pulled through replica 0 (its blobs then in replica 0's disk
