@@ -51,6 +51,28 @@ impl HostedTiers {
         self.local.commit_blob(spool, digest).await?;
         Ok(true)
     }
+
+    /// After the bucket failed a commit's upload with `e`: a concurrent
+    /// commit of the same digest (another push of the same layer, through
+    /// any replica) may have completed first, and stores such as Garage then
+    /// refuse the other upload's parts and completion. When the bucket holds
+    /// the blob, of the spool's size (verified by its committer), the commit
+    /// is done and kept locally; otherwise it failed with `e`.
+    async fn committed_meanwhile(
+        &self,
+        spool: Spool,
+        digest: &Digest,
+        e: SharedError,
+    ) -> io::Result<()> {
+        let size = spool.file.metadata()?.len();
+        match self.bucket.head(&ContentKey::blob(digest)).await {
+            Ok(Some(held)) if held == size => {
+                tracing::debug!(%digest, error = %e, "another commit of the blob completed first");
+            }
+            _ => return Err(io_err(e)),
+        }
+        self.local.commit_blob(spool, digest).await
+    }
 }
 
 /// Spools a blob's bytes from `stream` into a spool of `store`, hashing
@@ -129,10 +151,12 @@ impl BlobStore for HostedTiers {
             };
             if let Err(e) = upload.push(chunk.into()).await {
                 upload.abort().await;
-                return Err(io_err(e));
+                return self.committed_meanwhile(spool, digest, e).await;
             }
         }
-        upload.complete().await.map_err(io_err)?;
+        if let Err(e) = upload.complete().await {
+            return self.committed_meanwhile(spool, digest, e).await;
+        }
         self.local.commit_blob(spool, digest).await
     }
 
