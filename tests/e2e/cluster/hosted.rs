@@ -146,6 +146,12 @@ impl Client {
     /// each to the `Location` the answer before gave, the upload's status asked after each
     /// (and checked); returns the final `PUT ?digest=` answer, unchecked.
     async fn chunked(&self, name: &str, bytes: &[u8], chunks: usize, digest: &str) -> Answer {
+        let location = self.patched(name, bytes, chunks).await;
+        self.finish(&location, digest).await
+    }
+
+    /// The chunks of [`Client::chunked`]: the `Location` to finish the upload at.
+    async fn patched(&self, name: &str, bytes: &[u8], chunks: usize) -> String {
         let start = self
             .send("POST", &format!("/v2/{name}/blobs/uploads/"), &[], None)
             .await
@@ -188,6 +194,11 @@ impl Client {
             assert_eq!(status.header("docker-upload-uuid"), uuid);
             location = status.location(&self.base);
         }
+        location
+    }
+
+    /// `PUT <location>?digest=DIGEST` with no body: the end of an upload, unchecked.
+    async fn finish(&self, location: &str, digest: &str) -> Answer {
         let sep = if location.contains('?') { '&' } else { '?' };
         self.send("PUT", &format!("{location}{sep}digest={digest}"), &[], None)
             .await
@@ -1058,4 +1069,67 @@ async fn a_push_while_garage_is_down_is_refused_and_succeeds_once_it_is_back() {
     for (i, replica) in cluster.replicas.iter().enumerate() {
         assert_pulls(&replica.addr(), APP, "v1", &image, &format!("replica {i}")).await;
     }
+}
+
+/// Six clients push the same image at once through nginx (round-robin: the same blobs
+/// committed concurrently through every replica, each blob's final `PUT ?digest=` sent by all
+/// six together), three into `myorg/c0` and three into
+/// `myorg/c1`, as parallel CI jobs sharing a base layer do: every blob upload and manifest
+/// PUT is 201 (a commit that finds the bucket already completed by another is no failure),
+/// every replica serves both, and no upload is left in the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pushes_of_the_same_blobs_all_succeed() {
+    let cluster = ClusterWorld::start(Setup::env(&[HOSTED])).await;
+    let image = Pushed::new(3 * 1024 * 1024, 0x5eed_0030, "concurrent");
+    let front = cluster.front();
+    let together = std::sync::Arc::new(tokio::sync::Barrier::new(6));
+    let pushes: Vec<_> = (0..6)
+        .map(|k| {
+            let client = Client::new(&front);
+            let (layer, config) = (image.layer.clone(), image.config.clone());
+            let manifest = image.manifest.clone();
+            let together = together.clone();
+            tokio::spawn(async move {
+                let name = format!("myorg/c{}", k % 2);
+                let mut got = Vec::new();
+                for (bytes, chunks) in [(&layer, 3), (&config, 1)] {
+                    let location = client.patched(&name, bytes, chunks).await;
+                    // Every client's commit of the blob at once.
+                    together.wait().await;
+                    let done = client.finish(&location, &sha256(bytes)).await;
+                    got.push((done.asked.clone(), done.status, done.text()));
+                }
+                let put = client.put_manifest(&name, "1", &manifest).await;
+                got.push((put.asked.clone(), put.status, put.text()));
+                got
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for push in pushes {
+        let answers = push.await.expect("a push task");
+        failed.extend(answers.into_iter().filter(|(_, status, _)| *status != 201));
+    }
+    assert!(
+        failed.is_empty(),
+        "concurrent pushes of the same blobs through nginx; these were not 201:\n{}\n{}",
+        failed
+            .iter()
+            .map(|(asked, status, text)| format!("  {asked}: {status} {text}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        cluster.logs()
+    );
+    for (i, replica) in cluster.replicas.iter().enumerate() {
+        for name in ["myorg/c0", "myorg/c1"] {
+            assert_pulls(&replica.addr(), name, "1", &image, &format!("replica {i}")).await;
+        }
+    }
+    let left = upload_chunks(&cluster).await;
+    assert!(left.is_empty(), "upload chunks left: {left:?}");
+    let multipart = cluster.garage.s3().multipart_uploads().await;
+    assert!(
+        multipart.is_empty(),
+        "multipart uploads left: {multipart:?}"
+    );
 }
