@@ -1133,3 +1133,91 @@ async fn concurrent_pushes_of_the_same_blobs_all_succeed() {
         "multipart uploads left: {multipart:?}"
     );
 }
+
+/// dockerd, as the guides push: an image `docker load`ed (made from an OCI layout the test
+/// writes, two layers), `docker push 127.0.0.1:<nginx>/myorg/hello:1` through nginx (its
+/// streamed `PATCH`es round-robin over the replicas), `docker image rm`, then `docker pull`
+/// from replica 2 directly: the pulled image's digest is the one the push reported, and each
+/// replica answers the tag with that digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_pushes_through_nginx_and_pulls_from_a_replica() {
+    use crate::dockerd::{Dockerd, DOCKER};
+    use crate::procs::run_ok;
+
+    let cluster = ClusterWorld::start(Setup {
+        tools: vec!["dockerd", DOCKER],
+        ..Setup::env(&[HOSTED])
+    })
+    .await;
+    let world = &cluster.world;
+    let layout = Layout::create(&world.dir("hello-layout"));
+    let layers = [
+        layout.add_layer(&[("hello.txt", Content::Text("hello from a cluster\n".into()))]),
+        layout.add_layer(&[(
+            "blob.bin",
+            Content::Random {
+                len: 2 * 1024 * 1024,
+                seed: 0x5eed_0040,
+            },
+        )]),
+    ];
+    let manifest = layout.add_image(Flavor::Docker, "linux", "amd64", &layers);
+    let exported = world.dir("hello-dir");
+    layout.export_dir(&manifest, &exported);
+    let front = cluster.front();
+    let pushed_ref = format!("{front}/myorg/hello:1");
+    let archive = world.dir("hello-archive").join("hello.tar");
+    let skopeo = Skopeo::plain(&world.dir("skopeo-hello"));
+    let mut copy = skopeo.command("copy");
+    copy.arg(format!("dir:{}", exported.display()))
+        .arg(format!("docker-archive:{}:{pushed_ref}", archive.display()));
+    run_ok(&mut copy, Duration::from_secs(120)).await;
+
+    let dockerd = Dockerd::start(&world.dir("dk"), &[]).await;
+    let mut load = dockerd.docker();
+    load.arg("load").arg("-i").arg(&archive);
+    run_ok(&mut load, Duration::from_secs(120)).await;
+    let mut push = dockerd.docker();
+    push.args(["push", &pushed_ref]);
+    let out = run_ok(&mut push, Duration::from_secs(240)).await;
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let digest = said
+        .split_whitespace()
+        .skip_while(|w| *w != "digest:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no digest in docker push's output:\n{said}"))
+        .to_owned();
+    let mut rm = dockerd.docker();
+    rm.args(["image", "rm", &pushed_ref]);
+    run_ok(&mut rm, Duration::from_secs(60)).await;
+
+    let r2 = cluster.replicas[2].addr();
+    let pulled_ref = format!("{r2}/myorg/hello:1");
+    dockerd.pull(&pulled_ref).await;
+    assert_eq!(
+        dockerd.repo_digests(&pulled_ref).await,
+        vec![format!("{r2}/myorg/hello@{digest}")],
+        "the image docker pulled from replica 2 after pushing it through nginx"
+    );
+    for (i, replica) in cluster.replicas.iter().enumerate() {
+        let got = Client::new(&replica.addr())
+            .send(
+                "HEAD",
+                "/v2/myorg/hello/manifests/1",
+                &[(
+                    "accept",
+                    "application/vnd.docker.distribution.manifest.v2+json, \
+                     application/vnd.oci.image.manifest.v1+json"
+                        .into(),
+                )],
+                None,
+            )
+            .await
+            .expect(200, &format!("replica {i}: myorg/hello:1"));
+        assert_eq!(
+            got.header("docker-content-digest"),
+            Some(digest.clone()),
+            "replica {i}: myorg/hello:1"
+        );
+    }
+}
