@@ -1,10 +1,19 @@
 //! Hosted (pushable) repositories on a cluster (issue 16, item 5): every replica has
 //! `hosted.repos = ["myorg/*"]`, the content goes to the bucket's `hosted/` area and the index
-//! (tags, links) to Redis. A chunked push through nginx round-robin lands its requests on
-//! several replicas and is then pulled alike from each; skopeo pushes through nginx and pulls
-//! from one replica; a tag pushed through one replica is seen at once by the others; a blob
-//! whose bytes do not match its digest leaves no chunk in the bucket; with Redis stopped a push
-//! is refused (503) and a pull is 503, never 404.
+//! (tags, links) to Redis.
+//!
+//! - `pushes_through_a_cluster_are_pulled_alike_from_every_replica` (one cluster, in turn): a
+//!   chunked push through nginx round-robin lands its requests on several replicas and is
+//!   pulled alike from each; a chunk sent twice is 416 wherever it lands; a tag, a mount,
+//!   deletes and a referrer pushed through one replica are seen at once by the others; wrong
+//!   bytes leave no chunk in the bucket; skopeo pushes through nginx and pulls from another
+//!   replica; a blob cached from a mirrored repository is mounted through any replica; every
+//!   replica's catalog lists every hosted repository.
+//! - `a_push_while_redis_is_down_...`, `a_push_while_garage_is_down_...`: a push is refused
+//!   with 503 (never a 201 for what was not recorded), a pull is 503 (never 404), and both
+//!   work once the part is back.
+//! - `concurrent_pushes_of_the_same_blobs_all_succeed`: parallel pushes of one layer.
+//! - `docker_pushes_through_nginx_and_pulls_from_a_replica`: dockerd as the guides push.
 //!
 //! The pusher here is raw HTTP, as the distribution spec describes a chunked upload: `POST`,
 //! `PATCH`es with `Content-Range` to each `Location` it is given, a `GET` of the status in
