@@ -19,11 +19,13 @@
 //! Tests: `harness` (the parts, without the feature), `pulls` (clients through nginx, a
 //! replica on an empty disk, one tag check per TTL), `herd` (48 clients on one cold blob; the
 //! lease holder killed mid-way), `budget` (`storage.max_size`), `outages` (Redis down, Garage
-//! down, a Garage node lost), `hosted` (pushes to hosted repositories through the cluster).
+//! down, a Garage node lost), `hosted`, `hosted_outages`, `hosted_clients` (pushes to hosted
+//! repositories through the cluster, with `raw_push`).
 
 pub mod garage;
 pub mod gate;
 pub mod nginx;
+pub mod raw_push;
 pub mod redis;
 pub mod replicas;
 pub mod s3;
@@ -33,6 +35,8 @@ mod budget;
 mod harness;
 mod herd;
 mod hosted;
+mod hosted_clients;
+mod hosted_outages;
 mod outages;
 mod pulls;
 
