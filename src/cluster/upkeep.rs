@@ -5,8 +5,10 @@
 
 use std::time::{Duration, SystemTime};
 
+use super::bucket::Bucket;
 use super::redis_index::RedisIndex;
 use super::tiers::{Tiers, LEASE_TTL};
+use super::Health;
 use crate::cache::policy::Budget;
 use crate::cache::store::{ContentKey, Index};
 use crate::reference::Digest;
@@ -34,17 +36,48 @@ pub async fn abort_dead_uploads(
     live: &(dyn Fn(&Digest) -> bool + Sync),
     now: SystemTime,
 ) -> usize {
-    let pending = match tiers.bucket.pending_uploads().await {
+    let area = Area {
+        bucket: &tiers.bucket,
+        health: &tiers.bucket_health,
+        advertise: &tiers.advertise,
+    };
+    abort_dead_uploads_in(area, peers, redis_up, live, now).await
+}
+
+/// A bucket area whose uploads a replica looks after: the cache's, or the
+/// hosted repositories' (`bucket.under("hosted")`).
+#[derive(Clone, Copy)]
+pub struct Area<'a> {
+    pub bucket: &'a Bucket,
+    pub health: &'a Health,
+    /// This replica, as its markers name it.
+    pub advertise: &'a str,
+}
+
+/// [`abort_dead_uploads`] in one area.
+pub async fn abort_dead_uploads_in(
+    area: Area<'_>,
+    peers: &[(String, SystemTime)],
+    redis_up: bool,
+    live: &(dyn Fn(&Digest) -> bool + Sync),
+    now: SystemTime,
+) -> usize {
+    let Area {
+        bucket,
+        health,
+        advertise,
+    } = area;
+    let pending = match bucket.pending_uploads().await {
         Ok(p) => p,
         Err(e) => {
-            tiers.bucket_health.failed(e);
+            health.failed(e);
             return 0;
         }
     };
     let mut aborted = 0;
     for upload in pending {
         let age = now.duration_since(upload.started).unwrap_or_default();
-        let dead = if upload.holder == tiers.advertise {
+        let dead = if upload.holder == advertise {
             !live(&upload.digest)
         } else if redis_up {
             age > LEASE_TTL && !peers.iter().any(|(p, _)| *p == upload.holder)
@@ -55,7 +88,7 @@ pub async fn abort_dead_uploads(
             continue;
         }
         tracing::info!(digest = %upload.digest, holder = %upload.holder, "aborting an upload its replica abandoned");
-        match tiers.bucket.abort_pending(&upload).await {
+        match bucket.abort_pending(&upload).await {
             Ok(()) => aborted += 1,
             Err(e) => {
                 tracing::warn!(digest = %upload.digest, error = %e, "cannot abort an abandoned upload");

@@ -33,6 +33,10 @@ use crate::reference::{Digest, RepoName};
 
 pub use uploads::{DiskUploads, UploadArea};
 
+/// Where a write began, as far as the index's failures go.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteMark(u64);
+
 /// The directory under the data dir.
 pub const DIR: &str = "hosted";
 
@@ -170,8 +174,13 @@ impl Hosted {
         self.config.hosts(repo.as_str())
     }
 
-    /// Bytes the committed hosted items take.
+    /// Bytes the committed hosted items take, as the quota counts them; 0
+    /// without a quota (nothing to count against, and with Redis the sum
+    /// reads the whole index).
     pub async fn committed(&self) -> u64 {
+        if self.config.max_size.is_none() {
+            return 0;
+        }
         self.index
             .contents()
             .await
@@ -251,16 +260,25 @@ impl Hosted {
 
     /// Records a committed item and links it to `repo`, durably.
     pub async fn link(&self, repo: &RepoName, key: ContentKey, size: u64) -> Result<(), Error> {
+        let mark = self.write_mark();
         self.index.record(&key, size, SystemTime::now()).await;
         self.index.add_holds(repo, vec![key.digest]).await;
-        self.persist().await
+        self.persist(mark).await
+    }
+
+    /// Taken before a write's index calls, for [`persist`](Self::persist).
+    pub fn write_mark(&self) -> WriteMark {
+        WriteMark(self.shared.as_ref().map_or(0, |h| h.errors()))
     }
 
     /// Writes the index now: a push is answered only once it would survive
-    /// a crash.
-    pub async fn persist(&self) -> Result<(), Error> {
+    /// a crash. With Redis, whose writes fail silently, any Redis failure
+    /// since `mark` (ours, or another request's: the answer errs on the side
+    /// of a retry) fails the request with 503 rather than acknowledge a write
+    /// that may not have landed.
+    pub async fn persist(&self, mark: WriteMark) -> Result<(), Error> {
         if let Some(h) = &self.shared {
-            if !h.is_up() {
+            if !h.is_up() || h.errors() != mark.0 {
                 return Err(Error::SharedUnavailable(
                     "the hosted repositories' index (Redis) does not answer; push again".into(),
                 ));

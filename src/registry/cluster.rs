@@ -198,6 +198,18 @@ impl Registry {
         let redis_up = cluster.redis.as_ref().is_some_and(|h| h.is_up());
         let live = |digest: &Digest| !first && self.downloads.is_running(digest);
         upkeep::abort_dead_uploads(tiers, &peers, redis_up, &live, now).await;
+        if self.hosted.is_some() {
+            // The hosted area's commits: this replica's own are in flight
+            // unless it just started.
+            let bucket = tiers.bucket.under(crate::hosted::DIR);
+            let area = upkeep::Area {
+                bucket: &bucket,
+                health: &tiers.bucket_health,
+                advertise: &tiers.advertise,
+            };
+            let live = |_: &Digest| !first;
+            upkeep::abort_dead_uploads_in(area, &peers, redis_up, &live, now).await;
+        }
         self.metrics.peers_seen(peers);
         if let (Some(index), Some(budget)) = (&cluster.bucket_index, &cluster.budget) {
             for (key, size) in upkeep::evict_bucket(tiers, index, budget).await {

@@ -106,8 +106,9 @@ impl Registry {
                 if h.blob_size(name, digest).await?.is_none() {
                     return Err(Error::BlobUnknown(format!("{name}@{digest}")));
                 }
+                let mark = h.write_mark();
                 h.index.drop_hold(name, digest).await;
-                h.persist().await?;
+                h.persist(mark).await?;
                 h.collect_soon();
                 accepted()
             }
@@ -366,6 +367,7 @@ async fn put_manifest(
         .put_manifest(&digest, &stored)
         .await
         .map_err(|e| h.storage(e))?;
+    let mark = h.write_mark();
     h.index
         .record(
             &ContentKey::manifest(&digest),
@@ -383,7 +385,7 @@ async fn put_manifest(
         };
         h.index.set_tag(name, tag, entry).await;
     }
-    h.persist().await?;
+    h.persist(mark).await?;
     let mut b = response::builder(StatusCode::CREATED)
         .header(header::LOCATION, format!("/v2/{name}/manifests/{digest}"))
         .header(CONTENT_DIGEST, digest.to_string())
@@ -432,6 +434,7 @@ async fn delete_manifest(
     name: &RepoName,
     reference: &Reference,
 ) -> Result<Reply, Error> {
+    let mark = h.write_mark();
     match reference {
         Reference::Tag(tag) => {
             if h.index.tag(name, tag).await.is_none() {
@@ -452,7 +455,7 @@ async fn delete_manifest(
             h.collect_soon();
         }
     }
-    h.persist().await?;
+    h.persist(mark).await?;
     accepted()
 }
 
