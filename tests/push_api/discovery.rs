@@ -230,6 +230,24 @@ async fn referrers_list_the_manifests_pushed_with_a_subject() {
     listed_sorted.sort_unstable();
     assert_eq!(listed_sorted, want, "after deleting {}", sha256_digest(&b));
 
+    // A subject nobody pushed: its referrers are listed all the same (the conformance
+    // suite's "GET request to missing manifest should yield 200").
+    let ghost = descriptor(OCI_MANIFEST, b"{\"never\":\"pushed\"}");
+    let c = artifact(&ghost, Some(TYPE_A), EMPTY_JSON, &layer_a, "c");
+    let put = put_manifest(&m, APP, &sha256_digest(&c), OCI_MANIFEST, &c)
+        .await
+        .expect(201);
+    assert_eq!(put.header("oci-subject"), ghost["digest"].as_str().unwrap());
+    let r = get(
+        &m,
+        &format!("/v2/{APP}/referrers/{}", ghost["digest"].as_str().unwrap()),
+    )
+    .await
+    .expect(200);
+    let v = r.json();
+    assert_eq!(v["manifests"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["manifests"][0]["digest"], sha256_digest(&c));
+
     // A subject nobody refers to: an empty index, not 404.
     let r = get(
         &m,

@@ -262,3 +262,29 @@ async fn two_pushes_racing_for_the_last_room_do_not_both_get_it() {
     }
     assert!(served <= 1, "{served} of the racing blobs are served");
 }
+
+/// The guides' workflow names a repository of one segment (`docker push
+/// 127.0.0.1:5000/hello-world`): a glob without `*` hosts exactly that name.
+#[tokio::test]
+async fn a_glob_without_a_star_hosts_exactly_that_name() {
+    let fake = FakeUpstream::start().await;
+    let theirs = fake.add_image("library/hello-world", "latest", vec![random_bytes(300, 66)]);
+    let m = hosted_mirror(&fake, |c| c.hosted.repos.push("hello-world".into())).await;
+    let ours = push_image(&m, "hello-world", "latest", vec![random_bytes(300, 67)]).await;
+    let a = get(&m, "/v2/hello-world/manifests/latest")
+        .await
+        .expect(200);
+    assert!(a.body == ours.manifest, "hello-world: other bytes");
+    assert!(upstream_requests_for(&fake, "/v2/hello-world/").is_empty());
+    // Docker Hub's official image stays mirrored.
+    let a = get(&m, "/v2/library/hello-world/manifests/latest")
+        .await
+        .expect(200);
+    assert!(
+        a.body == theirs.manifest,
+        "library/hello-world: other bytes"
+    );
+    for repo in ["hello-world-2", "hello-world/sub", "library/hello-world"] {
+        assert_denied_naming_hosted_repos(&post_upload(&m, repo, "").await);
+    }
+}
