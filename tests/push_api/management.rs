@@ -3,7 +3,9 @@
 
 use crate::common::images::OCI_MANIFEST;
 use crate::common::{random_bytes, FakeUpstream};
-use crate::push::{delete, get, head, hosted_mirror, push_image, put_manifest, Answer, APP};
+use crate::push::{
+    delete, get, head, hosted_mirror, push_blob, push_image, put_manifest, Answer, APP,
+};
 use serde_json::json;
 
 #[tokio::test]
@@ -60,6 +62,9 @@ async fn a_tag_deleted_is_gone_and_the_manifest_stays() {
     }
     let after = get(&m, &format!("/v2/{APP}/tags/list")).await.expect(200);
     assert_eq!(after.json()["tags"], json!(["stays"]));
+    delete(&m, &format!("/v2/{APP}/manifests/tagtest0"))
+        .await
+        .expect_error(404, "MANIFEST_UNKNOWN");
 }
 
 #[tokio::test]
@@ -78,6 +83,14 @@ async fn a_blob_deleted_is_gone() {
         head(&m, &path).await.expect(404);
         delete(&m, &path).await.expect_error(404, "BLOB_UNKNOWN");
     }
+    // Pushed again, it is back.
+    for (d, bytes) in img.blobs() {
+        assert_eq!(push_blob(&m, APP, &bytes).await, d);
+        let a = get(&m, &format!("/v2/{APP}/blobs/{d}")).await.expect(200);
+        assert!(a.body == bytes, "{d}: other bytes");
+    }
+    let a = put_manifest(&m, APP, "v1", OCI_MANIFEST, &img.manifest).await;
+    a.expect(201);
 }
 
 /// Asserts a refused delete: 400 or 405 UNSUPPORTED as the spec says, or 403 DENIED.

@@ -549,3 +549,27 @@ async fn the_same_blob_pushed_twice_at_once_is_kept_once() {
     // 1 MiB held once, under a 2.5 MiB quota: another 1 MiB fits.
     push_blob(&m, APP, &random_bytes(1 << 20, 16)).await;
 }
+
+/// sha512 is the spec's other registered algorithm: an upload closed with a sha512 digest is
+/// verified and served under it.
+#[tokio::test]
+async fn a_blob_pushed_under_a_sha512_digest_is_served_under_it() {
+    use sha2::Digest as _;
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(5000, 17);
+    let digest = format!("sha512:{}", hex::encode(sha2::Sha512::digest(&bytes)));
+    let loc = open_upload(&m, APP).await;
+    let a = patch(&m, &loc, &bytes, Some((0, 4999))).await.expect(202);
+    let put = put_upload(&m, &a.location(&m), &digest, b"")
+        .await
+        .expect(201);
+    assert_eq!(put.header("docker-content-digest"), digest);
+    assert_blob_served(&m, APP, &digest, &bytes).await;
+    // And a wrong one is refused.
+    let wrong = format!("sha512:{}", hex::encode(sha2::Sha512::digest(b"other")));
+    let loc = open_upload(&m, APP).await;
+    put_upload(&m, &loc, &wrong, &bytes)
+        .await
+        .expect_error(400, "DIGEST_INVALID");
+}
