@@ -288,3 +288,44 @@ async fn a_glob_without_a_star_hosts_exactly_that_name() {
         assert_denied_naming_hosted_repos(&post_upload(&m, repo, "").await);
     }
 }
+
+/// Manifests and mounts count against the quota too: with the room left smaller than what
+/// they add, neither goes in.
+#[tokio::test]
+async fn a_manifest_or_a_mount_past_max_size_is_refused() {
+    let fake = FakeUpstream::start().await;
+    let theirs = fake.add_image("library/base", "1", vec![random_bytes(20_000, 68)]);
+    let img = crate::common::images::build_image(
+        vec![random_bytes(30_000, 69)],
+        crate::common::images::Format::Oci,
+        "amd64",
+    );
+    let blobs: u64 = img.blobs().iter().map(|(_, b)| b.len() as u64).sum();
+    // Room for the blobs and 100 bytes: not for the manifest, nor the mounted layer.
+    let max = blobs + 100;
+    let m = hosted_mirror(&fake, |c| c.hosted.max_size = Some(ByteSize(max))).await;
+    for (_, b) in img.blobs() {
+        push_blob(&m, APP, &b).await;
+    }
+    put_manifest(&m, APP, "v1", OCI_MANIFEST, &img.manifest)
+        .await
+        .expect_error(403, "DENIED");
+    get(&m, &format!("/v2/{APP}/manifests/v1"))
+        .await
+        .expect_error(404, "MANIFEST_UNKNOWN");
+
+    let layer = &theirs.layer_digests[0];
+    m.blob("library/base", layer).await;
+    assert!(m.committed(layer).await);
+    let a = post_upload(&m, APP, &format!("?mount={layer}&from=library/base")).await;
+    assert!(
+        (a.status == 403 && a.code() == "DENIED") || a.status == 202,
+        "{}: want 403 DENIED or 202 (no mount), got {} {}",
+        a.what,
+        a.status,
+        a.text()
+    );
+    head(&m, &format!("/v2/{APP}/blobs/{layer}"))
+        .await
+        .expect(404);
+}
