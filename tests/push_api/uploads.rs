@@ -573,3 +573,62 @@ async fn a_blob_pushed_under_a_sha512_digest_is_served_under_it() {
         .await
         .expect_error(400, "DIGEST_INVALID");
 }
+
+/// `hosted.upload_ttl`: an upload nobody touches for that long is removed by the mirror's
+/// upkeep (every 10 s), its bytes off the disk and out of the quota; one a client keeps
+/// sending to stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untouched_upload_expires_and_a_busy_one_stays() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |c| {
+        c.hosted.upload_ttl = Duration::from_secs(1);
+        c.hosted.max_size = Some(regmirror::config::ByteSize(50_000));
+    })
+    .await;
+    let idle_bytes = random_bytes(40_000, 18);
+    let idle = open_upload(&m, APP).await;
+    patch(&m, &idle, &idle_bytes, Some((0, 39_999)))
+        .await
+        .expect(202);
+
+    // The busy upload gets 10 bytes every 300 ms until the idle one is gone (at most 25 s).
+    let busy_bytes = random_bytes(4000, 19);
+    let mut busy = open_upload(&m, APP).await;
+    let mut sent = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(25);
+    let expired = loop {
+        let a = patch(
+            &m,
+            &busy,
+            &busy_bytes[sent..sent + 10],
+            Some((sent as u64, sent as u64 + 9)),
+        )
+        .await
+        .expect(202);
+        busy = a.location(&m);
+        sent += 10;
+        // Watched on disk: even a status request might count as a touch.
+        if files_holding(&m.data_dir, &idle_bytes[..1024]).is_empty() {
+            break true;
+        }
+        if std::time::Instant::now() > deadline || sent + 10 > busy_bytes.len() {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        expired,
+        "an upload untouched for 25 s with upload_ttl = 1s is still on disk"
+    );
+    get(&m, &idle)
+        .await
+        .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    // Its 40 kB are out of the quota: 40 kB more fit under 50 kB.
+    push_blob(&m, APP, &random_bytes(40_000, 20)).await;
+
+    let s = get(&m, &busy).await.expect(204);
+    assert_eq!(s.header("range"), format!("0-{}", sent - 1));
+    let digest = sha256_digest(&busy_bytes[..sent]);
+    put_upload(&m, &busy, &digest, b"").await.expect(201);
+    assert_blob_served(&m, APP, &digest, &busy_bytes[..sent]).await;
+}
