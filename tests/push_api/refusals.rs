@@ -329,3 +329,45 @@ async fn a_manifest_or_a_mount_past_max_size_is_refused() {
         .await
         .expect(404);
 }
+
+/// A hosted glob that would take Docker Hub's official images stops the start unless it is
+/// listed in `hosted.shadowing` too; listed, those names are hosted: never fetched upstream.
+#[tokio::test]
+async fn shadowing_docker_hubs_names_takes_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("regmirror.toml");
+    let flags = regmirror::config::Flags {
+        listen: None,
+        data_dir: Some(dir.path().to_path_buf()),
+        upstream: None,
+        offline: false,
+    };
+    std::fs::write(&file, "[hosted]\nrepos = [\"library/*\"]\n").unwrap();
+    let err = regmirror::config::load(Some(&file), Vec::new(), &flags)
+        .expect_err("library/* hosted without hosted.shadowing");
+    assert!(err.to_string().contains("hosted.shadowing"), "{err}");
+    std::fs::write(
+        &file,
+        "[hosted]\nrepos = [\"library/*\"]\nshadowing = [\"library/*\"]\n",
+    )
+    .unwrap();
+    let config = regmirror::config::load(Some(&file), Vec::new(), &flags).unwrap();
+    assert!(config.hosted.hosts("library/alpine"));
+
+    let fake = FakeUpstream::start().await;
+    fake.add_image("library/alpine", "3.19", vec![random_bytes(300, 73)]);
+    let m = crate::common::start_mirror(&fake.url(), |c| {
+        c.hosted.repos = vec!["library/*".into()];
+        c.hosted.shadowing = vec!["library/*".into()];
+    })
+    .await;
+    get(&m, "/v2/library/alpine/manifests/3.19")
+        .await
+        .expect_error(404, "MANIFEST_UNKNOWN");
+    let ours = push_image(&m, "library/alpine", "3.19", vec![random_bytes(300, 74)]).await;
+    let a = get(&m, "/v2/library/alpine/manifests/3.19")
+        .await
+        .expect(200);
+    assert!(a.body == ours.manifest, "other bytes");
+    assert!(fake.requests().is_empty(), "{:?}", fake.requests());
+}
