@@ -642,3 +642,40 @@ async fn an_untouched_upload_expires_and_a_busy_one_stays() {
     put_upload(&m, &busy, &digest, b"").await.expect(201);
     assert_blob_served(&m, APP, &digest, &busy_bytes[..sent]).await;
 }
+
+/// Upload ids are the mirror's UUIDs: anything else in their place is refused as unknown or
+/// invalid (never a 500, never a path of the data dir), whatever the method.
+#[tokio::test]
+async fn an_upload_id_that_is_no_uuid_is_refused() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let uuid = "3f1c2b8e-6a4d-4c1e-9b0a-5d2e7f8a9c10";
+    let ids = [
+        "not-a-uuid".to_owned(),
+        uuid.to_uppercase(),
+        format!("{uuid}0"),
+        format!("..%2F{uuid}"),
+        "..%2F..%2Flock".to_owned(),
+    ];
+    for id in &ids {
+        let url = format!("/v2/{APP}/blobs/uploads/{id}");
+        for method in [Method::GET, Method::PATCH, Method::PUT, Method::DELETE] {
+            let url = match method {
+                Method::PUT => format!("{url}?digest={}", sha256_digest(b"x")),
+                _ => url.clone(),
+            };
+            let a = send(&m, method, &url, &[], Some(b"x".to_vec())).await;
+            let code = a.code();
+            assert!(
+                matches!(a.status, 400 | 404)
+                    && ["BLOB_UPLOAD_UNKNOWN", "BLOB_UPLOAD_INVALID", "NAME_INVALID"]
+                        .contains(&code.as_str()),
+                "{}: got {} {}",
+                a.what,
+                a.status,
+                a.text()
+            );
+        }
+    }
+    assert!(m.data_dir.join("lock").is_file());
+}
