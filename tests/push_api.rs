@@ -3,6 +3,7 @@
 //! checks in its four workflows, with the status, headers and error codes the spec asks for:
 //! - `uploads`: blob uploads (POST+PUT, `POST ?digest=`, chunked PATCH, status, cancel, wrong
 //!   digest, a restart in the middle) and cross-repository mounts;
+//! - `crash`: a `regmirror serve` process killed in the middle of a chunked upload;
 //! - `manifests`: manifest PUT by tag and digest, GET back byte for byte, the refusals
 //!   (MANIFEST_BLOB_UNKNOWN, MANIFEST_INVALID);
 //! - `discovery`: tags/list, `_catalog`, referrers from pushed manifests with a subject;
@@ -16,6 +17,8 @@ mod common;
 #[path = "common/push.rs"]
 mod push;
 
+#[path = "push_api/crash.rs"]
+mod crash;
 #[path = "push_api/discovery.rs"]
 mod discovery;
 #[path = "push_api/management.rs"]

@@ -41,6 +41,23 @@ pub async fn hosted_mirror(fake: &FakeUpstream, tweak: impl FnOnce(&mut Config))
     .await
 }
 
+/// Where requests go: a mirror started in process, or a `regmirror serve` process.
+pub trait Target {
+    /// `http://127.0.0.1:PORT`
+    fn base(&self) -> &str;
+    fn http(&self) -> &reqwest::Client;
+}
+
+impl Target for MirrorHandle {
+    fn base(&self) -> &str {
+        &self.url
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
 /// An answer read whole: what the tests assert on.
 #[derive(Debug)]
 pub struct Answer {
@@ -136,7 +153,7 @@ impl Answer {
 
     /// `Location`, resolved against the mirror's URL; panics when absent.
     #[track_caller]
-    pub fn location(&self, m: &MirrorHandle) -> String {
+    pub fn location(&self, m: &impl Target) -> String {
         let loc = self.header("location");
         assert!(
             !loc.is_empty(),
@@ -149,8 +166,8 @@ impl Answer {
 }
 
 /// `loc` (relative or absolute, as a `Location` may be) as an absolute URL of the mirror.
-pub fn resolve(m: &MirrorHandle, loc: &str) -> String {
-    url::Url::parse(&m.url)
+pub fn resolve(m: &impl Target, loc: &str) -> String {
+    url::Url::parse(m.base())
         .and_then(|base| base.join(loc))
         .unwrap_or_else(|e| panic!("Location {loc:?}: {e}"))
         .to_string()
@@ -175,7 +192,7 @@ pub fn with_digest(url: &str, digest: &str) -> String {
 /// Sends `method` to `url` (a path of the mirror, or an absolute URL) with `headers` and
 /// `body`, and reads the whole answer.
 pub async fn send(
-    m: &MirrorHandle,
+    m: &impl Target,
     method: Method,
     url: &str,
     headers: &[(&str, &str)],
@@ -186,7 +203,7 @@ pub async fn send(
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    exchange(m.client.clone(), method, url, headers, body.map(Into::into))
+    exchange(m.http().clone(), method, url, headers, body.map(Into::into))
         .await
         .unwrap_or_else(|e| panic!("{e}"))
 }
@@ -231,7 +248,7 @@ pub struct Feed {
 
 impl Feed {
     /// Starts `method url` with a body still to come.
-    pub fn start(m: &MirrorHandle, method: Method, url: &str, headers: &[(&str, &str)]) -> Feed {
+    pub fn start(m: &impl Target, method: Method, url: &str, headers: &[(&str, &str)]) -> Feed {
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
         let pieces = futures_util::stream::unfold(rx, |mut rx| async move {
             let piece = rx.recv().await?;
@@ -242,7 +259,7 @@ impl Feed {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         let answer = tokio::spawn(exchange(
-            m.client.clone(),
+            m.http().clone(),
             method,
             resolve(m, url),
             headers,
@@ -287,20 +304,20 @@ fn pull_headers(url: &str) -> &'static [(&'static str, &'static str)] {
     }
 }
 
-pub async fn get(m: &MirrorHandle, url: &str) -> Answer {
+pub async fn get(m: &impl Target, url: &str) -> Answer {
     send(m, Method::GET, url, pull_headers(url), None).await
 }
 
-pub async fn head(m: &MirrorHandle, url: &str) -> Answer {
+pub async fn head(m: &impl Target, url: &str) -> Answer {
     send(m, Method::HEAD, url, pull_headers(url), None).await
 }
 
-pub async fn delete(m: &MirrorHandle, url: &str) -> Answer {
+pub async fn delete(m: &impl Target, url: &str) -> Answer {
     send(m, Method::DELETE, url, &[], None).await
 }
 
 /// `POST /v2/<repo>/blobs/uploads/<query>` with an empty body.
-pub async fn post_upload(m: &MirrorHandle, repo: &str, query: &str) -> Answer {
+pub async fn post_upload(m: &impl Target, repo: &str, query: &str) -> Answer {
     let url = format!("/v2/{repo}/blobs/uploads/{query}");
     send(
         m,
@@ -313,12 +330,12 @@ pub async fn post_upload(m: &MirrorHandle, repo: &str, query: &str) -> Answer {
 }
 
 /// Opens an upload (asserting 202) and returns its absolute location.
-pub async fn open_upload(m: &MirrorHandle, repo: &str) -> String {
+pub async fn open_upload(m: &impl Target, repo: &str) -> String {
     post_upload(m, repo, "").await.expect(202).location(m)
 }
 
 /// `PATCH <loc>` with `chunk`, and `Content-Range: <start>-<end>` when `range` is given.
-pub async fn patch(m: &MirrorHandle, loc: &str, chunk: &[u8], range: Option<(u64, u64)>) -> Answer {
+pub async fn patch(m: &impl Target, loc: &str, chunk: &[u8], range: Option<(u64, u64)>) -> Answer {
     let range = range.map(|(s, e)| format!("{s}-{e}"));
     let mut headers = vec![("content-type", OCTET)];
     if let Some(r) = &range {
@@ -328,7 +345,7 @@ pub async fn patch(m: &MirrorHandle, loc: &str, chunk: &[u8], range: Option<(u64
 }
 
 /// `PUT <loc>?digest=<digest>` closing an upload, with `body` (the last chunk, or all of it).
-pub async fn put_upload(m: &MirrorHandle, loc: &str, digest: &str, body: &[u8]) -> Answer {
+pub async fn put_upload(m: &impl Target, loc: &str, digest: &str, body: &[u8]) -> Answer {
     send(
         m,
         Method::PUT,
@@ -340,7 +357,7 @@ pub async fn put_upload(m: &MirrorHandle, loc: &str, digest: &str, body: &[u8]) 
 }
 
 /// Pushes `bytes` to `repo` as POST then PUT (asserting 202, 201); returns its digest.
-pub async fn push_blob(m: &MirrorHandle, repo: &str, bytes: &[u8]) -> String {
+pub async fn push_blob(m: &impl Target, repo: &str, bytes: &[u8]) -> String {
     let digest = sha256_digest(bytes);
     let loc = open_upload(m, repo).await;
     put_upload(m, &loc, &digest, bytes).await.expect(201);
@@ -349,7 +366,7 @@ pub async fn push_blob(m: &MirrorHandle, repo: &str, bytes: &[u8]) -> String {
 
 /// `PUT /v2/<repo>/manifests/<reference>` with `Content-Type: media_type`.
 pub async fn put_manifest(
-    m: &MirrorHandle,
+    m: &impl Target,
     repo: &str,
     reference: &str,
     media_type: &str,
@@ -367,18 +384,13 @@ pub async fn put_manifest(
 
 /// Builds an OCI image over `layers`, pushes its blobs and its manifest as `repo:tag`
 /// (asserting 201 for each).
-pub async fn push_image(
-    m: &MirrorHandle,
-    repo: &str,
-    tag: &str,
-    layers: Vec<Vec<u8>>,
-) -> ImageInfo {
+pub async fn push_image(m: &impl Target, repo: &str, tag: &str, layers: Vec<Vec<u8>>) -> ImageInfo {
     push_image_for(m, repo, tag, layers, "amd64").await
 }
 
 /// [`push_image`] for an architecture.
 pub async fn push_image_for(
-    m: &MirrorHandle,
+    m: &impl Target,
     repo: &str,
     tag: &str,
     layers: Vec<Vec<u8>>,
