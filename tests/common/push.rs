@@ -58,6 +58,35 @@ impl Target for MirrorHandle {
     }
 }
 
+/// The same server through a client of its own (its own connections).
+pub struct Fresh {
+    url: String,
+    client: reqwest::Client,
+}
+
+impl Fresh {
+    pub fn of(m: &impl Target) -> Fresh {
+        Fresh {
+            url: m.base().to_owned(),
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(std::time::Duration::from_secs(60))
+                .build()
+                .expect("client"),
+        }
+    }
+}
+
+impl Target for Fresh {
+    fn base(&self) -> &str {
+        &self.url
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
 /// An answer read whole: what the tests assert on.
 #[derive(Debug)]
 pub struct Answer {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::common::{random_bytes, wait_until, FakeUpstream, MirrorHandle};
 use crate::push::{
     files_holding, get, head, hosted_mirror, hosting, open_upload, patch, path_of, post_upload,
-    push_blob, put_upload, send, upstream_requests_for, APP,
+    push_blob, put_upload, send, upstream_requests_for, Fresh, Target, APP,
 };
 use reqwest::Method;
 
@@ -678,4 +678,72 @@ async fn an_upload_id_that_is_no_uuid_is_refused() {
         }
     }
     assert!(m.data_dir.join("lock").is_file());
+}
+
+/// A client retrying a chunk while the first try is still being received (a timeout, a
+/// second connection): one goes in, the other is 416, and the upload holds the chunk once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_chunk_sent_twice_at_once_goes_in_once() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(2 << 20, 21);
+    let digest = sha256_digest(&bytes);
+    let half = bytes.len() / 2;
+    let loc = open_upload(&m, APP).await;
+    let chunk = &bytes[..half];
+    let range = Some((0, half as u64 - 1));
+    // Each through a client of its own, as two tries on two connections.
+    let (one, two) = (Fresh::of(&m), Fresh::of(&m));
+    let (a, b) = tokio::join!(
+        patch(&one, &loc, chunk, range),
+        patch(&two, &loc, chunk, range)
+    );
+    let mut statuses = [a.status, b.status];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [202, 416], "{} / {}", a.text(), b.text());
+    let s = get(&m, &loc).await.expect(204);
+    assert_eq!(s.header("range"), format!("0-{}", half - 1));
+    let c = patch(
+        &m,
+        &s.location(&m),
+        &bytes[half..],
+        Some((half as u64, bytes.len() as u64 - 1)),
+    )
+    .await
+    .expect(202);
+    put_upload(&m, &c.location(&m), &digest, b"")
+        .await
+        .expect(201);
+    assert_blob_served(&m, APP, &digest, &bytes).await;
+}
+
+/// A refusal sent before the request's body is read (416 here; DENIED past the quota too)
+/// must not leave the client a connection that fails its next request: the mirror either
+/// reads the rest of the body or says `Connection: close` and closes.
+#[tokio::test]
+async fn the_request_after_an_early_refusal_does_not_fail() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let loc = open_upload(&m, APP).await;
+    let client = Fresh::of(&m);
+    let big = random_bytes(8 << 20, 22);
+    for round in 0..3 {
+        let a = patch(
+            &client,
+            &loc,
+            &big,
+            Some((1000, 1000 + big.len() as u64 - 1)),
+        )
+        .await;
+        assert_eq!(a.status, 416, "round {round}: {}", a.text());
+        let closes = a.header("connection").eq_ignore_ascii_case("close");
+        for i in 0..3 {
+            let r = client.http().get(m.url_for("/v2/")).send().await;
+            assert!(
+                r.as_ref().is_ok_and(|r| r.status() == 200),
+                "round {round}, request {i} after a 416 (Connection: {}): {r:?}",
+                if closes { "close" } else { "not close" }
+            );
+        }
+    }
 }
