@@ -130,3 +130,32 @@ async fn pushed_content_and_deletes_survive_a_restart() {
     }
     assert!(upstream_requests_for(&fake, "/v2/myorg/").is_empty());
 }
+
+/// A pushed blob damaged on disk while the mirror is down (same length, other bytes) is not
+/// served as if it were right: the client gets an error or a cut body, never a clean 200 of
+/// the wrong bytes.
+#[tokio::test]
+async fn a_pushed_blob_damaged_on_disk_is_not_served_clean() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let bytes = random_bytes(200_000, 75);
+    let digest = crate::push::push_blob(&m, APP, &bytes).await;
+    let dir = m.stop().await;
+    let files = crate::push::files_holding(&dir.path().join("hosted"), &bytes[..1024]);
+    assert_eq!(files.len(), 1, "the blob's file under hosted/: {files:?}");
+    let mut damaged = std::fs::read(&files[0]).unwrap();
+    let at = damaged.len() - 1000;
+    damaged[at] ^= 0xff;
+    std::fs::write(&files[0], &damaged).unwrap();
+
+    let m = MirrorHandle::start_in(dir, &fake.url(), hosting).await;
+    let r = m.get(&format!("/v2/{APP}/blobs/{digest}")).await;
+    if let Ok(r) = r {
+        let status = r.status().as_u16();
+        let body = crate::common::read_body(r).await;
+        assert!(
+            !(status == 200 && body.as_deref() == Ok(&damaged[..])),
+            "the damaged blob was served clean with 200"
+        );
+    }
+}
