@@ -248,6 +248,10 @@ async fn referrers_list_the_manifests_pushed_with_a_subject() {
     assert_eq!(v["manifests"].as_array().map(Vec::len), Some(1), "{v}");
     assert_eq!(v["manifests"][0]["digest"], sha256_digest(&c));
 
+    // A digest that does not parse is 400 (spec: "a `<digest>` with an invalid syntax").
+    let a = get(&m, &format!("/v2/{APP}/referrers/sha256:totallywrong")).await;
+    a.expect_error(400, "DIGEST_INVALID");
+
     // A subject nobody refers to: an empty index, not 404.
     let r = get(
         &m,

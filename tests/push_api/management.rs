@@ -126,3 +126,27 @@ async fn deletes_are_refused_when_hosted_delete_is_off() {
         get(&m, path).await.expect(200);
     }
 }
+
+/// Deletes in a hosted repository nothing was pushed to: 404 (spec: "If the repository does
+/// not exist, the response MUST return 404").
+#[tokio::test]
+async fn deletes_in_an_empty_hosted_repository_are_404() {
+    let fake = FakeUpstream::start().await;
+    let m = hosted_mirror(&fake, |_| {}).await;
+    let d = crate::common::images::sha256_digest(b"nothing");
+    for path in [
+        format!("/v2/myorg/empty/manifests/{d}"),
+        "/v2/myorg/empty/manifests/latest".to_owned(),
+        format!("/v2/myorg/empty/blobs/{d}"),
+    ] {
+        let a = delete(&m, &path).await;
+        assert_eq!(a.status, 404, "{}: {}", a.what, a.text());
+        let code = a.code();
+        assert!(
+            ["NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN"].contains(&code.as_str()),
+            "{}: code {code}",
+            a.what
+        );
+    }
+    assert!(fake.requests().is_empty(), "{:?}", fake.requests());
+}
