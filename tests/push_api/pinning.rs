@@ -159,3 +159,34 @@ async fn a_pushed_blob_damaged_on_disk_is_not_served_clean() {
         );
     }
 }
+
+/// What was pushed before a restart, and an upload left open across it, still count against
+/// `hosted.max_size` after it.
+#[tokio::test]
+async fn the_quota_counts_what_was_there_before_a_restart() {
+    let fake = FakeUpstream::start().await;
+    let quota = |c: &mut regmirror::config::Config| {
+        hosting(c);
+        c.hosted.max_size = Some(ByteSize(100_000));
+    };
+    let m = MirrorHandle::start_in(tempfile::tempdir().unwrap(), &fake.url(), quota).await;
+    crate::push::push_blob(&m, APP, &random_bytes(40_000, 76)).await;
+    let open = crate::push::open_upload(&m, APP).await;
+    crate::push::patch(&m, &open, &random_bytes(30_000, 77), Some((0, 29_999)))
+        .await
+        .expect(202);
+    let open = crate::push::path_of(&open);
+    let dir = m.stop().await;
+    let m = MirrorHandle::start_in(dir, &fake.url(), quota).await;
+
+    // 40 kB pushed + 30 kB in the open upload + 40 kB > 100 kB.
+    let over = random_bytes(40_000, 78);
+    let d = crate::common::images::sha256_digest(&over);
+    let loc = crate::push::open_upload(&m, APP).await;
+    crate::push::put_upload(&m, &loc, &d, &over)
+        .await
+        .expect_error(403, "DENIED");
+    // Once the open upload is cancelled, it fits.
+    crate::push::delete(&m, &open).await.expect(204);
+    crate::push::push_blob(&m, APP, &over).await;
+}
