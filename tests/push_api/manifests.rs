@@ -308,19 +308,32 @@ async fn a_manifest_naming_another_repositorys_blob_is_manifest_blob_unknown() {
 /// The spec asks registries to take manifests of at least 4 MB and to answer a bigger one
 /// they refuse with 413.
 #[tokio::test]
-async fn an_oversized_manifest_is_413() {
+async fn a_4_mb_manifest_is_taken_and_an_oversized_one_is_413() {
     let fake = FakeUpstream::start().await;
     let m = hosted_mirror(&fake, |_| {}).await;
     let config = push_blob(&m, APP, b"{}").await;
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
-        "layers": [],
-        "annotations": {"padding": "x".repeat(5 << 20)},
-    }))
-    .unwrap();
-    let a = put_manifest(&m, APP, "huge", OCI_MANIFEST, &manifest).await;
+    // A manifest of `size` bytes (padded by an annotation).
+    let padded = |size: usize| {
+        let mut v = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+            "layers": [],
+            "annotations": {"padding": ""},
+        });
+        let bare = serde_json::to_vec(&v).unwrap().len();
+        v["annotations"]["padding"] = json!("x".repeat(size - bare));
+        let bytes = serde_json::to_vec(&v).unwrap();
+        assert_eq!(bytes.len(), size);
+        bytes
+    };
+    let four_mb = padded(4_000_000);
+    let a = put_manifest(&m, APP, "big", OCI_MANIFEST, &four_mb).await;
+    assert_created(a, &m, &sha256_digest(&four_mb));
+    assert_manifest_served(&m, APP, "big", OCI_MANIFEST, &four_mb).await;
+
+    let huge = padded(5 << 20);
+    let a = put_manifest(&m, APP, "huge", OCI_MANIFEST, &huge).await;
     assert_eq!(a.status, 413, "{}: {}", a.what, a.text());
     get(&m, &format!("/v2/{APP}/manifests/huge"))
         .await
