@@ -10,6 +10,7 @@ pub mod front;
 pub mod images;
 pub mod observe;
 pub mod referrers_api;
+pub mod served;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
