@@ -359,6 +359,9 @@ def main():
     ap.add_argument("--no-nginx", action="store_true")
     ap.add_argument("--no-cluster", action="store_true",
                     help="skip the cluster rows (3 replicas on Garage and redis-server)")
+    ap.add_argument("--no-pull", action="store_true",
+                    help="skip the pull rows (the mirrors' and nginx's); with --no-cluster only "
+                         "the push rows run")
     ap.add_argument("--no-push", action="store_true",
                     help="skip the push rows (regmirror hosting bench/* against a writable "
                          "docker-registry)")
@@ -429,9 +432,9 @@ def main():
                "nginx_speeds": [], "nginx_rates": [], "binary": args.binary,
                "push_mib": push_mib, "push_chunk": push_chunk, "push_servers": mirrors,
                "mirror_args": {"distribution": (), "regmirror": (args.binary,)}}
-        if not args.no_nginx:
+        if not args.no_nginx and not args.no_pull:
             start_nginx(ctx, results)
-        for kind in mirrors:
+        for kind in [] if args.no_pull else mirrors:
             measure_mirror(kind, ctx, results)
         if push_results:
             push.measure(ctx, push_results, prewarm, human_bytes, ratio_text)
