@@ -2,7 +2,9 @@
 //! the facts the OCI distribution-spec conformance suite (v1.1.1, `conformance/0*_test.go`)
 //! checks in its four workflows, with the status, headers and error codes the spec asks for:
 //! - `uploads`: blob uploads (POST+PUT, `POST ?digest=`, chunked PATCH, status, cancel, wrong
-//!   digest, a restart in the middle) and cross-repository mounts;
+//!   digest, concurrent chunks, a restart in the middle, expiry);
+//! - `blobs`: pushed blobs served (ranges, empty, large, sha512), their repository's only,
+//!   and cross-repository mounts;
 //! - `crash`: a `regmirror serve` process killed in the middle of a chunked upload;
 //! - `manifests`: manifest PUT by tag and digest, GET back byte for byte, the refusals
 //!   (MANIFEST_BLOB_UNKNOWN, MANIFEST_INVALID);
@@ -17,6 +19,8 @@ mod common;
 #[path = "common/push.rs"]
 mod push;
 
+#[path = "push_api/blobs.rs"]
+mod blobs;
 #[path = "push_api/crash.rs"]
 mod crash;
 #[path = "push_api/discovery.rs"]

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytes::Bytes;
 use regmirror::config::Config;
@@ -16,7 +17,7 @@ use serde_json::{json, Value};
 use crate::common::images::{
     build_image, sha256_digest, Format, ImageInfo, OCI_INDEX, OCI_MANIFEST,
 };
-use crate::common::{start_mirror, FakeUpstream, MirrorHandle};
+use crate::common::{start_mirror, wait_until, FakeUpstream, MirrorHandle};
 
 /// The hosted repository most tests push to.
 pub const APP: &str = "myorg/app";
@@ -70,7 +71,7 @@ impl Fresh {
             url: m.base().to_owned(),
             client: reqwest::Client::builder()
                 .no_proxy()
-                .timeout(std::time::Duration::from_secs(60))
+                .timeout(Duration::from_secs(60))
                 .build()
                 .expect("client"),
         }
@@ -513,4 +514,41 @@ pub fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// Asserts the blob `digest` of `repo` is served: HEAD with its length and digest and no
+/// body, GET with exactly `bytes`.
+pub async fn assert_blob_served(m: &impl Target, repo: &str, digest: &str, bytes: &[u8]) {
+    let path = format!("/v2/{repo}/blobs/{digest}");
+    let h = head(m, &path).await.expect(200);
+    assert_eq!(h.header("docker-content-digest"), digest, "HEAD {path}");
+    assert_eq!(
+        h.header("content-length"),
+        bytes.len().to_string(),
+        "HEAD {path}"
+    );
+    assert!(h.body.is_empty(), "HEAD {path} has a body");
+    let g = get(m, &path).await.expect(200);
+    assert_eq!(g.header("docker-content-digest"), digest, "GET {path}");
+    assert_eq!(
+        g.header("content-length"),
+        bytes.len().to_string(),
+        "GET {path}"
+    );
+    assert!(g.body[..] == bytes[..], "GET {path}: other bytes");
+}
+
+/// Asserts that within a few seconds no file under the data dir holds the first KiB of
+/// `bytes` (random, so only a copy of them would).
+pub async fn assert_no_copy_left(m: &MirrorHandle, bytes: &[u8], what: &str) {
+    let needle = &bytes[..1024];
+    let gone = wait_until(Duration::from_secs(10), || {
+        files_holding(&m.data_dir, needle).is_empty()
+    })
+    .await;
+    assert!(
+        gone,
+        "{what}: bytes left in {:?}",
+        files_holding(&m.data_dir, needle)
+    );
 }
