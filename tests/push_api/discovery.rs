@@ -210,6 +210,28 @@ async fn referrers_list_the_manifests_pushed_with_a_subject() {
     assert_eq!(v["manifests"].as_array().map(Vec::len), Some(1), "{v}");
     assert_eq!(v["manifests"][0]["digest"], sha256_digest(&b));
 
+    // An index without artifactType: listed without one (spec: "MUST be omitted").
+    let bare = index(
+        vec![descriptor(OCI_MANIFEST, &b)],
+        json!({"subject": descriptor(OCI_MANIFEST, &plain.manifest)}),
+    );
+    put_manifest(&m, APP, &sha256_digest(&bare), OCI_INDEX, &bare)
+        .await
+        .expect(201);
+    let r = get(
+        &m,
+        &format!("/v2/{APP}/referrers/{}", plain.manifest_digest),
+    )
+    .await
+    .expect(200);
+    let v = r.json();
+    assert_eq!(v["manifests"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["manifests"][0]["digest"], sha256_digest(&bare));
+    assert!(
+        v["manifests"][0].get("artifactType").is_none(),
+        "an index without artifactType listed with one: {v}"
+    );
+
     // A referrer deleted is no longer listed.
     crate::push::delete(&m, &format!("/v2/{APP}/manifests/{}", sha256_digest(&b)))
         .await
@@ -255,7 +277,7 @@ async fn referrers_list_the_manifests_pushed_with_a_subject() {
     // A subject nobody refers to: an empty index, not 404.
     let r = get(
         &m,
-        &format!("/v2/{APP}/referrers/{}", plain.manifest_digest),
+        &format!("/v2/{APP}/referrers/{}", sha256_digest(b"nobody")),
     )
     .await
     .expect(200);
