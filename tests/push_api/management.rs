@@ -125,6 +125,9 @@ async fn deletes_are_refused_when_hosted_delete_is_off() {
     for path in &paths {
         get(&m, path).await.expect(200);
     }
+    // Cancelling one's own upload is no delete of content: still allowed.
+    let loc = crate::push::open_upload(&m, APP).await;
+    delete(&m, &loc).await.expect(204);
 }
 
 /// Deletes in a hosted repository nothing was pushed to: 404 (spec: "If the repository does
