@@ -259,10 +259,7 @@ fn parse_path(rest: &str, params: &QueryParams) -> Result<Endpoint, Error> {
     match kind {
         "manifests" => Ok(Endpoint::Manifest {
             name: RepoName::parse(name)?,
-            // A reference that can be neither tag nor digest names nothing:
-            // not found, as the conformance suite expects, not a bad request.
-            reference: Reference::parse(last)
-                .map_err(|e| Error::ManifestUnknown(format!("{e}")))?,
+            reference: manifest_reference(last)?,
         }),
         "blobs" => Ok(Endpoint::Blob {
             name: RepoName::parse(name)?,
@@ -319,8 +316,7 @@ fn parse_write(method: &Method, rest: &str, params: &QueryParams) -> Result<Endp
         }),
         ("manifests", Method::DELETE) => Ok(Endpoint::DeleteManifest {
             name: RepoName::parse(name)?,
-            reference: Reference::parse(last)
-                .map_err(|e| Error::ManifestUnknown(format!("{e}")))?,
+            reference: manifest_reference(last)?,
         }),
         ("blobs", Method::DELETE) => Ok(Endpoint::DeleteBlob {
             name: RepoName::parse(name)?,
@@ -359,6 +355,18 @@ fn parse_write(method: &Method, rest: &str, params: &QueryParams) -> Result<Endp
             method.as_str(),
             bounded(rest)
         ))),
+    }
+}
+
+/// The reference of a manifest to read or delete. A malformed digest is a bad
+/// request (`DIGEST_INVALID`); a string that can be no tag names nothing, so
+/// it is not found (`MANIFEST_UNKNOWN`), as the conformance suite expects of
+/// `.INVALID_MANIFEST_NAME`. A push to such a tag is `TAG_INVALID`.
+fn manifest_reference(s: &str) -> Result<Reference, Error> {
+    match Reference::parse(s) {
+        Ok(r) => Ok(r),
+        Err(e @ crate::reference::ParseError::Tag(_)) => Err(Error::ManifestUnknown(e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
