@@ -37,6 +37,7 @@ pub mod prefetch;
 pub mod range;
 pub mod reference;
 pub mod registry;
+pub mod request_body;
 pub mod response;
 pub mod routing;
 pub mod server;

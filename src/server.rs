@@ -27,6 +27,7 @@ use crate::error::Error;
 use crate::idle::IdleTimeout;
 use crate::ops::{self, OpsEndpoint};
 use crate::registry::Registry;
+use crate::request_body;
 use crate::response::{self, Outcome};
 use crate::tls::{Tls, TlsError};
 
@@ -304,7 +305,26 @@ impl Frontend {
         let path = req.uri().path().to_owned();
         let head = method == http::Method::HEAD;
         let mut label = "other";
-        let result = self.answer(req, client, &mut label).await;
+        let (parts, body) = req.into_parts();
+        // A client that waits for `100 Continue` sends no body the handler
+        // did not ask for, and a drain would ask for it.
+        let drains = matches!(
+            method,
+            http::Method::POST | http::Method::PUT | http::Method::PATCH | http::Method::DELETE
+        ) && parts.headers.get(header::EXPECT).is_none();
+        let body = {
+            use http_body_util::BodyExt;
+            body.map_err(|e| Box::new(e) as response::BoxError)
+                .boxed_unsync()
+        };
+        let (unread, body) = request_body::Shared::new(body);
+        let result = self.answer(parts, body, client, &mut label).await;
+        // Before the answer: a refusal that left the body unread would
+        // otherwise close the connection under a client (or proxy) still
+        // sending it.
+        if drains {
+            unread.drain().await;
+        }
         let (response, outcome) = match result {
             Ok(mut reply) => {
                 if reply.outcome != Outcome::None {
@@ -362,11 +382,11 @@ impl Frontend {
 
     async fn answer(
         &self,
-        req: Request<Incoming>,
+        req: http::request::Parts,
+        body: response::Body,
         client: IpAddr,
         label: &mut &'static str,
     ) -> Result<response::Reply, Error> {
-        let (req, body) = req.into_parts();
         let uri_len = req.uri.path().len() + req.uri.query().map_or(0, |q| q.len() + 1);
         if uri_len > self.max_url_length {
             return Err(Error::UriTooLong(format!(
@@ -434,14 +454,10 @@ impl Frontend {
                 "this listener serves /metrics, /healthz, /readyz and /_/status".into(),
             )),
             Target::Api(api) => {
-                use http_body_util::BodyExt;
                 let api = api?;
                 if let Some(auth) = &self.auth {
                     auth.authorize(user.as_ref(), &api.endpoint)?;
                 }
-                let body = body
-                    .map_err(|e| Box::new(e) as response::BoxError)
-                    .boxed_unsync();
                 self.registry.handle(&api, &req.headers, Some(body)).await
             }
             Target::Peer(_) => Err(Error::Internal("a peer request was not answered".into())),
