@@ -465,8 +465,9 @@ def main():
     text += ["", f"Image set: `library/small` (Docker media types), `library/app`, "
                  f"`library/multi` (OCI index, amd64 pulled), `library/many` "
                  f"({sizes['many_layers']} layers of {human_bytes(sizes['many_layer_bytes'])}),"
-                 f" `library/big` (one {human_bytes(sizes['big_bytes'])} layer).", "",
-             results.markdown(), ""]
+                 f" `library/big` (one {human_bytes(sizes['big_bytes'])} layer).", ""]
+    if not args.no_pull:
+        text += [results.markdown(), ""]
     errors = list(results.errors)
     if cluster_results:
         garage = " ".join(command_output(["garage", "--version"]).split()[:2])
