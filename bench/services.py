@@ -223,6 +223,33 @@ auth:
         return out
 
 
+def start_distribution(procs, directory, name, extra, delete=False):
+    """docker-registry on a free port with filesystem storage under `directory`, logging as it
+    does by default (info, access log on); `extra` is more of its YAML configuration, `delete`
+    turns storage deletes on. Returns (port, process)."""
+    deletes = "  delete:\n    enabled: true\n" if delete else ""
+    os.makedirs(os.path.join(directory, "storage"), exist_ok=True)
+
+    def spawn(port):
+        config = os.path.join(directory, "registry.yml")
+        with open(config, "w") as f:
+            f.write(f"""version: 0.1
+log:
+  level: info
+  formatter: text
+storage:
+  filesystem:
+    rootdirectory: {os.path.join(directory, 'storage')}
+{deletes}http:
+  addr: 127.0.0.1:{port}
+  secret: regmirror-bench-{name.replace(' ', '-')}
+{extra}""")
+        return procs.start(name, ["docker-registry", "serve", config], directory)
+
+    return start_on_free_port(procs, name, spawn,
+                              lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 200)
+
+
 class DistributionProxy:
     """docker-registry in pull-through proxy mode: distribution's own mirror, with the same
     upstream credentials as regmirror. Logs as it does by default (info, access log on)."""
@@ -231,34 +258,11 @@ class DistributionProxy:
 
     def __init__(self, procs, directory, upstream):
         self.directory = directory
-        os.makedirs(os.path.join(directory, "storage"), exist_ok=True)
-
-        def spawn(port):
-            config = os.path.join(directory, "registry.yml")
-            with open(config, "w") as f:
-                f.write(f"""version: 0.1
-log:
-  level: info
-  formatter: text
-storage:
-  filesystem:
-    rootdirectory: {os.path.join(directory, 'storage')}
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:{port}
-  secret: regmirror-bench-proxy
-proxy:
+        self.port, self.proc = start_distribution(procs, directory, self.name, f"""proxy:
   remoteurl: {upstream.url}
   username: {USER}
   password: {PASSWORD}
-""")
-            return procs.start("distribution proxy", ["docker-registry", "serve", config],
-                               directory)
-
-        self.port, self.proc = start_on_free_port(
-            procs, "distribution proxy", spawn,
-            lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 200)
+""", delete=True)
         self.pid = self.proc.pid
 
 
@@ -298,28 +302,7 @@ class DistributionRegistry:
 
     def __init__(self, procs, directory):
         self.directory = directory
-        os.makedirs(os.path.join(directory, "storage"), exist_ok=True)
-
-        def spawn(port):
-            config = os.path.join(directory, "registry.yml")
-            with open(config, "w") as f:
-                f.write(f"""version: 0.1
-log:
-  level: info
-  formatter: text
-storage:
-  filesystem:
-    rootdirectory: {os.path.join(directory, 'storage')}
-http:
-  addr: 127.0.0.1:{port}
-  secret: regmirror-bench-registry
-""")
-            return procs.start("distribution registry", ["docker-registry", "serve", config],
-                               directory)
-
-        self.port, self.proc = start_on_free_port(
-            procs, "distribution registry", spawn,
-            lambda p: http_status(f"http://127.0.0.1:{p}/v2/") == 200)
+        self.port, self.proc = start_distribution(procs, directory, self.name, "")
         self.pid = self.proc.pid
 
 
