@@ -14,6 +14,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry as PromRegistry;
 
+mod history;
+mod signals;
+
+pub use history::{History, Sample, SAMPLES_KEPT, SAMPLE_EVERY};
+pub use signals::{watch, VERIFIED};
+
 /// How many recent errors the status page shows.
 const RECENT_ERRORS: usize = 20;
 
@@ -88,6 +94,9 @@ pub struct RecentError {
 pub struct UpstreamHealth {
     pub last_success: Option<SystemTime>,
     pub last_failure: Option<(SystemTime, String)>,
+    /// The last `ratelimit-remaining` it reported (Docker Hub's pulls
+    /// left), and when.
+    pub ratelimit_remaining: Option<(i64, SystemTime)>,
 }
 
 /// Every metric of one mirror process.
@@ -120,6 +129,10 @@ pub struct Metrics {
     shared_seen: Mutex<HashMap<&'static str, (u64, bool)>>,
     /// The replicas last seen in the cluster, for the status page.
     peers: Mutex<Vec<(String, SystemTime)>>,
+    /// Upstream up, budget, disk, verification failures, readiness.
+    signals: signals::Signals,
+    /// The status page's charts: the counters sampled once a minute.
+    history: Mutex<History>,
     // For the status page (not all of it fits Prometheus' model).
     hits: AtomicU64,
     lookups: AtomicU64,
@@ -175,6 +188,8 @@ impl Metrics {
             shared_up: Family::default(),
             shared_seen: Mutex::new(HashMap::new()),
             peers: Mutex::new(Vec::new()),
+            signals: signals::Signals::default(),
+            history: Mutex::new(History::default()),
             hits: AtomicU64::new(0),
             lookups: AtomicU64::new(0),
             bytes_from_cache: AtomicU64::new(0),
@@ -313,6 +328,7 @@ impl Metrics {
             "Whether a shared part (redis, bucket) answered its last call (1) or not (0)",
             m.shared_up.clone(),
         );
+        m.signals.register(r);
         m
     }
 
@@ -447,8 +463,12 @@ impl Metrics {
         if let Some(r) = ratelimit_remaining {
             self.ratelimit_remaining.get_or_create(&label).set(r);
         }
+        self.signals.upstream(upstream, status < 500);
         let mut health = lock(&self.upstream_health);
         let h = health.entry(upstream.to_owned()).or_default();
+        if let Some(r) = ratelimit_remaining {
+            h.ratelimit_remaining = Some((r, SystemTime::now()));
+        }
         if status >= 500 || status == 429 {
             h.last_failure = Some((SystemTime::now(), format!("answered {status}")));
         } else {
@@ -458,6 +478,7 @@ impl Metrics {
 
     /// An upstream request failed without an answer.
     pub fn upstream_failure(&self, upstream: &str, what: &str) {
+        self.signals.upstream(upstream, false);
         self.upstream_errors
             .get_or_create(&UpstreamLabels {
                 upstream: upstream.to_owned(),
@@ -549,6 +570,23 @@ impl Metrics {
         });
     }
 
+    /// The counters the status page charts, now.
+    fn sample(&self, at: SystemTime) -> Sample {
+        Sample {
+            at,
+            hits: self.hits.load(Ordering::Relaxed),
+            lookups: self.lookups.load(Ordering::Relaxed),
+            bytes_from_cache: self.bytes_from_cache.load(Ordering::Relaxed),
+            upstream_bytes: self.upstream_bytes.get(),
+        }
+    }
+
+    /// Keeps the counters of `at` in the history the status page charts.
+    pub fn sample_history(&self, at: SystemTime) {
+        let s = self.sample(at);
+        lock(&self.history).record(s);
+    }
+
     /// What the status page shows.
     pub fn snapshot(&self) -> Snapshot {
         let mut top: Vec<(String, u64)> = lock(&self.pulls)
@@ -562,7 +600,10 @@ impl Metrics {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         upstreams.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut history = lock(&self.history).samples();
+        history.push(self.sample(SystemTime::now()));
         Snapshot {
+            history,
             hits: self.hits.load(Ordering::Relaxed),
             lookups: self.lookups.load(Ordering::Relaxed),
             bytes_from_cache: self.bytes_from_cache.load(Ordering::Relaxed),
@@ -597,6 +638,8 @@ impl Metrics {
 /// A consistent-enough copy of what the status page shows.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
+    /// The sampled counters, oldest first, ending with the counters now.
+    pub history: Vec<Sample>,
     pub hits: u64,
     pub lookups: u64,
     pub bytes_from_cache: u64,

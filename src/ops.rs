@@ -1,6 +1,9 @@
 //! The operator's endpoints beside the registry API: `/metrics`
 //! (OpenMetrics text), `/healthz` (the process answers), `/readyz` (the cache
-//! takes writes) and `/_/status` (a small HTML page). Read-only.
+//! takes writes) and `/_/status` (a small HTML page, its charts drawn by
+//! [`chart`]). Read-only.
+
+pub mod chart;
 
 use std::time::SystemTime;
 
@@ -53,31 +56,44 @@ impl OpsEndpoint {
 pub async fn answer(registry: &Registry, which: OpsEndpoint, head: bool) -> Result<Reply, Error> {
     registry.refresh_shared_metrics();
     let (status, content_type, body) = match which {
-        OpsEndpoint::Metrics => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            registry.metrics.encode(),
-        ),
+        OpsEndpoint::Metrics => {
+            // What /readyz would answer, for an alert (probed at most once
+            // a second, however often this is scraped).
+            let ready = registry.ready().await.is_ok();
+            registry.metrics.set_ready(ready);
+            registry
+                .metrics
+                .set_downloads_in_flight(registry.downloads_in_flight());
+            (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                registry.metrics.encode(),
+            )
+        }
         OpsEndpoint::Health => (
             StatusCode::OK,
             "text/plain; charset=utf-8",
             "ok\n".to_owned(),
         ),
-        OpsEndpoint::Ready => match registry.ready().await {
-            Ok(detail) => (
-                StatusCode::OK,
-                "text/plain; charset=utf-8",
-                std::iter::once("ready".to_owned())
-                    .chain(detail)
-                    .map(|l| l + "\n")
-                    .collect(),
-            ),
-            Err(why) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain; charset=utf-8",
-                format!("not ready: {why}\n"),
-            ),
-        },
+        OpsEndpoint::Ready => {
+            let ready = registry.ready().await;
+            registry.metrics.set_ready(ready.is_ok());
+            match ready {
+                Ok(detail) => (
+                    StatusCode::OK,
+                    "text/plain; charset=utf-8",
+                    std::iter::once("ready".to_owned())
+                        .chain(detail)
+                        .map(|l| l + "\n")
+                        .collect(),
+                ),
+                Err(why) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    format!("not ready: {why}\n"),
+                ),
+            }
+        }
         OpsEndpoint::Status => (
             StatusCode::OK,
             "text/html; charset=utf-8",
@@ -187,6 +203,69 @@ fn cluster_section(s: &Snapshot, now: SystemTime) -> String {
     )
 }
 
+/// Below this many pulls left, the pull budget is shown red (and the rule
+/// `RegmirrorPullBudgetLow` in `deploy/prometheus/alerts.yml` fires).
+pub const PULLS_LOW: i64 = 20;
+
+/// Docker Hub's pull budget: the lowest `ratelimit-remaining` an upstream
+/// reported, and each upstream's last.
+fn pull_budget_card(s: &Snapshot, now: SystemTime) -> String {
+    let reported: Vec<(&str, i64, SystemTime)> = s
+        .upstreams
+        .iter()
+        .filter_map(|(name, h)| h.ratelimit_remaining.map(|(n, at)| (name.as_str(), n, at)))
+        .collect();
+    let Some(lowest) = reported.iter().map(|r| r.1).min() else {
+        return "\n<div class=card id=pulls>pulls left upstream<b class=none>–</b>no ratelimit-remaining reported</div>".to_owned();
+    };
+    let each: Vec<String> = reported
+        .iter()
+        .map(|(name, n, at)| format!("{}: {n}, {}", esc(name), ago(*at, now)))
+        .collect();
+    format!(
+        "\n<div class=card id=pulls>pulls left upstream<b class={}>{lowest}</b>{}</div>",
+        if lowest < PULLS_LOW { "bad" } else { "ok" },
+        each.join("<br>")
+    )
+}
+
+/// Bandwidth saved and the hit ratio over the last hour and day, from the
+/// history the snapshot carries.
+fn charts_section(s: &Snapshot, now: SystemTime) -> String {
+    let mut out = String::from("<h2>Bandwidth saved and hit ratio</h2>\n<div class=charts>\n");
+    for w in [chart::HOUR, chart::DAY] {
+        let bars = chart::bars(&s.history, now, &w);
+        let t = chart::total(&bars);
+        let ratio = if t.lookups == 0 {
+            "–".to_owned()
+        } else {
+            format!("{:.1}%", 100.0 * t.hits as f64 / t.lookups as f64)
+        };
+        let name = w.name;
+        let saved_label =
+            format!("bytes served from cache (green) and fetched upstream (grey), last {name}");
+        let ratio_label = format!("hit ratio, last {name}");
+        out.push_str(&format!(
+            "<figure id=saved-{name}><figcaption>served from cache, last {name}<b>{saved}</b>{fetched} fetched upstream</figcaption>{svg_saved}</figure>\n\
+             <figure id=ratio-{name}><figcaption>hit ratio, last {name}<b>{ratio}</b>{hits} hits of {lookups} lookups</figcaption>{svg_ratio}</figure>\n",
+            saved = human_bytes(t.saved),
+            fetched = human_bytes(t.fetched),
+            svg_saved = chart::saved_svg(&format!("chart-saved-{name}"), &saved_label, &bars),
+            hits = t.hits,
+            lookups = t.lookups,
+            svg_ratio = chart::ratio_svg(&format!("chart-ratio-{name}"), &ratio_label, &bars),
+        ));
+    }
+    out.push_str("</div>\n");
+    out
+}
+
+/// The scheduled warm-up's section (its schedule, last runs, next run):
+/// empty until the warm-up reports to the metrics.
+fn warm_up_section(_s: &Snapshot, _now: SystemTime) -> String {
+    String::new()
+}
+
 /// The status page: a pure function of a metrics snapshot and the budget.
 pub fn status_page(s: &Snapshot, max_size: u64, now: SystemTime) -> String {
     let used_pct = if max_size == 0 {
@@ -234,6 +313,9 @@ pub fn status_page(s: &Snapshot, max_size: u64, now: SystemTime) -> String {
         ups.push_str("<tr><td colspan=4 class=none>not contacted yet</td></tr>");
     }
     let cluster = cluster_section(s, now);
+    let pulls = pull_budget_card(s, now);
+    let charts = charts_section(s, now);
+    let warm_up = warm_up_section(s, now);
     let tls = s
         .tls_not_after
         .map_or_else(String::new, |at| tls_card(at, now));
@@ -264,14 +346,17 @@ h1{{font-size:1.4em}} h2{{font-size:1.1em;margin-top:1.6em}}
 .bar span{{display:block;height:100%;border-radius:4px;background:#3a7}}
 table{{border-collapse:collapse;width:100%}} td,th{{text-align:left;padding:.3em .6em;border-bottom:1px solid #eee}}
 .n{{text-align:right}} .ok{{color:#2a6}} .bad{{color:#c33}} .none{{color:#888}}
+.charts{{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:1em}}
+figure{{margin:0;border:1px solid #ddd;border-radius:6px;padding:.6em .8em}}
+figcaption b{{display:block;font-size:1.2em}} .chart{{display:block;margin-top:.4em;max-width:100%}}
 </style></head><body>
 <h1>regmirror</h1>
 <div class=cards>
 <div class=card id=usage>cache use<b>{used} of {budget}</b><div class=bar><span style="width:{bar:.1}%"></span></div>{used_pct:.1}%</div>
 <div class=card id=hits>hit ratio<b>{hit_ratio}</b>{hits} hits of {lookups} lookups</div>
-<div class=card id=saved>served from cache<b>{saved}</b>not fetched from upstream</div>{tls}
+<div class=card id=saved>served from cache<b>{saved}</b>not fetched from upstream</div>{pulls}{tls}
 </div>
-<h2>Most pulled images</h2>
+{charts}{warm_up}<h2>Most pulled images</h2>
 <table id=top><tr><th>image</th><th class=n>pulls</th></tr>{top}</table>
 <h2>Upstreams</h2>
 <table id=upstreams><tr><th>registry</th><th>state</th><th>last success</th><th>last failure</th></tr>{ups}</table>
@@ -296,7 +381,20 @@ mod tests {
     #[test]
     fn page_shows_the_numbers_and_escapes_input() {
         let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let minute = std::time::Duration::from_secs(60);
+        let sample = |ago: u32, hits, lookups, saved| crate::metrics::Sample {
+            at: now - minute * ago,
+            hits,
+            lookups,
+            bytes_from_cache: saved,
+            upstream_bytes: 0,
+        };
         let s = Snapshot {
+            history: vec![
+                sample(90, 0, 0, 0),
+                sample(70, 1, 2, 1024),
+                sample(0, 3, 4, 2048),
+            ],
             hits: 3,
             lookups: 4,
             bytes_from_cache: 2048,
@@ -307,6 +405,7 @@ mod tests {
                 UpstreamHealth {
                     last_success: Some(now),
                     last_failure: None,
+                    ratelimit_remaining: Some((57, now - minute)),
                 },
             )],
             recent_errors: vec![RecentError {
@@ -328,6 +427,23 @@ mod tests {
         assert!(!html.contains("<script>"));
         assert!(html.contains("healthy"));
         assert!(!html.contains("id=tls"), "no TLS, no certificate card");
+        assert!(
+            html.contains("<b class=ok>57</b>docker.io: 57, 1m ago</div>"),
+            "{html}"
+        );
+        // A change counts where its later sample is: the one 70 minutes ago
+        // is the day's, not the hour's.
+        for (id, caption) in [
+            ("saved-hour", "<b>1.0 KiB</b>"),
+            ("saved-day", "<b>2.0 KiB</b>"),
+            ("ratio-hour", "<b>100.0%</b>2 hits of 2 lookups"),
+            ("ratio-day", "<b>75.0%</b>3 hits of 4 lookups"),
+        ] {
+            let at = html.find(&format!("<figure id={id}>")).expect(id);
+            let figure = &html[at..at + html[at..].find("</figure>").unwrap()];
+            assert!(figure.contains(caption), "{caption} in {figure}");
+            assert!(figure.contains("<svg id=\"chart-"), "{figure}");
+        }
         assert!(html.contains("<td>bucket</td><td class=n>2</td>"), "{html}");
         assert!(
             html.contains("<td>redis</td><td class=bad>unreachable</td>"),
@@ -337,6 +453,17 @@ mod tests {
             html.contains("<td>http://10.0.0.8:5000/&lt;b&gt;</td>"),
             "{html}"
         );
+        let low = Snapshot {
+            upstreams: vec![(
+                "docker.io".into(),
+                UpstreamHealth {
+                    ratelimit_remaining: Some((3, now)),
+                    ..UpstreamHealth::default()
+                },
+            )],
+            ..s.clone()
+        };
+        assert!(status_page(&low, 1, now).contains("<b class=bad>3</b>"));
         let single = Snapshot {
             shared: Vec::new(),
             peers: Vec::new(),

@@ -87,6 +87,11 @@ pub async fn run(
         ))
     });
     let mut background = vec![tokio::spawn(registry.clone().maintain())];
+    background.push(tokio::spawn(crate::metrics::watch(
+        registry.metrics.clone(),
+        config.data_dir.clone(),
+        registry.max_size(),
+    )));
     if let Some(t) = &tls {
         background.push(tokio::spawn(t.clone().watch()));
     }

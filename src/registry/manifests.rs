@@ -269,6 +269,7 @@ impl Registry {
     ) -> Result<(Arc<StoredManifest>, bool), Error> {
         let got = digest_of(digest.algorithm(), &doc.bytes);
         if got != *digest {
+            self.metrics.verification_failure("manifest");
             return Err(Error::UpstreamFailed(format!(
                 "upstream sent a manifest with digest {got} for {digest}"
             )));

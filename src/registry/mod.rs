@@ -188,7 +188,8 @@ impl Registry {
         }
         let router = Router::new(upstreams.iter().map(|s| s.config.name.clone()).collect());
         let space_changed = Arc::new(Notify::new());
-        let verifier = Arc::new(Verifier::new(store.clone(), index.clone()));
+        let verifier =
+            Arc::new(Verifier::new(store.clone(), index.clone()).counting(metrics.clone()));
         Ok(Self {
             downloads: Arc::new(Downloads::new(
                 store.clone(),
@@ -389,6 +390,11 @@ impl Registry {
     /// The cache's byte budget.
     pub fn max_size(&self) -> u64 {
         self.max_size
+    }
+
+    /// Blob downloads running now (each followed by its coalesced clients).
+    pub fn downloads_in_flight(&self) -> usize {
+        self.downloads.in_flight()
     }
 
     /// Whether the mirror can serve: the data dir takes a write. Probed at

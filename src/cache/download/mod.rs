@@ -269,6 +269,11 @@ impl Downloads {
         self.active().contains_key(digest)
     }
 
+    /// How many downloads run now.
+    pub fn in_flight(&self) -> usize {
+        self.active().len()
+    }
+
     /// Joins the download of `digest`, if one runs that can serve from the
     /// start.
     pub fn join(&self, digest: &Digest) -> Option<Joined> {
@@ -457,6 +462,7 @@ impl Downloads {
         }
         let got = hasher.finish();
         if got != *digest {
+            self.metrics.verification_failure("download");
             return Err(Error::UpstreamFailed(format!(
                 "{} sent content with digest {got} for {digest}",
                 origin.label()

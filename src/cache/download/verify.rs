@@ -32,6 +32,8 @@ pub struct Verifier {
     index: Arc<dyn Index>,
     intact: moka::future::Cache<Digest, ()>,
     running: Mutex<HashMap<Digest, watch::Receiver<Check>>>,
+    /// Where a damaged file is counted, when set.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Verifier {
@@ -41,7 +43,14 @@ impl Verifier {
             index,
             intact: moka::future::Cache::new(1_000_000),
             running: Mutex::new(HashMap::new()),
+            metrics: None,
         }
+    }
+
+    /// Counts the damaged files it finds in `metrics`.
+    pub fn counting(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, watch::Receiver<Check>>> {
@@ -82,6 +91,9 @@ impl Verifier {
                 Check::Intact
             }
             Ok(Ok(false)) => {
+                if let Some(m) = &self.metrics {
+                    m.verification_failure("cached_blob");
+                }
                 tracing::warn!(%digest, "cached blob does not match its digest; removing it, the next request fetches it again");
                 self.discard(&digest).await;
                 Check::Damaged
