@@ -4,6 +4,7 @@
 //! handlers are in `server`, blob bodies (where most faults act) in `body`.
 
 mod body;
+mod restart;
 mod server;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
