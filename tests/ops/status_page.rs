@@ -1,20 +1,24 @@
 //! The status page `/_/status` of a mirror that served pulls, a failing upstream request and
-//! hostile paths: its numbers agree with `/metrics`, the most pulled images are listed, the
-//! upstream's state and the recent error are shown, nothing a client sent appears unescaped;
-//! and the page rendered by headless Chromium (a screenshot kept under `target/tmp/`, and the
-//! rendered DOM checked for the same numbers).
+//! hostile paths, behind an upstream that reports `ratelimit-remaining`: its numbers agree
+//! with `/metrics`, the most pulled images are listed, the upstream's state, the pull budget
+//! left and the recent error are shown, the charts of bandwidth saved and hit ratio over the
+//! last hour and day are drawn (inline SVG), nothing a client sent appears unescaped; and the
+//! page rendered by headless Chromium (a screenshot kept under `target/tmp/`, and the rendered
+//! DOM checked for the same numbers and the charts' SVG).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::common::fake_upstream::Failure;
 use crate::common::front::{exchange, Reply};
-use crate::common::observe::Scrape;
+use crate::common::observe::{RatelimitProxy, Scrape};
 use crate::common::{random_bytes, start_mirror, FakeUpstream, MirrorHandle};
 use crate::{delta, pull_expecting, scrape, scrape_until, REPO};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const BUDGET: u64 = 64 << 20;
+/// Docker Hub's pulls left, as the upstream (the proxy in front of the fake) reports them.
+const PULLS_LEFT: &str = "57;w=21600";
 
 /// What the page must show, as `/metrics` counts it.
 struct Expected {
@@ -31,12 +35,14 @@ fn human(n: u64) -> String {
 }
 
 /// A mirror that pulled `team/app:v1` twice (a miss, then hits) and `team/app:v2` once, saw
-/// the upstream fail one tag with 503 and was sent hostile paths. Returns what its status
-/// page must show. The fake must outlive the mirror.
-async fn busy_mirror(fake: &FakeUpstream) -> (MirrorHandle, Expected) {
+/// the upstream fail one tag with 503 and was sent hostile paths; every upstream answer said
+/// [`PULLS_LEFT`]. Returns what its status page must show. The fake and the proxy must
+/// outlive the mirror.
+async fn busy_mirror(fake: &FakeUpstream, proxy: &RatelimitProxy) -> (MirrorHandle, Expected) {
     let v1 = fake.add_image(REPO, "v1", vec![random_bytes(70_000, 80)]);
     let v2 = fake.add_image(REPO, "v2", vec![random_bytes(30_000, 81)]);
-    let m = start_mirror(&fake.url(), |c| {
+    proxy.set_remaining(Some(PULLS_LEFT));
+    let m = start_mirror(&proxy.url(), |c| {
         c.cache.max_size = regmirror::config::ByteSize(BUDGET)
     })
     .await;
@@ -161,12 +167,46 @@ fn assert_page(html: &str, want: &Expected, q: &str) {
         !lower.contains("alert(1)"),
         "a hostile path reached the page:\n{html}"
     );
+    let pulls = element(html, "pulls", "div");
+    assert!(
+        pulls.contains(">57</b>docker.io: 57,"),
+        "pulls left 57: {pulls}"
+    );
+    assert_charts(html, want);
+}
+
+/// The charts: an SVG each for bandwidth saved and hit ratio over the last hour and day, with
+/// the bytes served from the cache drawn as a bar and the hit ratio as a point or line, and the
+/// captions' totals those of `/metrics` (the first sample is taken as the mirror starts).
+fn assert_charts(html: &str, want: &Expected) {
+    for window in ["hour", "day"] {
+        let saved = element(html, &format!("saved-{window}"), "figure");
+        assert!(
+            saved.contains(&format!("<b>{}</b>", want.saved)),
+            "saved over the last {window} `{}`: {saved}",
+            want.saved
+        );
+        let svg = element(saved, &format!("chart-saved-{window}"), "svg");
+        assert!(svg.contains("<rect"), "no bar in {svg}");
+        let ratio = element(html, &format!("ratio-{window}"), "figure");
+        assert!(
+            ratio.contains(&format!("<b>{}</b>{}", want.ratio, want.hits)),
+            "hit ratio over the last {window}: {ratio}"
+        );
+        let svg = element(ratio, &format!("chart-ratio-{window}"), "svg");
+        assert!(
+            svg.contains("<circle") || svg.contains("<polyline"),
+            "no point in {svg}"
+        );
+        assert!(svg.contains("role=\"img\""), "{svg}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_page_shows_what_metrics_count() {
     let fake = FakeUpstream::start().await;
-    let (m, want) = busy_mirror(&fake).await;
+    let proxy = RatelimitProxy::start(&fake.url()).await;
+    let (m, want) = busy_mirror(&fake, &proxy).await;
     let r = m.get("/_/status").await.unwrap();
     assert_eq!(r.status(), 200);
     let ct = crate::common::header(&r, "content-type");
@@ -236,7 +276,8 @@ async fn chromium(url: &str, mode: &str, profile: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_page_renders_in_headless_chromium() {
     let fake = FakeUpstream::start().await;
-    let (m, want) = busy_mirror(&fake).await;
+    let proxy = RatelimitProxy::start(&fake.url()).await;
+    let (m, want) = busy_mirror(&fake, &proxy).await;
     let url = m.url_for("/_/status");
     let profiles = tempfile::tempdir().unwrap();
     let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ops-status-page");
