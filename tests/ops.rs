@@ -1,6 +1,7 @@
 //! The operator's view of a mirror against the in-process fake upstream: `/metrics` counters
 //! moving exactly as the pulls behind them (miss, hit, coalesced, pass, eviction, stale serve,
-//! token fetches, upstream bytes and requests, the ratelimit gauge), the `X-Cache` header,
+//! token fetches, upstream bytes and requests, the ratelimit gauge, verification failures by
+//! what failed), the `X-Cache` header,
 //! `/healthz` and `/readyz` (503 while the data dir takes no writes), the ops endpoints behind
 //! `[auth]` and on the `metrics.listen` listener. The status page is in `ops/status_page.rs`,
 //! `regmirror prefetch` in `ops/prefetch.rs`, `regmirror import` of hostile bundles in
@@ -673,4 +674,64 @@ async fn the_metrics_listener_keeps_to_max_connections() {
     );
     b.write_all(HEALTH).await.unwrap();
     assert_eq!(read_response(&mut b, limit).await.0, 200);
+}
+
+/// Bytes that do not hash to their digest are counted by what failed: a download from the
+/// upstream (corrupted by the fake), and a cached blob damaged on disk while the mirror was
+/// stopped (found as it streams after the restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_failures_are_counted_by_what_failed() {
+    let vf = "regmirror_verification_failures_total";
+    let fake = FakeUpstream::start().await;
+    let img = fake.add_image(REPO, "v1", vec![random_bytes(200_000, 50)]);
+    let layer = img.layer_digests[0].clone();
+    let m = start_mirror(&fake.url(), |_| {}).await;
+    get_expecting(&m, &format!("/v2/{REPO}/manifests/v1"), "miss").await;
+    let s0 = scrape(&m).await;
+    for what in ["download", "manifest", "cached_blob"] {
+        assert_eq!(
+            s0.get(vf, &[("what", what)]),
+            0.0,
+            "{what}: {}",
+            s0.show(vf)
+        );
+    }
+
+    fake.set(|f| {
+        f.corrupt.insert(layer.clone());
+    });
+    let r = m.get(&format!("/v2/{REPO}/blobs/{layer}")).await.unwrap();
+    assert!(
+        common::read_body(r).await.is_err(),
+        "a wrong body ended cleanly"
+    );
+    let s1 = scrape_until(&m, |s| s.get(vf, &[("what", "download")]) >= 1.0).await;
+    assert_eq!(s1.get(vf, &[("what", "download")]), 1.0, "{}", s1.show(vf));
+
+    fake.clear_faults();
+    m.blob(REPO, &layer).await;
+    assert!(m.committed(&layer).await, "the good bytes were kept");
+    let file = m.blob_path(&layer);
+    let dir = m.stop().await;
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    let m = common::MirrorHandle::start_in(dir, &fake.url(), |_| {}).await;
+    let r = m.get(&format!("/v2/{REPO}/blobs/{layer}")).await.unwrap();
+    assert!(
+        common::read_body(r).await.is_err(),
+        "a damaged cached blob ended cleanly"
+    );
+    let s2 = scrape_until(&m, |s| s.get(vf, &[("what", "cached_blob")]) >= 1.0).await;
+    assert_eq!(
+        s2.get(vf, &[("what", "cached_blob")]),
+        1.0,
+        "{}",
+        s2.show(vf)
+    );
+    assert_eq!(
+        s2.get(vf, &[("what", "download")]),
+        0.0,
+        "a new process counts anew"
+    );
 }
