@@ -285,6 +285,8 @@ impl Metrics {
             "Tags and tag lists served from cache because the upstream failed",
             m.stale_serves.clone(),
         );
+        // Upstream up, budget, disk, verification failures, readiness.
+        m.signals.register(r);
         // A family, so that a mirror without TLS has no series (a 0 would
         // look like a certificate expired in 1970 to an alert).
         r.register(
@@ -328,7 +330,6 @@ impl Metrics {
             "Whether a shared part (redis, bucket) answered its last call (1) or not (0)",
             m.shared_up.clone(),
         );
-        m.signals.register(r);
         m
     }
 

@@ -464,6 +464,20 @@ mod tests {
             ..s.clone()
         };
         assert!(status_page(&low, 1, now).contains("<b class=bad>3</b>"));
+        let unreported = Snapshot {
+            upstreams: Vec::new(),
+            history: Vec::new(),
+            ..s.clone()
+        };
+        let html = status_page(&unreported, 1, now);
+        assert!(
+            html.contains("<b class=none>–</b>no ratelimit-remaining reported"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<figure id=saved-hour>") && !html.contains("<rect"),
+            "no history, empty charts: {html}"
+        );
         let single = Snapshot {
             shared: Vec::new(),
             peers: Vec::new(),
