@@ -1,5 +1,6 @@
 //! The monitoring files in `deploy/` against a real mirror: `promtool check rules` passes on
-//! `deploy/prometheus/alerts.yml`; every metric name its rules and the Grafana dashboard
+//! `deploy/prometheus/alerts.yml` and `promtool test rules` on its unit tests
+//! (`alerts_test.yml`, synthetic series); every metric name its rules and the Grafana dashboard
 //! (`deploy/grafana/regmirror.json`) use is in the mirror's `/metrics` (so a renamed metric
 //! fails here); and Debian's `prometheus`, scraping a mirror in front of the fake upstream with
 //! those rules, has `RegmirrorUpstreamDown` pending or firing while the upstream is stopped and
@@ -23,6 +24,8 @@ use serde::Deserialize as _;
 use serde_json::Value;
 
 const RULES: &str = "deploy/prometheus/alerts.yml";
+/// promtool's unit tests of the rules on synthetic series.
+const RULE_TESTS: &str = "deploy/prometheus/alerts_test.yml";
 const DASHBOARD: &str = "deploy/grafana/regmirror.json";
 const REPO: &str = "team/app";
 
@@ -159,6 +162,9 @@ fn fast_rules(text: &str) -> String {
         + "\n"
 }
 
+/// `promtool check rules` on the rules and on the copy with short `for:`; `promtool test
+/// rules` on their unit tests (upstream down and back, pull budget, disk and cache, a
+/// verification failure, a failing warm-up).
 #[test]
 fn promtool_passes_the_rules_and_their_fast_copy() {
     let promtool = tool("promtool");
@@ -179,6 +185,17 @@ fn promtool_passes_the_rules_and_their_fast_copy() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let out = Command::new(&promtool)
+        .args(["test", "rules"])
+        .arg(repo(RULE_TESTS))
+        .output()
+        .expect("run promtool");
+    assert!(
+        out.status.success(),
+        "promtool test rules {RULE_TESTS}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rules = read(RULES);
     let fors = |text: &str| -> Vec<String> {
         text.lines()
