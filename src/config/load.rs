@@ -78,6 +78,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("hosted.delete", Kind::Toml),
     ("hosted.upload_ttl", Kind::Str),
     ("hosted.shadowing", Kind::Toml),
+    ("warm", Kind::Toml),
 ];
 
 /// AWS's own names for the bucket's credentials, read when the
@@ -144,6 +145,7 @@ pub fn load(
                     path.starts_with("upstreams")
                         .then(|| from_env.get("upstreams"))?
                 })
+                .or_else(|| path.starts_with("warm").then(|| from_env.get("warm"))?)
                 .map_or_else(|| source.clone(), |var| format!("environment {var}"));
             if is_secret(&path) {
                 // serde quotes the value it refused; this one is a secret.
@@ -395,6 +397,10 @@ mod tests {
             ("hosted.delete", "true"),
             ("hosted.upload_ttl", "1h"),
             ("hosted.shadowing", "[]"),
+            (
+                "warm",
+                r#"[{images = ["library/alpine:3"], every = "1h", platforms = ["all"]}]"#,
+            ),
         ];
         assert_eq!(values.len(), KEYS.len());
         let e: Vec<_> = values
@@ -421,6 +427,9 @@ mod tests {
         assert_eq!(c.hosted.max_size, Some(ByteSize(2 << 30)));
         assert!(c.hosted.delete);
         assert_eq!(c.hosted.upload_ttl, Duration::from_secs(3600));
+        assert_eq!(c.warm[0].images, vec!["library/alpine:3".to_owned()]);
+        assert_eq!(c.warm[0].every, Duration::from_secs(3600));
+        assert_eq!(c.warm[0].platforms, vec!["all".to_owned()]);
         assert_eq!(c.server.max_connections, 10);
         assert_eq!(c.auth.bcrypt_threads, 3);
         assert_eq!(c.auth.max_failures, 0);

@@ -18,11 +18,13 @@ mod cluster;
 mod hosted;
 mod load;
 mod size;
+mod warm;
 
 pub use cluster::{Backend, ClusterConfig, S3Config, StorageConfig, MIN_SECRET_LEN};
 pub use hosted::HostedConfig;
 pub use load::{env_name, load, ConfigError, Flags};
 pub use size::ByteSize;
+pub use warm::{WarmConfig, MIN_EVERY as WARM_MIN_EVERY};
 
 /// The commented default configuration shipped with the binary.
 pub const EMBEDDED: &str = include_str!("../../mirror.toml");
@@ -63,6 +65,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Repositories that live here: pushed to, never fetched upstream.
     pub hosted: HostedConfig,
+    /// Images kept warm on a schedule while serving (`[[warm]]`).
+    pub warm: Vec<WarmConfig>,
 }
 
 /// The operator endpoints (`/metrics`, `/healthz`, `/readyz`, `/_/status`)
@@ -185,6 +189,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             hosted: HostedConfig::default(),
             cluster: ClusterConfig::default(),
+            warm: Vec::new(),
         }
     }
 }
@@ -281,6 +286,9 @@ impl Config {
             }
         }
         self.hosted.check(self.all_upstreams())?;
+        for (i, w) in self.warm.iter().enumerate() {
+            w.check(i)?;
+        }
         if self.server.max_connections == 0 {
             return Err("key server.max_connections: must be at least 1".into());
         }
