@@ -13,6 +13,7 @@
 //! - [`cluster`]: the parts replicas share (bucket, Redis) and their use.
 //! - [`config`]: `mirror.toml`, environment overrides, flags.
 //! - [`admin`]: the `gc`, `ls` and `du` commands.
+//! - [`warm`]: the scheduled warm-up of `[[warm]]` images inside `serve`.
 //! - [`error`] / [`response`]: the one error type and its HTTP rendering.
 //!
 //! See ARCHITECTURE.md for the invariants.
@@ -44,3 +45,4 @@ pub mod server;
 pub mod tls;
 pub mod units;
 pub mod upstream;
+pub mod warm;

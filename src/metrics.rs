@@ -80,6 +80,16 @@ struct KindLabels {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ImageLabels {
+    image: String,
+}
+
 /// An error a client saw, for the status page.
 #[derive(Debug, Clone)]
 pub struct RecentError {
@@ -141,6 +151,12 @@ pub struct Metrics {
     upstream_health: Mutex<HashMap<String, UpstreamHealth>>,
     recent_errors: Mutex<VecDeque<RecentError>>,
     tls_not_after: Mutex<Option<SystemTime>>,
+    // The scheduled warm-up (`crate::warm`).
+    warm_runs: Family<ResultLabels, Counter>,
+    warm_last_success: Family<ImageLabels, Gauge>,
+    warm_fetched_bytes: Counter,
+    warm_paused: Gauge,
+    warm: Mutex<Vec<crate::warm::ImageStatus>>,
 }
 
 /// Images whose pulls are counted one by one (the status page shows ten).
@@ -197,6 +213,11 @@ impl Metrics {
             upstream_health: Mutex::new(HashMap::new()),
             recent_errors: Mutex::new(VecDeque::new()),
             tls_not_after: Mutex::new(None),
+            warm_runs: Family::default(),
+            warm_last_success: Family::default(),
+            warm_fetched_bytes: Counter::default(),
+            warm_paused: Gauge::default(),
+            warm: Mutex::new(Vec::new()),
         };
         // Every series an alert may watch exists from the start, at zero.
         for kind in ["manifest", "blob"] {
@@ -330,7 +351,60 @@ impl Metrics {
             "Whether a shared part (redis, bucket) answered its last call (1) or not (0)",
             m.shared_up.clone(),
         );
+        for result in ["ok", "failed"] {
+            drop(m.warm_runs.get_or_create(&ResultLabels { result }));
+        }
+        let r = &mut m.registry;
+        r.register(
+            "warm_runs",
+            "Scheduled warm-up checks of an image ([[warm]]), by result (ok, failed)",
+            m.warm_runs.clone(),
+        );
+        // A family: an image has a series once it was warmed (a 0 would
+        // look like a success in 1970 to an alert).
+        r.register(
+            "warm_last_success_timestamp_seconds",
+            "When each [[warm]] image was last checked (and pulled) successfully, Unix time",
+            m.warm_last_success.clone(),
+        );
+        r.register(
+            "warm_fetched_bytes",
+            "Bytes of manifests and blobs the scheduled warm-up fetched from upstreams",
+            m.warm_fetched_bytes.clone(),
+        );
+        r.register(
+            "warm_paused",
+            "Whether the warm-up is paused because an upstream failed or rate-limited (1) or not (0)",
+            m.warm_paused.clone(),
+        );
         m
+    }
+
+    /// One warm-up check of `image`, and the bytes it fetched.
+    pub fn warm_run(&self, image: &str, ok: bool, fetched: u64) {
+        let result = if ok { "ok" } else { "failed" };
+        self.warm_runs.get_or_create(&ResultLabels { result }).inc();
+        self.warm_fetched_bytes.inc_by(fetched);
+        if ok {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            self.warm_last_success
+                .get_or_create(&ImageLabels {
+                    image: image.to_owned(),
+                })
+                .set(now);
+        }
+    }
+
+    /// Whether the warm-up waits for a failing upstream.
+    pub fn warm_paused(&self, paused: bool) {
+        self.warm_paused.set(i64::from(paused));
+    }
+
+    /// The warm-up's images, for the status page.
+    pub fn warm_statuses(&self, images: Vec<crate::warm::ImageStatus>) {
+        *lock(&self.warm) = images;
     }
 
     /// A blob served from a tier without the upstream.
@@ -632,6 +706,7 @@ impl Metrics {
                 parts.sort();
                 parts
             },
+            warm: lock(&self.warm).clone(),
         }
     }
 }
@@ -656,6 +731,8 @@ pub struct Snapshot {
     pub tiers: Vec<(&'static str, u64)>,
     /// The shared parts (bucket, redis) and whether each answers.
     pub shared: Vec<(&'static str, bool)>,
+    /// The scheduled warm-up's images (empty without `[[warm]]`).
+    pub warm: Vec<crate::warm::ImageStatus>,
 }
 
 /// The `ratelimit-remaining` header: `100;w=21600` → 100.

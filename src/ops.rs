@@ -260,12 +260,6 @@ fn charts_section(s: &Snapshot, now: SystemTime) -> String {
     out
 }
 
-/// The scheduled warm-up's section (its schedule, last runs, next run):
-/// empty until the warm-up reports to the metrics.
-fn warm_up_section(_s: &Snapshot, _now: SystemTime) -> String {
-    String::new()
-}
-
 /// The status page: a pure function of a metrics snapshot and the budget.
 pub fn status_page(s: &Snapshot, max_size: u64, now: SystemTime) -> String {
     let used_pct = if max_size == 0 {
@@ -315,7 +309,7 @@ pub fn status_page(s: &Snapshot, max_size: u64, now: SystemTime) -> String {
     let cluster = cluster_section(s, now);
     let pulls = pull_budget_card(s, now);
     let charts = charts_section(s, now);
-    let warm_up = warm_up_section(s, now);
+    let warm = crate::warm::status_section(&s.warm, now);
     let tls = s
         .tls_not_after
         .map_or_else(String::new, |at| tls_card(at, now));
@@ -356,7 +350,7 @@ figcaption b{{display:block;font-size:1.2em}} .chart{{display:block;margin-top:.
 <div class=card id=hits>hit ratio<b>{hit_ratio}</b>{hits} hits of {lookups} lookups</div>
 <div class=card id=saved>served from cache<b>{saved}</b>not fetched from upstream</div>{pulls}{tls}
 </div>
-{charts}{warm_up}<h2>Most pulled images</h2>
+{charts}{warm}<h2>Most pulled images</h2>
 <table id=top><tr><th>image</th><th class=n>pulls</th></tr>{top}</table>
 <h2>Upstreams</h2>
 <table id=upstreams><tr><th>registry</th><th>state</th><th>last success</th><th>last failure</th></tr>{ups}</table>
@@ -418,6 +412,7 @@ mod tests {
             peers: vec![("http://10.0.0.8:5000/<b>".into(), now)],
             tiers: vec![("local", 5), ("bucket", 2), ("peer", 1), ("upstream", 3)],
             shared: vec![("bucket", true), ("redis", false)],
+            warm: Vec::new(),
         };
         let html = status_page(&s, 1024 * 1024 * 1024, now);
         assert!(html.contains("512.0 MiB of 1.0 GiB"), "{html}");

@@ -112,6 +112,12 @@ impl Session {
         })
     }
 
+    /// Whether the mirror pulled through was started here (its
+    /// configuration is the command's) rather than found running.
+    pub fn started_here(&self) -> bool {
+        self.local.is_some()
+    }
+
     /// Stops the mirror started here, which flushes its index.
     pub async fn close(self) -> Result<(), BoxError> {
         if let Some((tx, task)) = self.local {
@@ -203,6 +209,49 @@ impl Platform {
     }
 }
 
+/// What a manifest leads to: the children of an index that the platforms
+/// choose, or the config and layers of an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    Children(Vec<Digest>),
+    Blobs(Vec<Digest>),
+}
+
+/// Reads a manifest's JSON for what to fetch next (`platforms` choose an
+/// index's children: one matching any of them is taken). Pure; shared by
+/// `prefetch` and the scheduled warm-up.
+pub fn plan(bytes: &[u8], platforms: &[Platforms]) -> Result<Plan, String> {
+    let shape: Shape =
+        serde_json::from_slice(bytes).map_err(|e| format!("manifest is not JSON: {e}"))?;
+    let digests = |list: Vec<&str>| -> Result<Vec<Digest>, String> {
+        list.into_iter()
+            .map(|d| Digest::parse(d).map_err(|e| e.to_string()))
+            .collect()
+    };
+    if shape.manifests.is_empty() {
+        let blobs = shape.config.iter().chain(&shape.layers);
+        return digests(blobs.map(|b| b.digest.as_str()).collect()).map(Plan::Blobs);
+    }
+    let chosen: Vec<&str> = shape
+        .manifests
+        .iter()
+        .filter(|c| {
+            platforms.iter().any(|p| match p {
+                Platforms::All => true,
+                Platforms::One(p) => c.platform.as_ref().is_some_and(|pl| pl.matches(p)),
+            })
+        })
+        .map(|c| c.digest.as_str())
+        .collect();
+    if chosen.is_empty() {
+        return Err(match platforms {
+            [one] => format!("no manifest for platform {one:?}"),
+            all => format!("no manifest for the platforms {all:?}"),
+        });
+    }
+    digests(chosen).map(Plan::Children)
+}
+
 impl Target {
     fn get(&self, path: &str) -> reqwest::RequestBuilder {
         let req = self
@@ -242,50 +291,36 @@ impl Target {
             .bytes()
             .await
             .map_err(|e| format!("{image}: {e}"))?;
-        let shape: Shape = serde_json::from_slice(&top)
-            .map_err(|e| format!("{image}: manifest is not JSON: {e}"))?;
-        let mut manifests = Vec::new();
-        if shape.manifests.is_empty() {
-            manifests.push(shape);
-        } else {
-            let chosen: Vec<&Child> = shape
-                .manifests
-                .iter()
-                .filter(|c| match platforms {
-                    Platforms::All => true,
-                    Platforms::One(p) => c.platform.as_ref().is_some_and(|pl| pl.matches(p)),
-                })
-                .collect();
-            if chosen.is_empty() {
-                return Err(format!("{image}: no manifest for platform {platforms:?}"));
-            }
-            for child in chosen {
-                let digest = Digest::parse(&child.digest).map_err(|e| format!("{image}: {e}"))?;
-                let bytes = self
-                    .fetch(&format!("{base}/manifests/{digest}"))
-                    .await?
-                    .bytes()
-                    .await
-                    .map_err(|e| format!("{image}: {e}"))?;
-                manifests.push(
-                    serde_json::from_slice(&bytes)
-                        .map_err(|e| format!("{image}: {digest} is not JSON: {e}"))?,
-                );
+        let mut blobs = Vec::new();
+        match plan(&top, std::slice::from_ref(platforms)).map_err(|e| format!("{image}: {e}"))? {
+            Plan::Blobs(b) => blobs = b,
+            Plan::Children(children) => {
+                for digest in children {
+                    let bytes = self
+                        .fetch(&format!("{base}/manifests/{digest}"))
+                        .await?
+                        .bytes()
+                        .await
+                        .map_err(|e| format!("{image}: {e}"))?;
+                    match plan(&bytes, &[]).map_err(|e| format!("{image}: {digest}: {e}"))? {
+                        Plan::Blobs(b) => blobs.extend(b),
+                        Plan::Children(_) => {
+                            return Err(format!("{image}: {digest} is an index inside an index"))
+                        }
+                    }
+                }
             }
         }
         let mut report = ImageReport::default();
-        for m in manifests {
-            for blob in m.config.iter().chain(&m.layers) {
-                let digest = Digest::parse(&blob.digest).map_err(|e| format!("{image}: {e}"))?;
-                let (bytes, hit) = self
-                    .drain(&format!("{base}/blobs/{digest}"), &digest)
-                    .await?;
-                report.blobs += 1;
-                if hit {
-                    report.cached += bytes;
-                } else {
-                    report.fetched += bytes;
-                }
+        for digest in blobs {
+            let (bytes, hit) = self
+                .drain(&format!("{base}/blobs/{digest}"), &digest)
+                .await?;
+            report.blobs += 1;
+            if hit {
+                report.cached += bytes;
+            } else {
+                report.fetched += bytes;
             }
         }
         Ok(report)

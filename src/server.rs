@@ -92,6 +92,7 @@ pub async fn run(
         config.data_dir.clone(),
         registry.max_size(),
     )));
+    background.extend(crate::warm::spawn(&config, &registry));
     if let Some(t) = &tls {
         background.push(tokio::spawn(t.clone().watch()));
     }

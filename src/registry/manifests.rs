@@ -135,7 +135,7 @@ impl Registry {
     }
 
     /// Asks the upstream where a tag points now, and records it.
-    async fn resolve_tag(
+    pub(super) async fn resolve_tag(
         &self,
         route: &Route,
         tag: &Tag,
@@ -184,7 +184,7 @@ impl Registry {
     /// manifest is theirs too (verified by digest; `authorize` still checks
     /// each caller's repository), but its error belongs to the loader's
     /// repository: another repository's caller loads again for itself.
-    async fn manifest_by_digest(
+    pub(super) async fn manifest_by_digest(
         &self,
         route: &Route,
         digest: &Digest,
@@ -318,7 +318,7 @@ struct LoadFailed {
     error: Error,
 }
 
-enum Resolved {
+pub(super) enum Resolved {
     Entry(TagEntry),
     Fetched(Digest, Arc<StoredManifest>),
 }

@@ -9,6 +9,7 @@ mod cluster;
 mod hosted;
 mod listings;
 mod manifests;
+mod warm;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -32,6 +33,8 @@ use crate::reference::{Digest, Reference, RepoName};
 use crate::response::{self, Outcome, Reply};
 use crate::routing::{Route, Router};
 use crate::upstream::{Upstream, What};
+
+pub use warm::Warmed;
 
 /// Bytes of manifests kept in memory (they are also on disk).
 const MANIFEST_MEMORY: u64 = 64 * 1024 * 1024;
