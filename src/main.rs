@@ -31,22 +31,15 @@ enum Command {
     /// file given with --config, REGMIRROR_* environment variables
     /// (cache.tag_ttl -> REGMIRROR_CACHE_TAG_TTL) and these flags, each
     /// overriding the one before. Log verbosity follows RUST_LOG (default info).
+    #[command(
+        after_help = "Example:\n  regmirror serve --config /etc/regmirror/mirror.toml --listen 0.0.0.0:5000"
+    )]
     Serve {
-        /// Configuration file (TOML); without it the embedded defaults apply.
-        #[arg(long, short, env = "REGMIRROR_CONFIG", value_name = "FILE")]
-        config: Option<PathBuf>,
         /// Address to listen on, e.g. 0.0.0.0:5000 [config: listen].
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
-        /// Cache directory [config: data_dir].
-        #[arg(long, value_name = "DIR")]
-        data_dir: Option<PathBuf>,
-        /// Upstream registry URL, e.g. https://registry-1.docker.io [config: upstream.url].
-        #[arg(long, value_name = "URL", value_parser = parse_url)]
-        upstream: Option<url::Url>,
-        /// Never contact the upstream; serve only what is cached [config: offline].
-        #[arg(long)]
-        offline: bool,
+        #[command(flatten)]
+        common: CommonArgs,
     },
     /// Evict now what the cache policy selects, remove stale temp files, and
     /// collect hosted content nothing references.
@@ -54,16 +47,35 @@ enum Command {
     /// Safe while a mirror serves the same data dir: it then removes only temp
     /// files untouched for an hour, the mirror notices the evictions, and the
     /// mirror is asked to collect its hosted content itself (at its next
-    /// upkeep, within 10 s; it logs what it removes).
-    Gc(CacheArgs),
+    /// upkeep, within 10 s; it logs what it removes). It never contacts an
+    /// upstream: --offline changes nothing, --upstream is ignored (with a
+    /// warning).
+    #[command(after_help = "Example:\n  regmirror gc --config /etc/regmirror/mirror.toml")]
+    Gc(CommonArgs),
     /// List cached repositories and tags with digest, size and last pull.
-    Ls(CacheArgs),
+    ///
+    /// Reads the cache only (never an upstream): --offline changes nothing,
+    /// --upstream is ignored (with a warning).
+    #[command(after_help = "Example:\n  regmirror ls --data-dir /var/lib/regmirror")]
+    Ls(CommonArgs),
     /// Show what the cache takes on disk against its budget.
-    Du(CacheArgs),
+    ///
+    /// Reads the cache only (never an upstream): --offline changes nothing,
+    /// --upstream is ignored (with a warning).
+    #[command(after_help = "Example:\n  regmirror du --config /etc/regmirror/mirror.toml")]
+    Du(CommonArgs),
     /// Fill the cache with images before they are needed.
     ///
     /// Pulls each image through the mirror serving the data dir (or through
     /// one started here on it when none runs), the same way a client pulls.
+    /// --upstream and --offline apply to the mirror started here: --upstream
+    /// is where it fetches from, and with --offline it fetches nothing, so
+    /// prefetch then checks that the images are all cached. A mirror already
+    /// running (or given with --mirror) fetches from its own upstream: the
+    /// two are then ignored, with a warning.
+    #[command(
+        after_help = "Example:\n  regmirror prefetch --data-dir /var/lib/regmirror --upstream https://registry-1.docker.io \\\n    alpine:3.19 ghcr.io/org/app:1.2 --platform linux/arm64"
+    )]
     Prefetch {
         /// Images: alpine:3.19, docker.io/library/alpine:3.19, ghcr.io/org/app@sha256:...
         images: Vec<String>,
@@ -89,17 +101,23 @@ enum Command {
         #[arg(long, value_name = "FILE", requires = "user")]
         password_file: Option<PathBuf>,
         #[command(flatten)]
-        cache: CacheArgs,
+        common: CommonArgs,
     },
     /// Write cached images to an OCI image layout archive (for skopeo's
     /// oci-archive: transport, or `regmirror import` at an air-gapped site).
+    ///
+    /// Reads the cache only (never an upstream): --offline changes nothing,
+    /// --upstream is ignored (with a warning).
+    #[command(
+        after_help = "Example:\n  regmirror export --data-dir /var/lib/regmirror -o images.tar alpine:3.19 ghcr.io/org/app:1.2"
+    )]
     Export {
         images: Vec<String>,
         /// The archive to write.
         #[arg(short, long, value_name = "FILE")]
         output: PathBuf,
         #[command(flatten)]
-        cache: CacheArgs,
+        common: CommonArgs,
     },
     /// Load an archive written by `regmirror export` into the cache of a
     /// stopped mirror; a damaged archive is refused whole.
@@ -109,36 +127,62 @@ enum Command {
     /// Docker schema 2 manifest or manifest list, or an image
     /// (<registry>/<repo>:<tag>) of a registry that is not a configured
     /// upstream: a bundle sets tags only for the registries the mirror
-    /// mirrors (add an [[upstreams]] entry to import another's).
+    /// mirrors (add an [[upstreams]] entry to import another's). It never
+    /// contacts an upstream: --offline changes nothing, --upstream is ignored
+    /// (with a warning).
+    #[command(
+        after_help = "Example:\n  regmirror import --config /etc/regmirror/mirror.toml images.tar"
+    )]
     Import {
         bundle: PathBuf,
         #[command(flatten)]
-        cache: CacheArgs,
+        common: CommonArgs,
     },
 }
 
-/// Where the cache is, for the cache commands.
+/// The options every command takes: where the configuration and the cache
+/// are, and the upstream (for the commands that contact one).
 #[derive(clap::Args)]
-struct CacheArgs {
+struct CommonArgs {
     /// Configuration file (TOML); without it the embedded defaults apply.
     #[arg(long, short, env = "REGMIRROR_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// Cache directory [config: data_dir].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Upstream registry URL, e.g. https://registry-1.docker.io [config: upstream.url].
+    #[arg(long, value_name = "URL", value_parser = parse_url)]
+    upstream: Option<url::Url>,
+    /// Never contact the upstream; serve only what is cached [config: offline].
+    #[arg(long)]
+    offline: bool,
 }
 
-impl CacheArgs {
-    fn load(&self) -> anyhow::Result<config::Config> {
+impl CommonArgs {
+    /// The configuration with these flags (and `listen`) on top.
+    fn load_with(&self, listen: Option<SocketAddr>) -> anyhow::Result<config::Config> {
         let flags = Flags {
+            listen,
             data_dir: self.data_dir.clone(),
-            ..Flags::default()
+            upstream: self.upstream.clone(),
+            offline: self.offline,
         };
         Ok(config::load(
             self.config.as_deref(),
             std::env::vars(),
             &flags,
         )?)
+    }
+
+    /// The configuration, for a command that reads the cache only: an
+    /// `--upstream` is said to have no effect rather than refused.
+    fn load(&self, command: &str) -> anyhow::Result<config::Config> {
+        if self.upstream.is_some() {
+            eprintln!(
+                "warning: `regmirror {command}` never contacts an upstream; --upstream has no effect"
+            );
+        }
+        self.load_with(None)
     }
 }
 
@@ -182,24 +226,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Serve {
-            config,
-            listen,
-            data_dir,
-            upstream,
-            offline,
-        } => {
-            let flags = Flags {
-                listen,
-                data_dir,
-                upstream,
-                offline,
-            };
-            let config = config::load(config.as_deref(), std::env::vars(), &flags)?;
-            serve(config)
-        }
+        Command::Serve { listen, common } => serve(common.load_with(listen)?),
         Command::Gc(args) => {
-            let config = args.load()?;
+            let config = args.load("gc")?;
             let report = block_on(regmirror::admin::gc(&config))?;
             if report.mirror_running {
                 println!(
@@ -254,7 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ls(args) => {
-            let config = args.load()?;
+            let config = args.load("ls")?;
             // A cluster's tags are the cluster's (Redis), not one disk's.
             let rows = match block_on(regmirror::admin::shared::list(&config))? {
                 Some(rows) => rows,
@@ -288,27 +317,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mirror,
             user,
             password_file,
-            cache,
+            common,
         } => {
             let basic = match user {
                 Some(user) => Some(prefetch_credentials(&user, password_file.as_deref())?),
                 None => None,
             };
-            let config = cache.load()?;
+            let config = common.load_with(None)?;
             let images = image_list(&images, from_file.as_deref())?;
             let platforms = if all_platforms {
                 Platforms::All
             } else {
                 Platforms::One(platform)
             };
-            prefetch(config, images, platforms, mirror, basic)
+            let flags = common.upstream.is_some() || common.offline;
+            prefetch(config, images, platforms, mirror, basic, flags)
         }
         Command::Export {
             images,
             output,
-            cache,
+            common,
         } => {
-            let config = cache.load()?;
+            let config = common.load("export")?;
             let images = image_list(&images, None)?;
             let warnings = block_on(regmirror::bundle::export(&config, &images, &output))?;
             for w in warnings {
@@ -317,8 +347,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {} images to {}", images.len(), output.display());
             Ok(())
         }
-        Command::Import { bundle, cache } => {
-            let config = cache.load()?;
+        Command::Import { bundle, common } => {
+            let config = common.load("import")?;
             let report = block_on(regmirror::bundle::import(&config, &bundle))?;
             for image in &report.images {
                 println!("imported {image}");
@@ -327,7 +357,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Du(args) => {
-            let config = args.load()?;
+            let config = args.load("du")?;
             let u = block_on(regmirror::admin::usage(&config))?;
             print_tally("", &u.items);
             println!("downloads  {:>20}", human_bytes(u.temp_bytes));
@@ -424,12 +454,20 @@ fn prefetch(
     platforms: Platforms,
     mirror: Option<String>,
     basic: Option<(String, config::Secret)>,
+    upstream_flags: bool,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let session = Session::open(&config, mirror, basic)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if upstream_flags && !session.started_here() {
+            eprintln!(
+                "warning: prefetch pulls through the mirror at {}, which fetches from its own \
+                 upstream; --upstream and --offline apply only to a mirror prefetch starts itself",
+                session.target.base
+            );
+        }
         let (mut fetched, mut cached, mut failed) = (0u64, 0u64, Vec::new());
         for image in &images {
             match session.target.prefetch(image, &platforms).await {

@@ -5,9 +5,11 @@
 //! `/healthz` and `/readyz` (503 while the data dir takes no writes), the ops endpoints behind
 //! `[auth]` and on the `metrics.listen` listener. The status page is in `ops/status_page.rs`,
 //! `regmirror prefetch` in `ops/prefetch.rs`, `regmirror import` of hostile bundles in
-//! `ops/hostile_bundles.rs`.
+//! `ops/hostile_bundles.rs`, the options every subcommand shares in `ops/cli.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "ops/cli.rs"]
+mod cli;
 mod common;
 #[path = "ops/hostile_bundles.rs"]
 mod hostile_bundles;
