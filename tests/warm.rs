@@ -31,20 +31,16 @@ async fn mirror_warming(fake: &FakeUpstream, entry: WarmConfig) -> MirrorHandle 
     start_mirror(&fake.url(), |c| c.warm = vec![entry]).await
 }
 
-/// Whether every blob and the manifest of `img` are committed in the mirror's cache.
-async fn cached(m: &MirrorHandle, img: &ImageInfo) -> bool {
-    for (d, _) in img.blobs() {
-        if !m.committed(&d).await {
-            return false;
-        }
-    }
-    m.manifest_path(&img.manifest_digest).exists()
+/// Whether every blob and the manifest of `img` are committed in the mirror's cache now.
+fn cached(m: &MirrorHandle, img: &ImageInfo) -> bool {
+    img.blobs().iter().all(|(d, _)| m.blob_path(d).is_file())
+        && m.manifest_path(&img.manifest_digest).is_file()
 }
 
 /// Waits (at most `secs`) until `img` is in the cache.
 async fn wait_cached(m: &MirrorHandle, img: &ImageInfo, secs: u64, why: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !cached(m, img).await {
+    while !cached(m, img) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{why}: not cached within {secs} s"
@@ -183,7 +179,7 @@ async fn a_failing_upstream_pauses_the_warm_up_without_a_storm_of_retries() {
         "{limited} upstream requests in 6 s after a 429 asking for an hour: {:?}",
         fake.requests()
     );
-    assert!(!cached(&m2, &img2).await);
+    assert!(!m2.manifest_path(&img2.manifest_digest).exists());
     assert!(
         limited >= 1,
         "the first warm-up asked the upstream: {:?}",
@@ -256,5 +252,44 @@ async fn metrics_and_the_status_page_show_the_runs() {
             && section.contains("class=bad>manifest unknown"),
         "what failed: {section}"
     );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_list_file_and_platforms_choose_what_is_warmed() {
+    let fake = FakeUpstream::start().await;
+    let index = fake.add_index(
+        REPO,
+        "multi",
+        vec![
+            ("amd64", vec![random_bytes(2_000, 8)]),
+            ("arm64", vec![random_bytes(2_000, 9)]),
+        ],
+    );
+    let plain = fake.add_image("team/other", "1", vec![random_bytes(1_000, 10)]);
+    let lists = tempfile::tempdir().unwrap();
+    let file = lists.path().join("warm.txt");
+    std::fs::write(
+        &file,
+        format!("# what CI pulls\n{REPO}:multi\n\nteam/other:1  # the tool image\n"),
+    )
+    .unwrap();
+    let entry = WarmConfig {
+        file: Some(file),
+        platforms: vec!["linux/arm64".into()],
+        ..warm(&[], Duration::from_secs(1800))
+    };
+    let m = mirror_warming(&fake, entry).await;
+    wait_cached(&m, index.child("arm64"), 15, "the arm64 child of the index").await;
+    wait_cached(&m, &plain, 15, "the image of the list file's second line").await;
+    assert!(m.manifest_path(&index.digest).exists(), "the index itself");
+    // Not asked for: not warmed (the arm64 child came after it in the index).
+    assert!(!m
+        .manifest_path(&index.child("amd64").manifest_digest)
+        .exists());
+    for (d, _) in index.child("amd64").blobs() {
+        assert!(!m.blob_path(&d).exists(), "amd64 blob {d} in the cache");
+        assert_eq!(fake.blob_gets(&d), 0, "amd64 blob {d} fetched");
+    }
     m.stop().await;
 }
