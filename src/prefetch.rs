@@ -371,6 +371,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_plan_is_an_images_blobs_or_the_children_the_platforms_choose() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let image = format!(
+            r#"{{"config": {{"digest": "{}"}}, "layers": [{{"digest": "{}"}}]}}"#,
+            d('a'),
+            d('b')
+        );
+        let one = [Platforms::One("linux/amd64".into())];
+        let blobs = Plan::Blobs(vec![
+            Digest::parse(&d('a')).unwrap(),
+            Digest::parse(&d('b')).unwrap(),
+        ]);
+        assert_eq!(plan(image.as_bytes(), &one), Ok(blobs));
+        let index = format!(
+            r#"{{"manifests": [
+                {{"digest": "{}", "platform": {{"os": "linux", "architecture": "amd64"}}}},
+                {{"digest": "{}", "platform": {{"os": "linux", "architecture": "arm64", "variant": "v8"}}}}
+            ]}}"#,
+            d('c'),
+            d('e')
+        );
+        let child = |c| Digest::parse(&d(c)).unwrap();
+        assert_eq!(
+            plan(index.as_bytes(), &one),
+            Ok(Plan::Children(vec![child('c')]))
+        );
+        let arm = [Platforms::One("linux/arm64/v8".into())];
+        assert_eq!(
+            plan(index.as_bytes(), &arm),
+            Ok(Plan::Children(vec![child('e')]))
+        );
+        let both = [one[0].clone(), Platforms::One("linux/arm64".into())];
+        assert_eq!(
+            plan(index.as_bytes(), &both),
+            Ok(Plan::Children(vec![child('c'), child('e')]))
+        );
+        assert_eq!(
+            plan(index.as_bytes(), &[Platforms::All]),
+            Ok(Plan::Children(vec![child('c'), child('e')]))
+        );
+        let none = plan(index.as_bytes(), &[Platforms::One("windows/amd64".into())]).unwrap_err();
+        assert!(none.contains("no manifest for platform"), "{none}");
+        assert!(plan(b"not json", &one).unwrap_err().contains("not JSON"));
+    }
+
+    #[test]
     fn the_password_comes_from_a_file_or_the_environment() {
         let ((u, p), warn) =
             credentials("moby", PasswordSource::File("gordon\r\n".into())).unwrap();
