@@ -279,6 +279,13 @@ async fn every_metric_the_rules_and_the_dashboard_use_is_exposed() {
         config.tls.cert = Some(c);
         config.tls.key = Some(k);
         config.metrics.listen = Some(ops);
+        // The warm-up's families appear once it has run.
+        config.warm = vec![regmirror::config::WarmConfig {
+            images: vec![format!("{REPO}:v1")],
+            file: None,
+            every: Duration::from_secs(3600),
+            platforms: Vec::new(),
+        }];
     })
     .await;
     let client = reqwest::Client::builder()
@@ -306,12 +313,21 @@ async fn every_metric_the_rules_and_the_dashboard_use_is_exposed() {
         .await
         .unwrap();
     assert!(r.status().is_server_error(), "{}", r.status());
-    let text = reqwest::get(format!("http://{ops}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = reqwest::get(format!("http://{ops}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("regmirror_warm_last_success_timestamp_seconds{")
+            || Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let exposed = exposed_names(&text);
 
     let mut used: BTreeSet<(String, String)> = BTreeSet::new();
