@@ -9,6 +9,13 @@
 //! response it does not always poll reads (not at all when a pipelined
 //! request waits in its buffer), so a client that stops reading would
 //! otherwise hold its connection, and its slot, for as long as it likes.
+//!
+//! With a [`SendRule`], a client a response waits on must also take its
+//! bytes at a minimum pace (`server.send_timeout`, `server.min_send_rate`):
+//! the time writes spend waiting on it is summed from the first wait, and
+//! once it reaches the window the bytes it took meanwhile are judged by
+//! [`SendRule::verdict`]. Time the writer spends waiting for bytes of its own
+//! never counts, so a slow upstream does not get its clients cut.
 
 use std::future::Future;
 use std::io;
@@ -19,10 +26,86 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::connections::policy::{SendRule, SendVerdict};
+
 pub struct IdleTimeout<T> {
     inner: T,
     timeout: Duration,
     deadline: Pin<Box<Sleep>>,
+    send: Option<SendFloor>,
+}
+
+/// The minimum pace of a client that writes wait on.
+struct SendFloor {
+    rule: SendRule,
+    /// Waiting summed since the count began, the current wait excluded.
+    waited: Duration,
+    /// When the current wait began.
+    waiting_since: Option<Instant>,
+    /// Bytes the client took since the count began.
+    taken: u64,
+    /// When the current wait completes the window.
+    due: Pin<Box<Sleep>>,
+}
+
+impl SendFloor {
+    fn too_slow() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client takes the response below server.min_send_rate",
+        )
+    }
+
+    /// `n` bytes taken: a wait ends, and a full window is judged.
+    fn took(&mut self, n: usize) -> io::Result<()> {
+        self.taken += n as u64;
+        if let Some(since) = self.waiting_since.take() {
+            self.waited += since.elapsed();
+        }
+        match self.rule.verdict(self.waited, self.taken) {
+            SendVerdict::Cut => Err(Self::too_slow()),
+            SendVerdict::Restart => {
+                self.waited = Duration::ZERO;
+                self.taken = 0;
+                Ok(())
+            }
+            SendVerdict::Continue => Ok(()),
+        }
+    }
+
+    /// A write waits on the client: `Err` once the window is full and the
+    /// client too slow; else the waker is registered for the window's end.
+    fn waits(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        loop {
+            let since = match self.waiting_since {
+                Some(s) => s,
+                None => {
+                    if self.waited.is_zero() {
+                        // A new count judges only what is taken from here.
+                        self.taken = 0;
+                    }
+                    let now = Instant::now();
+                    self.waiting_since = Some(now);
+                    let left = self.rule.window.saturating_sub(self.waited);
+                    self.due.as_mut().reset(now + left);
+                    now
+                }
+            };
+            if self.rule.window.is_zero() || self.due.as_mut().poll(cx).is_pending() {
+                return Ok(());
+            }
+            let waited = self.waited + since.elapsed();
+            match self.rule.verdict(waited, self.taken) {
+                SendVerdict::Cut => return Err(Self::too_slow()),
+                SendVerdict::Restart | SendVerdict::Continue => {
+                    // The pace was kept: a new count starts with this wait.
+                    self.waited = Duration::ZERO;
+                    self.taken = 0;
+                    self.waiting_since = None;
+                }
+            }
+        }
+    }
 }
 
 impl<T> IdleTimeout<T> {
@@ -32,7 +115,20 @@ impl<T> IdleTimeout<T> {
             inner,
             timeout,
             deadline: Box::pin(tokio::time::sleep(first.min(timeout))),
+            send: None,
         }
+    }
+
+    /// Adds the minimum pace for a client writes wait on.
+    pub fn with_send_rule(mut self, rule: SendRule) -> Self {
+        self.send = Some(SendFloor {
+            rule,
+            waited: Duration::ZERO,
+            waiting_since: None,
+            taken: 0,
+            due: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        });
+        self
     }
 
     fn active(&mut self) {
@@ -61,9 +157,17 @@ impl<T> IdleTimeout<T> {
         match r {
             Poll::Ready(Ok(n)) if n > 0 => {
                 self.active();
+                if let Some(floor) = &mut self.send {
+                    floor.took(n)?;
+                }
                 Poll::Ready(Ok(n))
             }
-            Poll::Pending => self.stalled(cx),
+            Poll::Pending => {
+                if let Some(floor) = &mut self.send {
+                    floor.waits(cx)?;
+                }
+                self.stalled(cx)
+            }
             other => other,
         }
     }
@@ -182,6 +286,76 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         // The first 64 bytes went through at once and reset the deadline.
         assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    fn floor(window: u64, rate: u64) -> SendRule {
+        SendRule {
+            window: Duration::from_secs(window),
+            min_rate: rate,
+        }
+    }
+
+    /// A reader taking 64 bytes every 8 s (8 B/s) under a floor of 16 B/s
+    /// over 60 s of waiting is cut after that minute, long before the idle
+    /// timeout would (it makes progress every 8 s).
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_below_the_send_rate_is_cut_after_the_window() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut conn = IdleTimeout::new(a, Duration::from_secs(9), Duration::from_secs(10))
+            .with_send_rule(floor(60, 16));
+        let _reader = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            loop {
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                if b.read(&mut buf).await.unwrap_or(0) == 0 {
+                    break;
+                }
+            }
+        });
+        let started = Instant::now();
+        let err = conn.write_all(&[7u8; 1 << 20]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(60) && took <= Duration::from_secs(70),
+            "{took:?}"
+        );
+    }
+
+    /// The same reader under a floor it keeps is not cut, and a writer that
+    /// is slow itself (the client always has room) never is.
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_keeping_the_rate_and_a_slow_writer_are_not_cut() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut conn = IdleTimeout::new(a, Duration::from_secs(9), Duration::from_secs(10))
+            .with_send_rule(floor(60, 4));
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = [0u8; 64];
+            while got < 4096 {
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                got += b.read(&mut buf).await.unwrap();
+            }
+            got
+        });
+        conn.write_all(&[7u8; 4096]).await.unwrap();
+        assert_eq!(reader.await.unwrap(), 4096);
+
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let mut conn = IdleTimeout::new(a, Duration::from_secs(9), Duration::from_secs(10))
+            .with_send_rule(floor(1, 1 << 20));
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut got = 0;
+            while got < 100 {
+                got += b.read(&mut buf).await.unwrap();
+            }
+        });
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            conn.write_all(&[1]).await.unwrap();
+        }
+        reader.await.unwrap();
     }
 
     /// A slow reader is not an idle one: each bit of room it makes pushes

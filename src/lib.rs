@@ -25,6 +25,7 @@ pub mod bundle;
 pub mod cache;
 pub mod cluster;
 pub mod config;
+pub mod connections;
 pub mod endpoint;
 pub mod error;
 pub mod hashing;

@@ -16,12 +16,13 @@ use hyper_util::server::conn::auto::Http1Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::access_log::{LoggedBody, RequestInfo};
 use crate::auth::{Authenticator, Htpasswd};
 use crate::cluster::peer;
 use crate::config::{Config, ServerConfig};
+use crate::connections::policy::SendRule;
+use crate::connections::{Counted, InFlight, Slot, Table};
 use crate::endpoint;
 use crate::error::Error;
 use crate::idle::IdleTimeout;
@@ -65,6 +66,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    raise_open_file_limit(config.server.max_connections);
     let tls = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => Some(Arc::new(Tls::new(cert, key)?)),
         _ => None,
@@ -118,7 +120,7 @@ pub async fn run(
         });
         background.push(tokio::spawn(serve_ops(ops_listener, ops, limits.clone())));
     }
-    let permits = Arc::new(Semaphore::new(config.server.max_connections));
+    let table = Table::new(&config.server);
     let graceful = GracefulShutdown::new();
     tracing::info!(
         addr = %listener.local_addr()?,
@@ -131,14 +133,13 @@ pub async fn run(
     );
     tokio::pin!(shutdown);
     loop {
-        // Past max_connections, stop accepting: clients wait in the backlog.
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+        // At max_connections a new client is still taken, and the cheapest
+        // connection closed for it; only when all are busy do clients wait
+        // in the backlog.
+        tokio::select! {
+            () = table.room() => {}
             () = &mut shutdown => break,
-        };
+        }
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -151,17 +152,31 @@ pub async fn run(
             },
             () = &mut shutdown => break,
         };
+        let slot = match table.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                tracing::debug!(%peer, ?why, "connection refused: every connection is busy");
+                continue;
+            }
+        };
         let (frontend, limits, tls) = (frontend.clone(), limits.clone(), tls.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _permit = permit;
             let _ = stream.set_nodelay(true);
             match tls {
-                None => serve_connection(stream, frontend, &limits, peer, watcher).await,
+                None => serve_connection(stream, frontend, &limits, peer, watcher, slot).await,
                 Some(tls) => {
                     let handshake = tls.acceptor().accept(stream);
-                    match FirstByte::of(&limits).handshake(handshake).await {
-                        Some(Ok(s)) => serve_connection(s, frontend, &limits, peer, watcher).await,
+                    let handshake = async {
+                        tokio::select! {
+                            r = FirstByte::of(&limits).handshake(handshake) => r,
+                            () = slot.conn().closed_for_another() => None,
+                        }
+                    };
+                    match handshake.await {
+                        Some(Ok(s)) => {
+                            serve_connection(s, frontend, &limits, peer, watcher, slot).await
+                        }
                         Some(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         None => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -220,20 +235,20 @@ fn on_hangup(tls: Option<Arc<Tls>>) -> std::io::Result<impl Future<Output = ()>>
 async fn serve_ops(listener: TcpListener, frontend: Arc<Frontend>, limits: Arc<ServerConfig>) {
     // Kept for the life of the loop: a dropped one would end connections.
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let table = Table::new(&limits);
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
+        table.room().await;
         let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = table.admit(peer.ip()) else {
             continue;
         };
         let (frontend, limits) = (frontend.clone(), limits.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _permit = permit;
-            serve_connection(stream, frontend, &limits, peer, watcher).await;
+            serve_connection(stream, frontend, &limits, peer, watcher, slot).await;
         });
     }
 }
@@ -244,30 +259,102 @@ async fn serve_connection<S>(
     limits: &ServerConfig,
     peer: std::net::SocketAddr,
     watcher: Watcher,
+    slot: Slot,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client = peer.ip();
+    let tracked = slot.conn().clone();
     let service = hyper::service::service_fn(move |req| {
         let frontend = frontend.clone();
-        async move { Ok::<_, Infallible>(frontend.handle(req, client).await) }
+        // The head arrived: busy (never shed) until the response body ends.
+        let busy = tracked.begin();
+        async move {
+            let response = frontend.handle(req, client).await;
+            Ok::<_, Infallible>(response.map(|body| InFlight::new(body, busy)))
+        }
     });
     let first_byte = FirstByte::of(limits);
-    let stream = first_byte.stream(stream, limits.idle_timeout);
+    let send = SendRule {
+        window: limits.send_timeout,
+        min_rate: limits.min_send_rate.0,
+    };
+    let stream = first_byte
+        .stream(stream, limits.idle_timeout)
+        .with_send_rule(send);
+    let stream = Counted::new(stream, slot.conn().clone());
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let max_header = usize::try_from(limits.max_header_size.0).unwrap_or(usize::MAX);
     let mut http1 = builder.http1();
-    http1.timer(TokioTimer::new()).max_buf_size(max_header);
-    first_byte.http1(&mut http1);
-    builder
-        .http2()
+    // 100 headers (hyper's default, said here): more is 431, as is a head
+    // over max_header_size.
+    http1
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX));
+        .max_buf_size(max_header)
+        .max_headers(100);
+    first_byte.http1(&mut http1);
+    let mut http2 = builder.http2();
+    http2
+        .timer(TokioTimer::new())
+        // A header block (HEADERS and its CONTINUATIONs, decoded) past this
+        // is refused before it is all buffered: the CONTINUATION flood.
+        .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))
+        // Streams a client opens and resets before we answer (the rapid
+        // reset, CVE-2023-44487): past 20 pending the connection gets
+        // GOAWAY(ENHANCE_YOUR_CALM) instead of spawning handlers forever.
+        .max_pending_accept_reset_streams(20)
+        // Streams we reset for a client's errors: past these, GOAWAY.
+        .max_local_error_reset_streams(256)
+        // Requests in flight on one connection: each may run a handler and
+        // hold a blob stream, so a client cannot multiply them unbounded
+        // (a puller asks for a few layers at a time).
+        .max_concurrent_streams(128)
+        // Response bytes buffered per stream for a client that does not
+        // read them (hyper's default, said here: memory per slow reader).
+        .max_send_buf_size(400 * 1024);
     let conn = builder
         .serve_connection(TokioIo::new(stream), service)
         .into_owned();
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    let table = slot.table().clone();
+    tokio::select! {
+        r = watcher.watch(conn) => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        () = slot.conn().closed_for_another() => {
+            tracing::debug!(%peer, "connection closed to make room for another");
+        }
+        () = table.head_overdue(slot.conn()) => {
+            tracing::debug!(%peer, "request head too slow (server.header_min_rate); closed");
+        }
+    }
+}
+
+/// Raises the soft limit of open files to the hard one, so that
+/// `max_connections` (and a flood past it, which is accepted and shed) does
+/// not meet `EMFILE`; warns when even the hard limit is short of them.
+fn raise_open_file_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if let (Some(current), Some(max)) = (limit.current, limit.maximum) {
+        if current < max {
+            limit.current = Some(max);
+            match setrlimit(Resource::Nofile, limit) {
+                Ok(()) => tracing::debug!(from = current, to = max, "raised the open-file limit"),
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+            }
+        }
+    }
+    let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    // Room for the cache's files, the upstream's connections and the shed.
+    let wanted = (max_connections as u64).saturating_mul(2) + 256;
+    if soft < wanted {
+        tracing::warn!(
+            open_files = soft,
+            max_connections,
+            "the open-file limit is low for server.max_connections; raise it (LimitNOFILE=)"
+        );
     }
 }
 

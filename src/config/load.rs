@@ -57,7 +57,12 @@ const KEYS: &[(&str, Kind)] = &[
     ("server.max_header_size", Kind::Str),
     ("server.max_url_length", Kind::Toml),
     ("server.max_connections", Kind::Toml),
+    ("server.max_connections_per_address", Kind::Toml),
     ("server.header_read_timeout", Kind::Str),
+    ("server.header_grace", Kind::Str),
+    ("server.header_min_rate", Kind::Str),
+    ("server.send_timeout", Kind::Str),
+    ("server.min_send_rate", Kind::Str),
     ("server.idle_timeout", Kind::Str),
     ("metrics.listen", Kind::Str),
     ("storage.backend", Kind::Str),
@@ -376,7 +381,12 @@ mod tests {
             ("server.max_header_size", "16KiB"),
             ("server.max_url_length", "4096"),
             ("server.max_connections", "10"),
+            ("server.max_connections_per_address", "4"),
             ("server.header_read_timeout", "5s"),
+            ("server.header_grace", "2s"),
+            ("server.header_min_rate", "1KiB"),
+            ("server.send_timeout", "20s"),
+            ("server.min_send_rate", "4KiB"),
             ("server.idle_timeout", "1m"),
             ("metrics.listen", "127.0.0.1:9090"),
             ("storage.backend", "s3"),
@@ -431,6 +441,11 @@ mod tests {
         assert_eq!(c.warm[0].every, Duration::from_secs(3600));
         assert_eq!(c.warm[0].platforms, vec!["all".to_owned()]);
         assert_eq!(c.server.max_connections, 10);
+        assert_eq!(c.server.max_connections_per_address, 4);
+        assert_eq!(c.server.header_grace, Duration::from_secs(2));
+        assert_eq!(c.server.header_min_rate, ByteSize(1024));
+        assert_eq!(c.server.send_timeout, Duration::from_secs(20));
+        assert_eq!(c.server.min_send_rate, ByteSize(4096));
         assert_eq!(c.auth.bcrypt_threads, 3);
         assert_eq!(c.auth.max_failures, 0);
         assert_eq!(c.auth.failure_window, Duration::from_secs(300));

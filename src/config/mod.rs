@@ -151,11 +151,41 @@ pub struct ServerConfig {
     pub max_header_size: ByteSize,
     /// Longest request URL (path and query) accepted.
     pub max_url_length: usize,
-    /// Connections served at once; more wait in the listen backlog.
+    /// Connections served at once. At the cap a new client is still
+    /// accepted and the cheapest connection is closed for it (an idle
+    /// keep-alive one, else the one waiting longest for its request head);
+    /// only when every connection has a request in flight do new ones wait
+    /// in the listen backlog.
     pub max_connections: usize,
-    /// Time a client has to send its request headers (and finish a TLS handshake).
+    /// Connections one client address (an IPv6 /64) may hold; past it the
+    /// address's own cheapest connection is closed for the new one, or the
+    /// new one when all of them are busy. 0: no cap. Behind a load balancer
+    /// every client has its address: raise it to `max_connections` there.
+    pub max_connections_per_address: usize,
+    /// Time a client has at most to send a request head (and to finish a
+    /// TLS handshake).
     #[serde(with = "humantime_serde_compat")]
     pub header_read_timeout: Duration,
+    /// With `header_min_rate`, Apache's `RequestReadTimeout
+    /// header=grace-max,MinRate=rate`: a request head must be complete
+    /// within `header_grace`, extended by one second for every
+    /// `header_min_rate` bytes of it received, up to `header_read_timeout`.
+    #[serde(with = "humantime_serde_compat")]
+    pub header_grace: Duration,
+    /// Bytes per second a request head's deadline grows by (0: the head has
+    /// `header_read_timeout`, whatever its pace).
+    pub header_min_rate: ByteSize,
+    /// With `min_send_rate`: once a response waits on its client (the socket
+    /// takes no more), the client must take at least `min_send_rate` bytes
+    /// per second over each `send_timeout` of such waiting, counted from
+    /// the first wait and summed over the waits until it is reached; a
+    /// client that takes less (nothing at all included) is disconnected.
+    /// Time the mirror spends waiting for the bytes itself never counts.
+    #[serde(with = "humantime_serde_compat")]
+    pub send_timeout: Duration,
+    /// See `send_timeout` (0: only a client that takes nothing for
+    /// `send_timeout` is cut).
+    pub min_send_rate: ByteSize,
     /// A connection with no traffic for this long is closed.
     #[serde(with = "humantime_serde_compat")]
     pub idle_timeout: Duration,
@@ -167,7 +197,12 @@ impl Default for ServerConfig {
             max_header_size: ByteSize(64 * 1024),
             max_url_length: 8192,
             max_connections: 1024,
+            max_connections_per_address: 512,
             header_read_timeout: Duration::from_secs(30),
+            header_grace: Duration::from_secs(10),
+            header_min_rate: ByteSize(500),
+            send_timeout: Duration::from_secs(60),
+            min_send_rate: ByteSize(8 * 1024),
             idle_timeout: Duration::from_secs(120),
         }
     }

@@ -1,0 +1,525 @@
+//! The live connections of a listener, as mechanism: admits a new one (past
+//! `server.max_connections` or the address's cap, by closing the victim
+//! [`policy::victim`] names), tracks what each is doing (request in flight,
+//! idle keep-alive, request head arriving, and how many bytes of it), tells
+//! a connection to close, and knows when its request head is overdue
+//! ([`policy::HeadRule`]). It decides nothing itself and knows no HTTP: the
+//! server marks requests in flight and applies the closing.
+
+pub mod policy;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+use crate::config::ServerConfig;
+use policy::{HeadRule, Phase, View};
+
+/// A client address as the per-address cap counts it: IPv4 whole, IPv6 by
+/// /64 (what one host can easily hold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AddrKey(u128);
+
+impl AddrKey {
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Self(u128::from(u32::from(v4))),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self(u128::from(u32::from(v4))),
+                None => Self((u128::from(v6) >> 64) | (1 << 127)),
+            },
+        }
+    }
+}
+
+/// The connections of one listener.
+pub struct Table {
+    inner: Mutex<Inner>,
+    /// Woken when a connection ends or a request finishes.
+    room: Arc<Notify>,
+    epoch: Instant,
+    max: usize,
+    per_address: usize,
+    head: HeadRule,
+}
+
+#[derive(Default)]
+struct Inner {
+    next: u64,
+    conns: HashMap<u64, Arc<Conn>>,
+    /// Connections not told to close.
+    live: usize,
+    per_address: HashMap<AddrKey, usize>,
+}
+
+/// One connection's state, shared by its task, its stream and its requests.
+pub struct Conn {
+    id: u64,
+    addr: AddrKey,
+    epoch: Instant,
+    in_flight: AtomicU32,
+    /// Whether a request was answered on it (so silence is keep-alive).
+    served: AtomicBool,
+    /// Bytes received since the last request ended (or the connection began).
+    head_bytes: AtomicU64,
+    /// When the current phase began, in microseconds since `epoch`.
+    since_us: AtomicU64,
+    shed: AtomicBool,
+    /// HTTP/2: its frames between requests (window updates, pings) are no
+    /// request head, so its bytes are not counted.
+    h2: AtomicBool,
+    close: Notify,
+    room: Arc<Notify>,
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Its address holds its cap of connections, all busy.
+    AddressFull,
+    /// The listener holds `max_connections`, all busy.
+    Full,
+}
+
+impl Table {
+    pub fn new(limits: &ServerConfig) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(Inner::default()),
+            room: Arc::new(Notify::new()),
+            epoch: Instant::now(),
+            max: limits.max_connections.max(1),
+            per_address: limits.max_connections_per_address,
+            head: HeadRule {
+                grace: limits.header_grace,
+                min_rate: limits.header_min_rate.0,
+                max: limits.header_read_timeout,
+            },
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    /// Waits until a new connection can be admitted: below the cap, or some
+    /// connection is not busy and can be closed for it.
+    pub async fn room(&self) {
+        loop {
+            let notified = self.room.notified();
+            {
+                let inner = self.lock();
+                if inner.live < self.max
+                    || inner
+                        .conns
+                        .values()
+                        .any(|c| !c.is_shed() && c.view().phase != Phase::Busy)
+                {
+                    return;
+                }
+            }
+            // The notification covers requests ending; the timer, anything missed.
+            let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+        }
+    }
+
+    /// Admits a connection from `ip`, closing the victims that makes room
+    /// for; the slot is held for as long as the connection lives.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
+        let addr = AddrKey::of(ip);
+        let mut inner = self.lock();
+        if self.per_address > 0
+            && inner.per_address.get(&addr).copied().unwrap_or(0) >= self.per_address
+        {
+            let victim = policy::victim(
+                inner
+                    .conns
+                    .values()
+                    .filter(|c| c.addr == addr && !c.is_shed())
+                    .map(|c| (c.id, c.view())),
+            );
+            match victim {
+                Some(id) => inner.shed(id),
+                None => return Err(Refused::AddressFull),
+            }
+        }
+        if inner.live >= self.max {
+            let victim = policy::victim(
+                inner
+                    .conns
+                    .values()
+                    .filter(|c| !c.is_shed())
+                    .map(|c| (c.id, c.view())),
+            );
+            match victim {
+                Some(id) => inner.shed(id),
+                None => return Err(Refused::Full),
+            }
+        }
+        inner.next += 1;
+        let conn = Arc::new(Conn {
+            id: inner.next,
+            addr,
+            epoch: self.epoch,
+            in_flight: AtomicU32::new(0),
+            served: AtomicBool::new(false),
+            head_bytes: AtomicU64::new(0),
+            since_us: AtomicU64::new(micros(self.now())),
+            shed: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
+            close: Notify::new(),
+            room: self.room.clone(),
+        });
+        inner.conns.insert(conn.id, conn.clone());
+        inner.live += 1;
+        *inner.per_address.entry(addr).or_insert(0) += 1;
+        Ok(Slot {
+            table: self.clone(),
+            conn,
+        })
+    }
+
+    /// Connections open, and of them those told to close but not closed yet.
+    pub fn counts(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.conns.len(), inner.conns.len() - inner.live)
+    }
+
+    /// Completes when `conn`'s request head is overdue by the head rule;
+    /// never while a request is in flight or the connection idles between
+    /// requests (hyper's header read timeout bounds that).
+    pub async fn head_overdue(&self, conn: &Conn) {
+        loop {
+            let view = conn.view();
+            let wait = match view.phase {
+                Phase::Head => {
+                    let due = view.since + self.head.allowed(conn.head_bytes());
+                    match due.checked_sub(self.now()) {
+                        None | Some(Duration::ZERO) => return,
+                        Some(left) => left,
+                    }
+                }
+                Phase::Busy | Phase::Idle => self.head.grace.min(self.head.max),
+            };
+            tokio::time::sleep(wait.max(Duration::from_millis(50))).await;
+        }
+    }
+}
+
+impl Inner {
+    fn shed(&mut self, id: u64) {
+        if let Some(c) = self.conns.get(&id) {
+            if !c.shed.swap(true, Ordering::SeqCst) {
+                self.live -= 1;
+                if let Some(n) = self.per_address.get_mut(&c.addr) {
+                    *n -= 1;
+                }
+                c.close.notify_one();
+            }
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl Conn {
+    fn is_shed(&self) -> bool {
+        self.shed.load(Ordering::SeqCst)
+    }
+
+    fn head_bytes(&self) -> u64 {
+        self.head_bytes.load(Ordering::Relaxed)
+    }
+
+    /// What the shedding sees of it.
+    pub fn view(&self) -> View {
+        let phase = if self.in_flight.load(Ordering::SeqCst) > 0 {
+            Phase::Busy
+        } else if self.served.load(Ordering::Relaxed) && self.head_bytes() == 0 {
+            Phase::Idle
+        } else {
+            Phase::Head
+        };
+        View {
+            phase,
+            since: Duration::from_micros(self.since_us.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// A request's head arrived: the connection is busy until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.head_bytes.store(0, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// Completes when the table closed it for a new client.
+    pub async fn closed_for_another(&self) {
+        self.close.notified().await;
+    }
+
+    fn received(&self, n: usize) {
+        if self.in_flight.load(Ordering::SeqCst) == 0 && !self.h2.load(Ordering::Relaxed) {
+            self.head_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A request in flight on a connection; its end makes the connection idle.
+pub struct Busy(Arc<Conn>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let c = &self.0;
+        c.head_bytes.store(0, Ordering::Relaxed);
+        c.since_us
+            .store(micros(c.epoch.elapsed()), Ordering::Relaxed);
+        c.served.store(true, Ordering::Relaxed);
+        if c.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            c.room.notify_waiters();
+        }
+    }
+}
+
+/// The table's hold on one connection, released when it ends.
+pub struct Slot {
+    table: Arc<Table>,
+    conn: Arc<Conn>,
+}
+
+impl Slot {
+    pub fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+
+    pub fn table(&self) -> &Arc<Table> {
+        &self.table
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut inner = self.table.lock();
+        inner.conns.remove(&self.conn.id);
+        if !self.conn.is_shed() {
+            inner.live -= 1;
+            if let Some(n) = inner.per_address.get_mut(&self.conn.addr) {
+                *n -= 1;
+            }
+        }
+        if inner.per_address.get(&self.conn.addr) == Some(&0) {
+            inner.per_address.remove(&self.conn.addr);
+        }
+        drop(inner);
+        self.table.room.notify_waiters();
+    }
+}
+
+/// A connection's stream, counting the bytes of request heads it receives.
+pub struct Counted<S> {
+    inner: S,
+    conn: Arc<Conn>,
+    first: bool,
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S, conn: Arc<Conn>) -> Self {
+        Self {
+            inner,
+            conn,
+            first: true,
+        }
+    }
+}
+
+/// The start of HTTP/2's connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2";
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            if std::mem::take(&mut self.first) {
+                let got = &buf.filled()[before..];
+                let m = got.len().min(H2_PREFACE.len());
+                if got[..m] == H2_PREFACE[..m] {
+                    self.conn.h2.store(true, Ordering::Relaxed);
+                }
+            }
+            self.conn.received(n);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A response body that keeps its request in flight until it is done.
+pub struct InFlight<B> {
+    inner: B,
+    _busy: Busy,
+}
+
+impl<B> InFlight<B> {
+    pub fn new(inner: B, busy: Busy) -> Self {
+        Self { inner, _busy: busy }
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for InFlight<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max: usize, per_address: usize) -> ServerConfig {
+        ServerConfig {
+            max_connections: max,
+            max_connections_per_address: per_address,
+            ..ServerConfig::default()
+        }
+    }
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
+    #[tokio::test]
+    async fn at_the_cap_the_oldest_idle_connection_is_closed_and_busy_ones_never() {
+        let table = Table::new(&limits(2, 0));
+        let first = table.admit(A).unwrap();
+        let second = table.admit(A).unwrap();
+        let _busy = second.conn().begin();
+        drop(first.conn().begin()); // answered one request: idle keep-alive
+        let third = table.admit(B).unwrap();
+        assert!(first.conn().is_shed(), "the idle one made room");
+        assert!(!second.conn().is_shed());
+        assert_eq!(table.counts(), (3, 1));
+        tokio::time::timeout(Duration::from_secs(1), first.conn().closed_for_another())
+            .await
+            .expect("the victim is told");
+        drop(first);
+        assert_eq!(table.counts(), (2, 0));
+        let _b = third.conn().begin();
+        assert_eq!(table.admit(B).err(), Some(Refused::Full), "all busy");
+    }
+
+    #[tokio::test]
+    async fn an_address_at_its_cap_sheds_its_own_and_leaves_others_alone() {
+        let table = Table::new(&limits(100, 2));
+        let other = table.admit(B).unwrap();
+        let a1 = table.admit(A).unwrap();
+        let a2 = table.admit(A).unwrap();
+        let _a3 = table.admit(A).unwrap();
+        assert!(a1.conn().is_shed(), "the address's oldest head went");
+        assert!(!a2.conn().is_shed() && !other.conn().is_shed());
+        let _x = a2.conn().begin();
+        let _y = _a3.conn().begin();
+        assert_eq!(table.admit(A).err(), Some(Refused::AddressFull));
+        assert!(table.admit(B).is_ok());
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_64() {
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let b: IpAddr = "2001:db8::ffff:2".parse().unwrap();
+        let c: IpAddr = "2001:db8:0:1::1".parse().unwrap();
+        assert_eq!(AddrKey::of(a), AddrKey::of(b));
+        assert_ne!(AddrKey::of(a), AddrKey::of(c));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(AddrKey::of(mapped), AddrKey::of(A));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dripping_head_is_overdue_by_the_rule_and_a_busy_one_never() {
+        let mut l = limits(10, 0);
+        l.header_grace = Duration::from_secs(10);
+        l.header_min_rate = crate::config::ByteSize(500);
+        let table = Table::new(&l);
+        let slot = table.admit(A).unwrap();
+        let conn = slot.conn().clone();
+        let drip = {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                loop {
+                    conn.received(30);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            })
+        };
+        let started = tokio::time::Instant::now();
+        table.head_overdue(&conn).await;
+        let took = started.elapsed().as_secs_f64();
+        assert!((10.5..11.5).contains(&took), "cut after {took} s");
+        drip.abort();
+        let _busy = conn.begin();
+        let busy = tokio::time::timeout(Duration::from_secs(300), table.head_overdue(&conn));
+        assert!(busy.await.is_err(), "a request in flight is never overdue");
+    }
+}
