@@ -11,12 +11,18 @@
 //! # Layout
 //! - `scale`: the two sizes; `report`: the figure lines the script collects;
 //!   `distribution`: docker-registry as a pull-through proxy, for the comparison.
+//! - `flood`: thousands of dripping and silent connections while a client pulls (item 1).
+//! - `framing`: hostile HTTP/1.1 framing and HTTP/2 floods, no smuggling (item 6).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 #[path = "reliability/distribution.rs"]
 mod distribution;
+#[path = "reliability/flood.rs"]
+mod flood;
+#[path = "reliability/framing.rs"]
+mod framing;
 #[path = "reliability/report.rs"]
 mod report;
 #[path = "reliability/scale.rs"]
