@@ -367,7 +367,8 @@ async fn cut_connection_aborts_and_the_next_request_fetches_again() {
     let fake = FakeUpstream::start().await;
     let data = random_bytes(3 << 20, 9);
     let d = fake.add_blob(ALPINE, data.clone());
-    let m = mirror_of(&fake).await;
+    // Without resumes (tests/reliability/resume.rs has them): the cut is final.
+    let m = start_mirror(&fake.url(), |c| c.upstream.retries = 0).await;
     fake.set(|f| f.cut_after = Some(1 << 20));
 
     let r = m

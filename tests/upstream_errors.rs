@@ -172,6 +172,8 @@ async fn stalled_blob_body_is_aborted_after_the_read_timeout() {
     let d = fake.add_blob(REPO, data.clone());
     let m = start_mirror(&fake.url(), |c| {
         c.upstream.read_timeout = Duration::from_millis(500);
+        // Without resumes (tests/reliability/stalls.rs has them): the stall is final.
+        c.upstream.retries = 0;
     })
     .await;
     fake.set(|f| f.stall_after = Some(100_000));

@@ -28,6 +28,7 @@ use crate::cache::store::{ContentKey, Index};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::reference::Digest;
+use crate::upstream::BlobBody;
 
 /// How long a lease lasts without renewal: a dead holder's followers wait
 /// at most this long before one of them takes over (a holder that refuses
@@ -65,7 +66,7 @@ impl Tiers {
     /// the upstream GET, only if this replica is to fetch it.
     pub async fn fill<F>(self: Arc<Self>, digest: Digest, upstream: F) -> Result<Fill, Error>
     where
-        F: Future<Output = Result<reqwest::Response, Error>> + Send,
+        F: Future<Output = Result<BlobBody, Error>> + Send,
     {
         if let Some(fill) = self.from_bucket(&digest).await? {
             return Ok(fill);
@@ -176,7 +177,7 @@ impl Tiers {
         upstream: F,
     ) -> Result<Fill, Error>
     where
-        F: Future<Output = Result<reqwest::Response, Error>>,
+        F: Future<Output = Result<BlobBody, Error>>,
     {
         let renewal = lease.clone().map(|lease| {
             let coordinator = self.coordinator.clone();
@@ -415,12 +416,12 @@ mod tests {
             let gets = self.upstream_gets.clone();
             let upstream = async move {
                 gets.fetch_add(1, Ordering::SeqCst);
-                Ok(reqwest::Response::from(
+                Ok(BlobBody::plain(reqwest::Response::from(
                     http::Response::builder()
                         .header(http::header::CONTENT_LENGTH, body.len())
                         .body(body.to_vec())
                         .unwrap(),
-                ))
+                )))
             };
             let fill = self.tiers.clone().fill(digest.clone(), upstream);
             let joined = self

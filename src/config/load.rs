@@ -30,6 +30,10 @@ const KEYS: &[(&str, Kind)] = &[
     ("upstream.connect_timeout", Kind::Str),
     ("upstream.timeout", Kind::Str),
     ("upstream.read_timeout", Kind::Str),
+    ("upstream.retries", Kind::Toml),
+    ("upstream.retry_backoff", Kind::Str),
+    ("upstream.min_rate", Kind::Str),
+    ("upstream.min_rate_window", Kind::Str),
     ("offline", Kind::Toml),
     ("cache.max_size", Kind::Str),
     ("cache.high_watermark", Kind::Toml),
@@ -344,6 +348,10 @@ mod tests {
             ("upstream.connect_timeout", "1s"),
             ("upstream.timeout", "2s"),
             ("upstream.read_timeout", "3s"),
+            ("upstream.retries", "2"),
+            ("upstream.retry_backoff", "250ms"),
+            ("upstream.min_rate", "4KiB"),
+            ("upstream.min_rate_window", "10s"),
             ("offline", "true"),
             ("cache.max_size", "1.5GiB"),
             ("cache.high_watermark", "95"),
@@ -420,6 +428,10 @@ mod tests {
         let c = load(None, e, &Flags::default()).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.upstream.read_timeout, Duration::from_secs(3));
+        assert_eq!(c.upstream.retries, 2);
+        assert_eq!(c.upstream.retry_backoff, Duration::from_millis(250));
+        assert_eq!(c.upstream.min_rate, ByteSize(4096));
+        assert_eq!(c.upstream.min_rate_window, Duration::from_secs(10));
         assert_eq!(c.cache.tag_ttl, Duration::from_secs(30 * 86400));
         assert_eq!(c.upstream.username.as_deref(), Some("u"));
         assert!(c.offline);

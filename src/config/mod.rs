@@ -360,6 +360,19 @@ pub struct UpstreamConfig {
     /// Longest pause allowed between two chunks of an upstream body.
     #[serde(with = "humantime_serde_compat")]
     pub read_timeout: Duration,
+    /// Resumes (`Range: bytes=<received>-`) of one blob download whose
+    /// upstream connection broke, stalled or trickled; then it fails.
+    pub retries: u32,
+    /// Wait before the first resume, doubled for each next one (at most 30 s).
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_backoff: Duration,
+    /// Slowest upstream blob body accepted, in bytes per second over
+    /// `min_rate_window` of waiting for it (0: any rate); slower counts as a
+    /// broken connection (resumed within `retries`).
+    pub min_rate: ByteSize,
+    /// The window `min_rate` is measured over.
+    #[serde(with = "humantime_serde_compat")]
+    pub min_rate_window: Duration,
     /// Hosts besides the upstream's own that may receive the credentials
     /// at a token realm (Docker Hub's `auth.docker.io` is always allowed
     /// for `registry-1.docker.io`).
@@ -387,6 +400,10 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(10),
             timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(60),
+            retries: 5,
+            retry_backoff: Duration::from_millis(500),
+            min_rate: ByteSize(1024),
+            min_rate_window: Duration::from_secs(30),
             credential_hosts: Vec::new(),
             credentials_for: Vec::new(),
             tag_ttl: None,

@@ -6,7 +6,7 @@
 use http::{header, StatusCode};
 
 use super::{offline_miss, Registry};
-use crate::cache::download::{Fill, Joined, Source};
+use crate::cache::download::{Fill, Joined, Origin, Source};
 use crate::cache::store::{BlobFile, ContentKey};
 use crate::error::Error;
 use crate::range::{self, RangeRequest};
@@ -47,7 +47,9 @@ impl Registry {
                 return Ok(reply);
             }
         }
-        let read_timeout = self.upstream(route).read_timeout();
+        // The upstream's body guards itself (stalls, trickles) and resumes;
+        // the download's guard only has to outlast that.
+        let read_timeout = self.upstream(route).blob_silence_bound();
         let mut retried = false;
         loop {
             let joined = self
@@ -113,6 +115,7 @@ impl Registry {
         let upstream = self.upstream(route).clone();
         let index = self.index.clone();
         let tiers = self.cluster.as_ref().map(|c| c.tiers.clone());
+        let stall = upstream.read_timeout();
         let (key, repo, digest) = (route.key.clone(), route.repo.clone(), digest.clone());
         let get = {
             let digest = digest.clone();
@@ -127,7 +130,10 @@ impl Registry {
         Box::pin(async move {
             match tiers {
                 // The bucket, the lease holder, or the upstream.
-                Some(tiers) => tiers.fill(digest, get).await,
+                Some(tiers) => tiers
+                    .fill(digest, get)
+                    .await
+                    .map(|fill| stall_guard(fill, stall)),
                 None => get.await.map(Fill::upstream),
             }
         })
@@ -226,6 +232,34 @@ fn unsized_reply(digest: &Digest, source: Source, outcome: Outcome) -> Result<Re
         .body(body(digest, source.stream(0, None)))
         .map_err(|e| Error::internal("building a response", e))?;
     Ok(Reply { response, outcome })
+}
+
+/// A fill from the bucket or a peer, which has no guard of its own: ends
+/// when it sends nothing for `read_timeout` (the download's guard is the
+/// longer one the upstream's resumable body needs).
+fn stall_guard(mut fill: Fill, read_timeout: std::time::Duration) -> Fill {
+    use futures_util::StreamExt;
+    if fill.origin == Origin::Upstream {
+        return fill;
+    }
+    let origin = fill.origin.label();
+    let body = std::mem::replace(&mut fill.body, futures_util::stream::empty().boxed());
+    fill.body = futures_util::stream::unfold(Some(body), move |body| async move {
+        let mut body = body?;
+        match tokio::time::timeout(read_timeout, body.next()).await {
+            Ok(Some(item)) => Some((item, Some(body))),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(Error::UpstreamTimeout(format!(
+                    "the {origin} sent nothing for {}",
+                    humantime::format_duration(read_timeout)
+                ))),
+                None,
+            )),
+        }
+    })
+    .boxed();
+    fill
 }
 
 /// A blob body; a failure in its middle (the client's response then aborts)

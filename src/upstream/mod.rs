@@ -3,7 +3,9 @@
 //! registry errors. It knows nothing of the cache.
 
 pub mod challenge;
+pub mod rate;
 pub mod reach;
+pub mod resume;
 pub mod token;
 
 use std::sync::{Arc, RwLock};
@@ -22,6 +24,8 @@ use crate::metrics::{parse_ratelimit, Metrics};
 use crate::reference::{Digest, Reference, RepoName, Tag};
 use challenge::Challenge;
 use reach::Reach;
+pub use resume::BlobBody;
+use resume::Patience;
 use token::{Token, TokenCache, TokenKey, TokenResponse};
 
 /// Largest manifest or tag list the mirror accepts from the upstream.
@@ -92,6 +96,8 @@ pub struct Upstream {
     reach: Reach,
     timeout: Duration,
     read_timeout: Duration,
+    /// How blob bodies are read and resumed.
+    patience: Patience,
     tokens: TokenCache,
     /// The realm and service of the last Bearer challenge, so tokens for other
     /// repositories can be fetched before the first request instead of after a 401.
@@ -126,6 +132,14 @@ impl Upstream {
             reach: Reach::new(&config.url),
             timeout: config.timeout,
             read_timeout: config.read_timeout,
+            patience: Patience {
+                read_timeout: config.read_timeout,
+                timeout: config.timeout,
+                retries: config.retries,
+                backoff: config.retry_backoff,
+                min_rate: config.min_rate.0,
+                rate_window: config.min_rate_window,
+            },
             tokens: TokenCache::default(),
             realm: RwLock::new(None),
         })
@@ -133,6 +147,12 @@ impl Upstream {
 
     pub fn read_timeout(&self) -> Duration {
         self.read_timeout
+    }
+
+    /// The longest a blob body from [`Self::get_blob`] may stay silent, its
+    /// resumes included: the guard for the download that reads it.
+    pub fn blob_silence_bound(&self) -> Duration {
+        self.patience.silence_bound()
     }
 
     /// HEAD a manifest: its digest, media type and size, without counting
@@ -180,10 +200,70 @@ impl Upstream {
         )
     }
 
-    /// GET a blob; the caller streams the body.
-    pub async fn get_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Response, Error> {
+    /// GET a blob; the caller streams the body, which resumes with `Range`
+    /// where a connection broke (see [`resume`]).
+    pub async fn get_blob(
+        self: &Arc<Self>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<BlobBody, Error> {
         let path = format!("/v2/{repo}/blobs/{digest}");
-        self.send(Method::GET, repo, &path, None, What::Blob).await
+        let resp = self
+            .send_with(Method::GET, repo, &path, None, What::Blob, None)
+            .await?;
+        let asked = self
+            .base
+            .join(&path)
+            .map_err(|e| Error::internal("building the upstream URL", e))?;
+        let redirected = (*resp.url() != asked).then(|| resp.url().clone());
+        Ok(self.resumable(repo, digest, resp, redirected))
+    }
+
+    /// The rest of a blob from `offset`: at `from` (the redirect target the
+    /// body came from) when it still answers, else at the registry, which
+    /// hands out a fresh redirect (and a fresh token, when it refuses the
+    /// one it had). The caller checks the answer continues at `offset`.
+    async fn resume_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        from: Option<&Url>,
+        offset: u64,
+    ) -> Result<(Response, Option<Url>), Error> {
+        let range = format!("bytes={offset}-");
+        if let Some(url) = from {
+            let req = self
+                .request(Method::GET, url.clone(), None, None)
+                .header(header::RANGE, &range);
+            match self.execute(req).await {
+                Ok(resp)
+                    if resp.status().is_success()
+                        || resp.status() == StatusCode::RANGE_NOT_SATISFIABLE =>
+                {
+                    return Ok((resp, Some(url.clone())));
+                }
+                Ok(resp) => tracing::info!(
+                    %digest,
+                    status = resp.status().as_u16(),
+                    "the redirect target refused a resume (an expired URL?); asking the registry again"
+                ),
+                Err(e) => tracing::info!(
+                    %digest,
+                    error = %e,
+                    "the redirect target failed a resume; asking the registry again"
+                ),
+            }
+        }
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        let asked = self
+            .base
+            .join(&path)
+            .map_err(|e| Error::internal("building the upstream URL", e))?;
+        let resp = self
+            .send_with(Method::GET, repo, &path, None, What::Blob, Some(&range))
+            .await?;
+        let redirected = (*resp.url() != asked).then(|| resp.url().clone());
+        Ok((resp, redirected))
     }
 
     /// A repository's whole tag list, following the upstream's pagination
@@ -285,6 +365,20 @@ impl Upstream {
         accept: Option<&str>,
         what: What,
     ) -> Result<Response, Error> {
+        self.send_with(method, repo, path_and_query, accept, what, None)
+            .await
+    }
+
+    /// [`Self::send`] with a `Range` header, kept across redirects.
+    async fn send_with(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        path_and_query: &str,
+        accept: Option<&str>,
+        what: What,
+        range: Option<&str>,
+    ) -> Result<Response, Error> {
         let url = self
             .base
             .join(path_and_query)
@@ -307,7 +401,10 @@ impl Upstream {
         };
         let mut retried = false;
         loop {
-            let req = self.request(method.clone(), url.clone(), accept, auth.as_ref());
+            let mut req = self.request(method.clone(), url.clone(), accept, auth.as_ref());
+            if let Some(r) = range {
+                req = req.header(header::RANGE, r);
+            }
             let resp = self.execute(req).await?;
             if resp.status() == StatusCode::UNAUTHORIZED && !retried {
                 retried = true;
@@ -323,7 +420,9 @@ impl Upstream {
                 return Err(map_status(&resp, what));
             }
             if resp.status().is_redirection() {
-                return self.follow_redirects(method, resp, accept, what).await;
+                return self
+                    .follow_redirects(method, resp, accept, what, range)
+                    .await;
             }
             if resp.status().is_success() {
                 return Ok(resp);
@@ -496,6 +595,7 @@ impl Upstream {
         mut resp: Response,
         accept: Option<&str>,
         what: What,
+        range: Option<&str>,
     ) -> Result<Response, Error> {
         for _ in 0..MAX_REDIRECTS {
             let location =
@@ -507,9 +607,11 @@ impl Upstream {
                 .join(location)
                 .map_err(|_| Error::UpstreamFailed("upstream redirect to an invalid URL".into()))?;
             self.reach.check(&next, "redirect").await?;
-            resp = self
-                .execute(self.request(method.clone(), next, accept, None))
-                .await?;
+            let mut req = self.request(method.clone(), next, accept, None);
+            if let Some(r) = range {
+                req = req.header(header::RANGE, r);
+            }
+            resp = self.execute(req).await?;
             if resp.status().is_success() {
                 return Ok(resp);
             }

@@ -9,7 +9,7 @@ use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
 use crate::error::Error;
-use crate::upstream::transport_error;
+use crate::upstream::{transport_error, BlobBody};
 
 /// Where a fill's bytes came from, for the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,9 +49,14 @@ impl std::fmt::Debug for Fill {
 }
 
 impl Fill {
-    /// An upstream response's body.
-    pub fn upstream(resp: reqwest::Response) -> Self {
-        Self::response(Origin::Upstream, resp)
+    /// An upstream blob's body (which resumes itself where it breaks).
+    pub fn upstream(body: BlobBody) -> Self {
+        Self {
+            origin: Origin::Upstream,
+            size: body.size,
+            body: body.stream,
+            sink: None,
+        }
     }
 
     /// An HTTP response's body, from `origin`.
