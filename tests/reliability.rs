@@ -13,6 +13,12 @@
 //!   `distribution`: docker-registry as a pull-through proxy, for the comparison.
 //! - `flood`: thousands of dripping and silent connections while a client pulls (item 1).
 //! - `framing`: hostile HTTP/1.1 framing and HTTP/2 floods, no smuggling (item 6).
+//! - `fault_proxy`: a TCP proxy between the mirror and the fake upstream whose fault (cut,
+//!   silence, headers only, trickle) the test switches at runtime, and the rig of the three.
+//! - `resume`: a blob cut mid-body resumed with `Range` (also through an expired redirect or
+//!   token), an upstream that cannot continue at the offset, resumes running out.
+//! - `stalls`: an upstream that says nothing, sends headers only, or trickles: each ends within
+//!   its timeout, descriptors come back, the next pull fetches again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -23,7 +29,13 @@ mod distribution;
 mod flood;
 #[path = "reliability/framing.rs"]
 mod framing;
+#[path = "reliability/fault_proxy.rs"]
+mod fault_proxy;
 #[path = "reliability/report.rs"]
 mod report;
+#[path = "reliability/resume.rs"]
+mod resume;
 #[path = "reliability/scale.rs"]
 mod scale;
+#[path = "reliability/stalls.rs"]
+mod stalls;

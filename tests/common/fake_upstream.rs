@@ -5,6 +5,7 @@
 
 mod body;
 mod restart;
+mod resume;
 mod server;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -17,6 +18,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle};
+
+pub use resume::ResumeFaults;
 
 use super::images::{build_image, build_index, sha256_digest, Format, ImageInfo, IndexInfo};
 
@@ -32,6 +35,8 @@ pub struct Seen {
     /// The `Authorization` header as sent.
     pub authorization: Option<String>,
     pub accept: Option<String>,
+    /// The `Range` header as sent.
+    pub range: Option<String>,
     /// Whether it passed the token check (false: answered with a 401 challenge).
     pub authorized: bool,
 }
@@ -109,6 +114,8 @@ pub struct Faults {
     pub reject_next_token: bool,
     /// Reject every token (the realm issues tokens the registry never accepts).
     pub reject_all_tokens: bool,
+    /// Faults of resumed bodies and of the CDN (`resume.rs`).
+    pub resume: ResumeFaults,
 }
 
 impl Default for Faults {
@@ -130,6 +137,7 @@ impl Default for Faults {
             token_expires_in: 300,
             reject_next_token: false,
             reject_all_tokens: false,
+            resume: ResumeFaults::default(),
         }
     }
 }
@@ -160,6 +168,7 @@ pub(crate) struct Inner {
     pub token_fetches: Vec<TokenFetch>,
     /// Requests that carried a bearer token the fake refused.
     pub rejected_tokens: usize,
+    pub cdn: resume::CdnState,
 }
 
 pub(crate) struct Shared {
@@ -440,6 +449,11 @@ impl FakeUpstream {
     /// All `GET /token` requests.
     pub fn token_fetches(&self) -> Vec<TokenFetch> {
         self.shared.lock().token_fetches.clone()
+    }
+
+    /// CDN GETs refused because their signed URL had expired (`cdn_single_use`).
+    pub fn expired_cdn_urls(&self) -> usize {
+        self.shared.lock().cdn.expired
     }
 
     /// Requests refused because of their bearer token (expired, revoked, wrong scope).

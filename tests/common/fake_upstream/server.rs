@@ -14,6 +14,7 @@ use rand::Rng as _;
 use serde_json::json;
 
 use super::body::{blob_body, Body, BodyPlan};
+use super::resume;
 use super::{IssuedToken, Seen, Shared, TokenFetch, SERVICE};
 
 enum Route {
@@ -70,6 +71,7 @@ pub(super) async fn handle(
     let query = req.uri().query().map(str::to_owned);
     let authorization = header_string(req.headers(), header::AUTHORIZATION);
     let accept = header_string(req.headers(), header::ACCEPT);
+    let range = header_string(req.headers(), header::RANGE);
     let route = route(&path);
     let repo = match &route {
         Route::Manifest(n, _) | Route::Blob(n, _) | Route::Tags(n) => Some(n.clone()),
@@ -85,6 +87,7 @@ pub(super) async fn handle(
         query: query.clone(),
         authorization: authorization.clone(),
         accept,
+        range,
         authorized,
     });
     if !authorized {
@@ -102,6 +105,8 @@ pub(super) async fn handle(
                 )
             } else if !query.as_deref().unwrap_or("").contains("sig=") {
                 error(StatusCode::FORBIDDEN, "DENIED", "unsigned CDN URL")
+            } else if let Err(status) = resume::cdn_check(&shared, query.as_deref().unwrap_or("")) {
+                error(status, "DENIED", "the signed URL has expired")
             } else {
                 serve_blob(&shared, &digest, head, req.headers())
             }
@@ -325,7 +330,7 @@ fn blob(
             .status(StatusCode::TEMPORARY_REDIRECT)
             .header(
                 header::LOCATION,
-                format!("{}/cdn/{digest}?sig={sig}", shared.base),
+                format!("{}/cdn/{digest}?sig={sig}", resume::cdn_base(shared)),
             )
             .body(empty())
             .expect("redirect");
@@ -357,7 +362,12 @@ fn serve_blob(shared: &Shared, digest: &str, head: bool, headers: &HeaderMap) ->
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header("docker-content-digest", digest)
         .header(header::ACCEPT_RANGES, "bytes");
-    let range = header_string(headers, header::RANGE).and_then(|r| parse_range(&r, size));
+    let range = header_string(headers, header::RANGE)
+        .and_then(|r| parse_range(&r, size))
+        .and_then(|r| match r {
+            Ok(asked) => resume::served_range(shared, asked, size).map(Ok),
+            Err(()) => Some(Err(())),
+        });
     let (start, end) = match range {
         Some(Ok((s, e))) => {
             b = b
