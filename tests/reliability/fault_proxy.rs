@@ -115,7 +115,7 @@ impl FaultProxy {
     }
 
     /// Applies `fault` to the next `times` requests whose path contains `path` (every one when
-    /// `None`) and, but for `Silent`, whose answer is a success (a body to fault: not a 401
+    /// `None`) and, but for `Silent`, whose answer is a success with a body (not a HEAD, a 401
     /// challenge or a redirect); other requests pass.
     pub fn set(&self, fault: Fault, path: &str, times: Option<usize>) {
         lock(&self.state).rule = Some(Rule {
@@ -221,14 +221,15 @@ fn get<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 /// The rule's fault for a request to `path`, counting it: `Silent` before the answer
 /// (`status` `None`), the others once the answer's `status` is a success.
-fn fault_for(state: &Shared, path: &str, status: Option<u16>) -> Fault {
+fn fault_for(state: &Shared, method: &str, path: &str, status: Option<u16>) -> Fault {
     let mut g = lock(state);
     let Some(rule) = g.rule.as_mut() else {
         return Fault::Pass;
     };
     let stage = match status {
         None => rule.fault == Fault::Silent,
-        Some(s) => rule.fault != Fault::Silent && (200..300).contains(&s),
+        // A HEAD's answer has no body to fault.
+        Some(s) => rule.fault != Fault::Silent && method != "HEAD" && (200..300).contains(&s),
     };
     if !stage || !path.contains(&rule.path) || rule.left == Some(0) {
         return Fault::Pass;
@@ -266,7 +267,7 @@ async fn serve(client: TcpStream, target: SocketAddr, state: &Shared) -> Option<
             body_len -= part.len();
             request.extend_from_slice(&part);
         }
-        let fault = fault_for(state, &path, None);
+        let fault = fault_for(state, &method, &path, None);
         let index = {
             let mut g = lock(state);
             g.log.push(Exchange {
@@ -298,7 +299,7 @@ async fn serve(client: TcpStream, target: SocketAddr, state: &Shared) -> Option<
         let head = from_up.head().await?;
         let (status, headers) = parse(&head);
         let status: u16 = status.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let fault = fault_for(state, &path, Some(status));
+        let fault = fault_for(state, &method, &path, Some(status));
         {
             let mut g = lock(state);
             g.log[index].status = status;
@@ -363,15 +364,21 @@ async fn serve(client: TcpStream, target: SocketAddr, state: &Shared) -> Option<
     }
 }
 
+/// Rigs run one at a time: the stall tests count the process's descriptors, which the
+/// tests of another rig would move.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A fake upstream, the proxy in front of it, and a mirror of the proxy: resumes after 50 ms
 /// (then `tweak` adjusts the config).
 pub struct Rig {
     pub fake: crate::common::FakeUpstream,
     pub proxy: FaultProxy,
     pub m: crate::common::MirrorHandle,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
 pub async fn rig(tweak: impl FnOnce(&mut regmirror::config::Config)) -> Rig {
+    let serial = SERIAL.lock().await;
     let fake = crate::common::FakeUpstream::start().await;
     let proxy = FaultProxy::start(&fake.url()).await;
     let m = crate::common::start_mirror(&proxy.url(), |c| {
@@ -379,7 +386,12 @@ pub async fn rig(tweak: impl FnOnce(&mut regmirror::config::Config)) -> Rig {
         tweak(c);
     })
     .await;
-    Rig { fake, proxy, m }
+    Rig {
+        fake,
+        proxy,
+        m,
+        _serial: serial,
+    }
 }
 
 impl Rig {

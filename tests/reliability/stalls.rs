@@ -142,6 +142,9 @@ async fn a_byte_a_second_is_below_min_rate_and_aborts_the_body() {
     .await;
 }
 
+/// How long distribution's client waits before it gives up on its own.
+const GIVE_UP: Duration = Duration::from_secs(60);
+
 /// Distribution's proxy through the same proxy under `fault` (a fresh blob of `size`): what
 /// its client got, and when.
 pub async fn distribution_under(r: &Rig, name: &str, fault: Fault, size: usize) {
@@ -153,7 +156,7 @@ pub async fn distribution_under(r: &Rig, name: &str, fault: Fault, size: usize) 
     r.proxy.set(fault, "/blobs/", Some(1));
     let client = reqwest::Client::builder()
         .no_proxy()
-        .timeout(Duration::from_secs(300))
+        .timeout(GIVE_UP)
         .build()
         .unwrap();
     let started = Instant::now();
@@ -171,6 +174,11 @@ pub async fn distribution_under(r: &Rig, name: &str, fault: Fault, size: usize) 
         },
     };
     let took = started.elapsed();
+    let got = if took >= GIVE_UP {
+        format!("nothing ended it; the client gave up after {GIVE_UP:?} ({got})")
+    } else {
+        got
+    };
     r.proxy.pass();
     let gets = r
         .proxy
