@@ -19,10 +19,18 @@
 //!   token), an upstream that cannot continue at the offset, resumes running out.
 //! - `stalls`: an upstream that says nothing, sends headers only, or trickles: each ends within
 //!   its timeout, descriptors come back, the next pull fetches again.
+//!   `distribution`: docker-registry as a pull-through proxy, for the comparison;
+//!   `clients`: clients that hash every body they get, and the tally of what they got.
+//! - `crash_loop` (item 5): `regmirror serve` killed with SIGKILL at random moments under
+//!   pulls, evictions and imports; the cache whole after each restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+#[path = "reliability/clients.rs"]
+mod clients;
+#[path = "reliability/crash_loop.rs"]
+mod crash_loop;
 #[path = "reliability/distribution.rs"]
 mod distribution;
 #[path = "reliability/flood.rs"]
