@@ -23,6 +23,8 @@
 //!   `clients`: clients that hash every body they get, and the tally of what they got.
 //! - `crash_loop` (item 5): `regmirror serve` killed with SIGKILL at random moments under
 //!   pulls, evictions and imports; the cache whole after each restart.
+//! - `soak` (item 7): 64 clients under a small budget, moving tags and upstream faults
+//!   switched on and off; every byte checked, memory and descriptors flat.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -47,3 +49,5 @@ mod resume;
 mod scale;
 #[path = "reliability/stalls.rs"]
 mod stalls;
+#[path = "reliability/soak.rs"]
+mod soak;
