@@ -512,31 +512,44 @@ fn serve(config: config::Config) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        regmirror::server::run(listener, config, shutdown_signal()).await?;
+        let shutdown = shutdown_signal().context("installing the SIGTERM and SIGINT handlers")?;
+        regmirror::server::run(listener, config, shutdown).await?;
         Ok(())
     })
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+/// Completes on SIGINT or SIGTERM. The handlers are installed by the call,
+/// not when the future is first polled: `run` polls it only once it says it
+/// listens, and a SIGTERM in between met the default action, so the process
+/// died without draining or writing its index (found by the reliability
+/// suite's crash loop, which stops a mirror right after it starts).
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
             _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// A SIGTERM that arrives before the shutdown future is first polled ends
+    /// that future once polled, instead of the process.
+    #[tokio::test]
+    async fn a_sigterm_before_the_first_poll_is_caught() {
+        let shutdown = super::shutdown_signal().expect("install the handlers");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &std::process::id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success());
+        let caught = tokio::time::timeout(Duration::from_secs(10), shutdown).await;
+        assert!(caught.is_ok(), "the SIGTERM was not seen");
     }
 }
