@@ -509,8 +509,7 @@ fn block_on<T>(f: impl std::future::Future<Output = std::io::Result<T>>) -> anyh
 fn serve(config: config::Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
+        let listener = regmirror::server::bind(config.listen)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let shutdown = shutdown_signal().context("installing the SIGTERM and SIGINT handlers")?;
         regmirror::server::run(listener, config, shutdown).await?;

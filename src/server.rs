@@ -60,6 +60,24 @@ struct Frontend {
     ops_only: bool,
 }
 
+/// The listen backlog asked for (the kernel caps it at `net.core.somaxconn`, 4096 on
+/// current Linux). tokio's `TcpListener::bind` asks for 1,024: under a connection flood the
+/// mirror sheds connections quickly, and a reconnecting flood overflowed that backlog, so
+/// legitimate clients waited for SYN retransmits (1 s, then 3 s).
+const BACKLOG: u32 = 4096;
+
+/// Binds a listener for `addr` with SO_REUSEADDR and a backlog of [`BACKLOG`].
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 /// Serves the registry API on `listener` until `shutdown` completes.
 pub async fn run(
     listener: TcpListener,
@@ -110,7 +128,7 @@ pub async fn run(
     });
     let limits = Arc::new(config.server.clone());
     if let Some(addr) = config.metrics.listen {
-        let ops_listener = TcpListener::bind(addr).await?;
+        let ops_listener = bind(addr)?;
         tracing::info!(addr = %ops_listener.local_addr()?, "operator endpoints listening");
         let ops = Arc::new(Frontend {
             registry: registry.clone(),

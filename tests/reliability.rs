@@ -35,19 +35,19 @@ mod clients;
 mod crash_loop;
 #[path = "reliability/distribution.rs"]
 mod distribution;
+#[path = "reliability/fault_proxy.rs"]
+mod fault_proxy;
 #[path = "reliability/flood.rs"]
 mod flood;
 #[path = "reliability/framing.rs"]
 mod framing;
-#[path = "reliability/fault_proxy.rs"]
-mod fault_proxy;
 #[path = "reliability/report.rs"]
 mod report;
 #[path = "reliability/resume.rs"]
 mod resume;
 #[path = "reliability/scale.rs"]
 mod scale;
-#[path = "reliability/stalls.rs"]
-mod stalls;
 #[path = "reliability/soak.rs"]
 mod soak;
+#[path = "reliability/stalls.rs"]
+mod stalls;
