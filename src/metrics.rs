@@ -23,6 +23,10 @@ pub use signals::{watch, VERIFIED};
 /// How many recent errors the status page shows.
 const RECENT_ERRORS: usize = 20;
 
+/// Why a download was served without being kept (the `reason` of
+/// `downloads_not_kept`).
+pub const NOT_KEPT: [&str; 3] = ["too_large", "no_space", "commit_failed"];
+
 /// Why client credentials are refused (the `reason` of `auth_refusals`).
 pub const AUTH_REFUSALS: [&str; 4] = ["missing", "malformed", "invalid", "backoff"];
 
@@ -123,6 +127,7 @@ pub struct Metrics {
     ratelimit_remaining: Family<UpstreamLabels, Gauge>,
     evictions: Family<ReasonLabels, Counter>,
     evicted_bytes: Family<ReasonLabels, Counter>,
+    not_kept: Family<ReasonLabels, Counter>,
     cache_bytes: Gauge,
     cache_entries: Family<KindLabels, Gauge>,
     stale_serves: Counter,
@@ -191,6 +196,7 @@ impl Metrics {
             ratelimit_remaining: Family::default(),
             evictions: Family::default(),
             evicted_bytes: Family::default(),
+            not_kept: Family::default(),
             cache_bytes: Gauge::default(),
             cache_entries: Family::default(),
             stale_serves: Counter::default(),
@@ -228,6 +234,9 @@ impl Metrics {
         for reason in ["idle", "size"] {
             drop(m.evictions.get_or_create(&ReasonLabels { reason }));
             drop(m.evicted_bytes.get_or_create(&ReasonLabels { reason }));
+        }
+        for reason in NOT_KEPT {
+            drop(m.not_kept.get_or_create(&ReasonLabels { reason }));
         }
         for reason in AUTH_REFUSALS {
             drop(m.auth_refusals.get_or_create(&ReasonLabels { reason }));
@@ -290,6 +299,11 @@ impl Metrics {
             "evicted_bytes",
             "Bytes evicted from the cache, by reason",
             m.evicted_bytes.clone(),
+        );
+        r.register(
+            "downloads_not_kept",
+            "Blob downloads served to their clients without being kept, by reason: too_large (over the budget or the filesystem), no_space (a spool write failed), commit_failed",
+            m.not_kept.clone(),
         );
         r.register(
             "cache_bytes",
@@ -622,6 +636,12 @@ impl Metrics {
     }
 
     /// Credentials refused, for one of [`AUTH_REFUSALS`].
+    /// A verified download's clients got the blob, but the cache did not
+    /// keep it, for `reason` (one of [`NOT_KEPT`]).
+    pub fn not_kept(&self, reason: &'static str) {
+        self.not_kept.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
     pub fn auth_refusal(&self, reason: &'static str) {
         self.auth_refusals
             .get_or_create(&ReasonLabels { reason })

@@ -1,6 +1,7 @@
-//! Eviction mechanism: measures what is on disk, asks [`policy`] what to
-//! remove, removes it from the store and the index. Readers that have a file
-//! open keep streaming it: removal only unlinks.
+//! Eviction mechanism: measures what is on disk (and what its filesystem
+//! has free), asks [`policy`] what to remove, removes it from the store and
+//! the index. Readers that have a file open keep streaming it: removal only
+//! unlinks.
 
 use std::io;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::cache::policy::{self, Budget, Candidate, EvictReason};
 use crate::cache::store::{BlobStore, ContentEntry, ContentKey, Index, Kind};
+use crate::config::MinFree;
 
 /// The budget and idle TTLs eviction works with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +17,8 @@ pub struct Limits {
     pub budget: Budget,
     pub blob_idle_ttl: Option<Duration>,
     pub manifest_idle_ttl: Option<Duration>,
+    /// What to leave free on the store's filesystem.
+    pub min_free: MinFree,
 }
 
 /// What one eviction run did.
@@ -64,6 +68,7 @@ impl Evictor {
         let contents = self.index.contents().await;
         let items: u64 = contents.iter().map(|(_, e)| e.size).sum();
         let usage_before = items + self.store.temp_bytes().await?;
+        let budget = self.budget(usage_before).await;
         let candidates: Vec<Candidate<ContentKey>> = contents
             .into_iter()
             .map(|(key, entry)| Candidate {
@@ -86,7 +91,7 @@ impl Evictor {
                 (&c.key, entry)
             })
             .collect();
-        let chosen = policy::select_evictions(&candidates, usage_before, self.limits.budget, now);
+        let chosen = policy::select_evictions(&candidates, usage_before, budget, now);
         let mut report = Report {
             usage_before,
             ..Report::default()
@@ -120,6 +125,21 @@ impl Evictor {
         }
         report.usage_after = usage_before.saturating_sub(report.freed());
         Ok(report)
+    }
+
+    /// The budget with the filesystem's free space taken into account.
+    async fn budget(&self, usage: u64) -> Budget {
+        match self.store.fs_space().await {
+            Ok(Some(space)) => {
+                let min_free = self.limits.min_free.bytes(space.size);
+                self.limits.budget.on_disk(usage, space, min_free)
+            }
+            Ok(None) => self.limits.budget,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cache filesystem's free space");
+                self.limits.budget
+            }
+        }
     }
 
     /// Brings the index in line with the store (files removed by hand or by
@@ -169,6 +189,7 @@ mod tests {
             budget: Budget::new(max, 90, 60),
             blob_idle_ttl: None,
             manifest_idle_ttl: None,
+            min_free: MinFree::Bytes(0),
         }
     }
 

@@ -75,6 +75,42 @@ impl Budget {
     }
 }
 
+/// The filesystem the cache lives on, as `statvfs` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsSpace {
+    /// The filesystem's size.
+    pub size: u64,
+    /// Bytes an unprivileged writer may still take.
+    pub free: u64,
+}
+
+impl Budget {
+    /// This budget on a filesystem with `space`, of which the cache (now
+    /// `usage` bytes) must leave `min_free` free: the cache may take what
+    /// it holds plus what is free beyond `min_free`, and no more. Past that
+    /// room the high watermark comes down to it, the low one in proportion,
+    /// so an eviction runs before the disk fills, not after a write failed.
+    pub fn on_disk(self, usage: u64, space: FsSpace, min_free: u64) -> Budget {
+        let room = usage.saturating_add(space.free).saturating_sub(min_free);
+        if room >= self.high {
+            return self;
+        }
+        let low = if self.high == 0 {
+            0
+        } else {
+            (u128::from(self.low) * u128::from(room) / u128::from(self.high)) as u64
+        };
+        Budget { high: room, low }
+    }
+}
+
+/// Whether a blob of `size` bytes could be kept on a filesystem with
+/// `space` that must keep `min_free` free, were everything else on it
+/// gone: if not, a download of it is not spooled at all.
+pub fn fits_disk(size: u64, space: FsSpace, min_free: u64) -> bool {
+    size <= space.size.saturating_sub(min_free)
+}
+
 /// Why an entry was chosen for eviction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EvictReason {
@@ -146,6 +182,50 @@ mod tests {
 
     fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    const MB: u64 = 1_000_000;
+
+    /// The case: a 20 GB budget on a 300 MB filesystem.
+    #[test]
+    fn min_free_brings_the_budget_within_the_filesystem() {
+        let budget = Budget::new(20_000 * MB, 90, 80);
+        let disk = |free| FsSpace {
+            size: 300 * MB,
+            free,
+        };
+        // 100 MB cached, 200 MB free, 15 MB to leave: room for 285 MB.
+        let b = budget.on_disk(100 * MB, disk(200 * MB), 15 * MB);
+        assert_eq!(b.high, 285 * MB);
+        assert_eq!(b.low, 285 * MB * 80 / 90);
+        assert!(select_evictions::<u8>(&[], 100 * MB, b, t(0)).is_empty());
+        // Full: 290 MB cached, 10 MB free, so usage is past the room.
+        let b = budget.on_disk(290 * MB, disk(10 * MB), 15 * MB);
+        assert_eq!(b.high, 285 * MB);
+        let items: Vec<Candidate<u8>> = (0..29)
+            .map(|i| Candidate {
+                key: i,
+                size: 10 * MB,
+                last_access: t(u64::from(i)),
+                idle_ttl: None,
+            })
+            .collect();
+        let evicted = select_evictions(&items, 290 * MB, b, t(100));
+        let left = 290 * MB - 10 * MB * evicted.len() as u64;
+        assert!(left <= b.low, "{left} left");
+        assert_eq!(evicted[0], (0, EvictReason::Size), "oldest first");
+        // Free space beyond min_free and the budget: the budget alone.
+        let big = FsSpace {
+            size: 1_000_000 * MB,
+            free: 900_000 * MB,
+        };
+        assert_eq!(budget.on_disk(5 * MB, big, 50_000 * MB), budget);
+        // Less free than min_free and nothing cached: nothing may be kept.
+        let b = budget.on_disk(0, disk(5 * MB), 15 * MB);
+        assert_eq!((b.high, b.low), (0, 0));
+        assert!(fits_disk(285 * MB, disk(0), 15 * MB));
+        assert!(!fits_disk(285 * MB + 1, disk(300 * MB), 15 * MB));
+        assert!(!fits_disk(1, disk(300 * MB), 400 * MB));
     }
 
     #[test]

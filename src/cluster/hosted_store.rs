@@ -206,6 +206,10 @@ impl BlobStore for HostedTiers {
     async fn clean_temp(&self, older_than: Option<Duration>) -> io::Result<usize> {
         self.local.clean_temp(older_than).await
     }
+
+    async fn fs_space(&self) -> io::Result<Option<crate::cache::policy::FsSpace>> {
+        self.local.fs_space().await
+    }
 }
 
 #[cfg(test)]

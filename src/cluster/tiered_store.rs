@@ -110,4 +110,8 @@ impl BlobStore for TieredStore {
     async fn clean_temp(&self, older_than: Option<Duration>) -> io::Result<usize> {
         self.local.clean_temp(older_than).await
     }
+
+    async fn fs_space(&self) -> io::Result<Option<crate::cache::policy::FsSpace>> {
+        self.local.fs_space().await
+    }
 }

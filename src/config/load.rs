@@ -43,6 +43,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("cache.tag_ttl", Kind::Str),
     ("cache.tag_ttl_rules", Kind::Toml),
     ("cache.max_downloads", Kind::Toml),
+    ("cache.min_free", Kind::Str),
     ("upstream.credential_hosts", Kind::Toml),
     ("upstream.credentials_for", Kind::Toml),
     ("upstream.tag_ttl", Kind::Str),
@@ -364,6 +365,7 @@ mod tests {
                 r#"[{pattern = "*:latest", ttl = "1m"}]"#,
             ),
             ("cache.max_downloads", "7"),
+            ("cache.min_free", "2.5%"),
             ("upstream.credential_hosts", r#"["auth.example"]"#),
             ("upstream.credentials_for", r#"["myorg/*"]"#),
             ("upstream.name", "docker.io"),
@@ -440,6 +442,10 @@ mod tests {
         assert_eq!(CacheConfig::idle_ttl(c.cache.manifest_idle_ttl), None);
         assert_eq!(c.cache.tag_rules()[0].ttl, Duration::from_secs(60));
         assert_eq!(c.cache.max_downloads, 7);
+        assert_eq!(
+            c.cache.min_free,
+            crate::config::MinFree::PerTenThousand(250)
+        );
         assert_eq!(c.upstream.credential_hosts, vec!["auth.example".to_owned()]);
         assert_eq!(c.upstream.credentials_for, vec!["myorg/*".to_owned()]);
         assert_eq!(c.tls.key, Some(PathBuf::from("/k.pem")));

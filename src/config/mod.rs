@@ -23,7 +23,7 @@ mod warm;
 pub use cluster::{Backend, ClusterConfig, S3Config, StorageConfig, MIN_SECRET_LEN};
 pub use hosted::HostedConfig;
 pub use load::{env_name, load, ConfigError, Flags};
-pub use size::ByteSize;
+pub use size::{ByteSize, MinFree};
 pub use warm::{WarmConfig, MIN_EVERY as WARM_MIN_EVERY};
 
 /// The commented default configuration shipped with the binary.
@@ -463,6 +463,10 @@ pub struct CacheConfig {
     /// Blob downloads from the upstream at once; past it a miss is refused
     /// with 503 until one ends (each holds a spool file and a connection).
     pub max_downloads: usize,
+    /// Space left free on the data dir's filesystem: eviction keeps the
+    /// cache below the filesystem's size minus this, whatever `max_size`
+    /// says, and a blob that could not fit beside it is not kept.
+    pub min_free: MinFree,
 }
 
 impl Default for CacheConfig {
@@ -476,6 +480,9 @@ impl Default for CacheConfig {
             tag_ttl: Duration::from_secs(5 * 60),
             tag_ttl_rules: Vec::new(),
             max_downloads: 512,
+            // ext4 reserves 5 % for root by default: the same margin, for
+            // the index snapshot, logs, hosted pushes and other tenants.
+            min_free: MinFree::PerTenThousand(500),
         }
     }
 }

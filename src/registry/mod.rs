@@ -194,15 +194,18 @@ impl Registry {
         let verifier =
             Arc::new(Verifier::new(store.clone(), index.clone()).counting(metrics.clone()));
         Ok(Self {
-            downloads: Arc::new(Downloads::new(
-                store.clone(),
-                index.clone(),
-                config.cache.max_size.0,
-                config.cache.max_downloads,
-                space_changed.clone(),
-                verifier.clone(),
-                metrics.clone(),
-            )),
+            downloads: Arc::new(
+                Downloads::new(
+                    store.clone(),
+                    index.clone(),
+                    config.cache.max_size.0,
+                    config.cache.max_downloads,
+                    space_changed.clone(),
+                    verifier.clone(),
+                    metrics.clone(),
+                )
+                .with_min_free(config.cache.min_free),
+            ),
             evictor: Evictor::new(store.clone(), index.clone(), limits(&config.cache)),
             space_changed,
             store,
@@ -527,6 +530,7 @@ pub fn limits(cache: &CacheConfig) -> Limits {
         budget: cache.budget(),
         blob_idle_ttl: CacheConfig::idle_ttl(cache.blob_idle_ttl),
         manifest_idle_ttl: CacheConfig::idle_ttl(cache.manifest_idle_ttl),
+        min_free: cache.min_free,
     }
 }
 

@@ -2,7 +2,9 @@
 //! clients ask at once. The download runs in its own task (it outlives the
 //! client that started it), writes to a spool file while hashing, and commits
 //! only when size and digest match (and the blob fits the cache at all).
-//! Clients follow it as it arrives ([`Source`]).
+//! Clients follow it as it arrives ([`Source`]). A spool write that fails (a
+//! full disk) costs the cache the blob, never the clients: the download goes
+//! on from memory at the slowest client's pace and keeps nothing.
 //!
 //! Mechanism only: which repository may read a blob is decided by the caller.
 
@@ -23,13 +25,23 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{watch, Notify};
 
+use crate::cache::policy;
 use crate::cache::store::{BlobFile, BlobStore, ContentKey, Index, Spool};
+use crate::config::MinFree;
 use crate::error::Error;
 use crate::hashing::Hasher;
 use crate::metrics::Metrics;
 use crate::reference::Digest;
 use recent::Recent;
-use writer::SpoolWriter;
+use writer::{SpoolWriter, WriteFn};
+
+/// A verified download, and whether its spool holds the whole blob to commit.
+#[derive(Debug, Clone, Copy)]
+struct Received {
+    size: u64,
+    /// `None`: spooled whole; else why it is not kept.
+    not_kept: Option<&'static str>,
+}
 
 /// Where a download stands; followers watch it.
 #[derive(Debug, Clone)]
@@ -115,6 +127,9 @@ pub struct Downloads {
     keep_limit: u64,
     /// Downloads at once; past it a new one is refused (`Error::Busy`).
     max_active: usize,
+    /// What to leave free on the store's filesystem: a blob that would not
+    /// fit beside it is not spooled.
+    min_free: MinFree,
     /// Woken after a commit or a failed write, so eviction runs.
     space_changed: Arc<Notify>,
     /// Vouches for what a download committed, so it is not hashed again.
@@ -123,6 +138,8 @@ pub struct Downloads {
     active: Mutex<HashMap<Digest, Arc<Download>>>,
     /// Verified downloads whose commit has not ended.
     commits: watch::Sender<usize>,
+    /// How chunks reach a spool (a failing one in tests).
+    spool_write: WriteFn,
 }
 
 impl Downloads {
@@ -140,12 +157,28 @@ impl Downloads {
             index,
             keep_limit,
             max_active,
+            min_free: MinFree::Bytes(0),
             space_changed,
             verifier,
             metrics,
             active: Mutex::new(HashMap::new()),
             commits: watch::Sender::new(0),
+            spool_write: writer::write_all_at(),
         }
+    }
+
+    /// These downloads, leaving `min_free` free on the store's filesystem
+    /// (none by default).
+    pub fn with_min_free(mut self, min_free: MinFree) -> Self {
+        self.min_free = min_free;
+        self
+    }
+
+    /// These downloads with spool writes made by `write`, for tests.
+    #[cfg(test)]
+    pub(crate) fn with_spool_write(mut self, write: WriteFn) -> Self {
+        self.spool_write = write;
+        self
     }
 
     /// Downloads over `store` and `index` with no budget and 8 at once,
@@ -237,7 +270,7 @@ impl Downloads {
                 )
                 .await;
             match outcome {
-                Ok(size) => {
+                Ok(Received { size, not_kept }) => {
                     // Every byte is verified: followers get their last byte
                     // now, not after the commit's fsync. The download stays
                     // in the map until the commit ends, so a request in
@@ -245,7 +278,14 @@ impl Downloads {
                     // committed blob.
                     let _committing = Committing::start(&this.commits);
                     running.tx.send_replace(Progress::Verified { size });
-                    this.keep(spool, &digest, size).await;
+                    match not_kept {
+                        None => this.keep(spool, &digest, size).await,
+                        // Its followers read the unlinked spool to its end.
+                        Some(reason) => {
+                            this.metrics.not_kept(reason);
+                            drop(spool);
+                        }
+                    }
                     this.leave(&digest, &entry);
                 }
                 Err(e) => {
@@ -310,11 +350,6 @@ impl Downloads {
     /// failed commit only costs the cache the blob: its followers already
     /// have every byte.
     async fn keep(&self, spool: Spool, digest: &Digest, size: u64) {
-        if size > self.keep_limit {
-            // Said when it was found out (at the headers, or at the budget).
-            tracing::debug!(%digest, size, "a blob larger than the cache is not kept");
-            return;
-        }
         match self.store.commit_blob(spool, digest).await {
             Ok(()) => {
                 self.index
@@ -323,7 +358,8 @@ impl Downloads {
                 self.verifier.vouch(digest).await;
             }
             Err(e) => {
-                tracing::error!(%digest, error = %e, "cannot commit a downloaded blob; it is not cached");
+                self.metrics.not_kept("commit_failed");
+                tracing::warn!(%digest, error = %e, "cannot commit a downloaded blob; its clients have it, the cache does not");
             }
         }
     }
@@ -337,14 +373,14 @@ impl Downloads {
         fetch: F,
         read_timeout: Duration,
         tx: &watch::Sender<Progress>,
-    ) -> Result<u64, Error>
+    ) -> Result<Received, Error>
     where
         F: Future<Output = Result<Fill, Error>>,
     {
         let mut fill = fetch.await?;
         self.metrics.fill(fill.origin.label());
         let mut sink = fill.sink.take();
-        let mut writer = SpoolWriter::new(&spool.file);
+        let mut writer = SpoolWriter::with(&spool.file, self.spool_write.clone());
         let result = self
             .receive(
                 digest,
@@ -363,7 +399,7 @@ impl Downloads {
         }
         if let Some(sink) = sink {
             match &result {
-                Ok(size) => sink.verified(*size).await,
+                Ok(r) => sink.verified(r.size).await,
                 Err(e) => sink.failed(e).await,
             }
         }
@@ -383,16 +419,32 @@ impl Downloads {
         recent: &Recent,
         sink: &mut Option<Box<dyn Sink>>,
         tx: &watch::Sender<Progress>,
-    ) -> Result<u64, Error> {
+    ) -> Result<Received, Error> {
         use futures_util::StreamExt;
         let size = fill.size;
         let origin = fill.origin;
         // Known too large to keep: no spool (it would fill the disk, or make
         // eviction empty the cache, for bytes that are dropped at the end).
-        let mut spooled = size.is_none_or(|s| s <= self.keep_limit);
+        let mut not_kept = None;
+        let mut spooled = match size {
+            Some(s) if s > self.keep_limit => {
+                tracing::warn!(%digest, size, limit = self.keep_limit, "blob larger than the cache; streamed to its clients without being kept");
+                false
+            }
+            Some(s) => match self.store.fs_space().await {
+                Ok(Some(space))
+                    if !policy::fits_disk(s, space, self.min_free.bytes(space.size)) =>
+                {
+                    tracing::warn!(%digest, size, fs_size = space.size, min_free = %self.min_free, "blob larger than the cache's filesystem leaves room for (cache.min_free); streamed to its clients without being kept");
+                    false
+                }
+                _ => true,
+            },
+            None => true,
+        };
         if !spooled {
+            not_kept = Some("too_large");
             recent.unspool();
-            tracing::warn!(%digest, size, limit = self.keep_limit, "blob larger than the cache; streamed to its clients without being kept");
         }
         tx.send_replace(Progress::Streaming { size, received: 0 });
         let mut hasher = Hasher::new(digest.algorithm());
@@ -430,29 +482,39 @@ impl Downloads {
             if spooled && received > self.keep_limit {
                 // No Content-Length, and now past the budget: what is spooled
                 // stays for the readers behind; the rest streams from memory.
-                if let Some(landed) = writer.finish().await.map_err(storage)? {
-                    recent.landed(landed);
+                if let Err(e) = land(writer.finish().await, recent) {
+                    self.spool_failed(digest, &e);
                 }
                 recent.unspool();
                 spooled = false;
+                not_kept.get_or_insert("too_large");
                 tracing::warn!(%digest, limit = self.keep_limit, "blob without Content-Length passed the cache budget; streamed on without being kept");
             }
             if spooled {
                 // Its write starts once the one before it landed, and runs
                 // while this task hashes it and receives the next.
-                let landed = writer.write(chunk.clone(), offset).await.map_err(storage)?;
-                if let Some(landed) = landed {
-                    recent.landed(landed);
+                if let Err(e) = land(writer.write(chunk.clone(), offset).await, recent) {
+                    // What landed stays readable for the readers behind;
+                    // this chunk and the rest stream from memory.
+                    self.spool_failed(digest, &e);
+                    recent.unspool();
+                    spooled = false;
+                    not_kept = Some("no_space");
                 }
-            } else if !recent.room().await {
+            }
+            if !spooled && !recent.room().await {
                 return Err(Error::Internal(format!(
-                    "every client left the download of {digest}, too large to keep"
+                    "every client left the download of {digest}, which is not being kept"
                 )));
             }
             hasher.update(&chunk);
         }
-        if let Some(landed) = writer.finish().await.map_err(storage)? {
-            recent.landed(landed);
+        if let Err(e) = land(writer.finish().await, recent) {
+            // Every chunk is still in memory past what landed: the readers
+            // get them; the cache does not get the blob.
+            self.spool_failed(digest, &e);
+            recent.unspool();
+            not_kept = Some("no_space");
         }
         if size.is_some_and(|s| s != received) {
             return Err(Error::UpstreamFailed(format!(
@@ -468,8 +530,26 @@ impl Downloads {
                 origin.label()
             )));
         }
-        Ok(received)
+        Ok(Received {
+            size: received,
+            not_kept,
+        })
     }
+
+    /// A spool write failed: said once per download, and eviction woken, as
+    /// the disk is likely full.
+    fn spool_failed(&self, digest: &Digest, e: &std::io::Error) {
+        tracing::warn!(%digest, error = %e, "cannot write the spool; the download goes on to its clients without being kept");
+        self.space_changed.notify_one();
+    }
+}
+
+/// Records in `recent` where a spool write reported landing.
+fn land(landed: std::io::Result<Option<u64>>, recent: &Recent) -> std::io::Result<()> {
+    if let Some(landed) = landed? {
+        recent.landed(landed);
+    }
+    Ok(())
 }
 
 /// A download task's hold on its entry in the map and on its followers.
@@ -533,6 +613,109 @@ mod tests {
     use super::*;
     use crate::cache::store::disk::DiskStore;
     use crate::cache::store::local_index::LocalIndex;
+
+    /// A spool whose writes fail for space after 3 MiB (as a full disk's
+    /// would) costs the cache the blob, never its clients: one client keeping
+    /// up and one starting far behind (from the spool up to what landed, then
+    /// from memory) both get every byte; nothing is committed, the spool is
+    /// gone, and the metrics say why.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spool_write_failing_for_space_streams_on_without_keeping() {
+        use futures_util::StreamExt;
+        use std::os::unix::fs::FileExt;
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(DiskStore::open(dir.path()).unwrap());
+        let index: Arc<dyn Index> = Arc::new(LocalIndex::in_memory());
+        let metrics = Arc::new(Metrics::new());
+        let fail_at = 3 * MIB;
+        let write: WriteFn = Arc::new(move |f, data, offset| {
+            if offset + data.len() as u64 > fail_at {
+                return Err(std::io::Error::from(rustix::io::Errno::NOSPC));
+            }
+            f.write_all_at(data, offset)
+        });
+        let downloads = Arc::new(
+            Downloads::new(
+                store.clone(),
+                index.clone(),
+                u64::MAX,
+                8,
+                Arc::new(Notify::new()),
+                Arc::new(Verifier::new(store.clone(), index.clone())),
+                metrics.clone(),
+            )
+            .with_spool_write(write),
+        );
+        let data: Vec<u8> = (0..8 * MIB).map(|i| (i * 7 % 251) as u8).collect();
+        let digest = crate::hashing::digest_of(crate::reference::Algorithm::Sha256, &data);
+        let chunks: Vec<Result<bytes::Bytes, Error>> = data
+            .chunks(64 * 1024)
+            .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+            .collect();
+        let fill = Fill {
+            origin: Origin::Upstream,
+            size: Some(data.len() as u64),
+            body: futures_util::stream::iter(chunks).boxed(),
+            sink: None,
+        };
+        let Joined::Download {
+            download,
+            source: first,
+            ..
+        } = downloads
+            .join_or_start(&digest, Duration::from_secs(5), async move { Ok(fill) })
+            .await
+            .unwrap()
+        else {
+            panic!("nothing is cached");
+        };
+        let Some(Joined::Download { source: behind, .. }) = downloads.join(&digest) else {
+            panic!("the download cannot be joined");
+        };
+        let read = |source: Source| async move {
+            let mut got = Vec::new();
+            let mut stream = std::pin::pin!(source.stream(0, Some(8 * MIB)));
+            while let Some(chunk) = stream.next().await {
+                got.extend_from_slice(&chunk.expect("a clean body"));
+            }
+            got
+        };
+        let keeping_up = tokio::spawn(read(first));
+        // The other starts once the download is well past what landed.
+        let mut progress = download.progress.clone();
+        progress
+            .wait_for(|p| match p {
+                Progress::Streaming { received, .. } => *received >= 6 * MIB,
+                _ => true,
+            })
+            .await
+            .unwrap();
+        let lagging = read(behind).await;
+        assert!(lagging == data, "the lagging client got other bytes");
+        assert!(
+            keeping_up.await.unwrap() == data,
+            "the first client got other bytes"
+        );
+        for _ in 0..100 {
+            if !downloads.is_running(&digest) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!downloads.is_running(&digest));
+        assert!(store.open_blob(&digest).await.unwrap().is_none(), "kept");
+        assert!(index.contents().await.is_empty());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains("regmirror_downloads_not_kept_total{reason=\"no_space\"} 1"),
+            "{text}"
+        );
+    }
 
     /// A download task that panics must not leave its digest unfetchable.
     #[tokio::test]

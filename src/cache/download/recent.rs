@@ -5,7 +5,10 @@
 //!
 //! A download of a blob too large to keep has no spool: its chunks stay
 //! until every attached reader has passed them, and the download waits for
-//! room, so the slowest client sets the pace and memory stays bounded.
+//! room, so the slowest client sets the pace and memory stays bounded. A
+//! download whose spool write failed (a full disk) switches to that mode
+//! mid-way: what landed stays readable from the spool, and every chunk past
+//! it stays until every reader passed it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,12 +39,14 @@ struct Inner {
     bytes: u64,
     /// The spool holds every byte before this offset.
     landed: u64,
-    /// No spool: chunks are dropped only once every reader passed them.
+    /// No more spool writes: chunks past `landed` are dropped only once
+    /// every reader passed them.
     unspooled: bool,
     /// Where each attached reader is.
     readers: Vec<Weak<AtomicU64>>,
-    /// Whether a chunk has been dropped.
-    dropped: bool,
+    /// Whether a chunk past `landed` has been dropped: a reader from the
+    /// start could not be served any more.
+    lost: bool,
 }
 
 /// A client's position in a download, which an unspooled download waits for.
@@ -74,12 +79,12 @@ impl Recent {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A reader from the blob's start, unless this download has no spool
-    /// and has already dropped a chunk: nobody can be served from the start
+    /// A reader from the blob's start, unless this download has dropped a
+    /// chunk that is not in the spool: nobody can be served from the start
     /// any more.
     pub fn attach(self: &Arc<Self>) -> Option<Reader> {
         let mut inner = self.lock();
-        if inner.unspooled && inner.dropped {
+        if inner.lost {
             return None;
         }
         let pos = Arc::new(AtomicU64::new(0));
@@ -90,7 +95,9 @@ impl Recent {
         })
     }
 
-    /// From now on there is no spool (the blob is too large to keep).
+    /// From now on nothing more lands in the spool (the blob is too large
+    /// to keep, or the spool cannot be written): chunks past the landed
+    /// offset stay until every reader passed them.
     pub fn unspool(&self) {
         self.lock().unspooled = true;
         self.unspooled.store(true, Ordering::Relaxed);
@@ -177,16 +184,18 @@ pub enum Lookup {
 
 impl Inner {
     /// Drops the oldest chunks beyond the window: never one not yet landed,
-    /// and without a spool, never one an attached reader has not passed.
+    /// unless spool writes stopped and every attached reader passed it.
     fn trim(&mut self) {
         self.readers.retain(|r| r.strong_count() > 0);
         let floor = if self.unspooled {
-            self.readers
+            let passed = self
+                .readers
                 .iter()
                 .filter_map(Weak::upgrade)
                 .map(|p| p.load(Ordering::Relaxed))
                 .min()
-                .unwrap_or(u64::MAX)
+                .unwrap_or(u64::MAX);
+            passed.max(self.landed)
         } else {
             self.landed
         };
@@ -194,13 +203,15 @@ impl Inner {
             let Some((offset, chunk)) = self.chunks.front() else {
                 break;
             };
-            let len = chunk.len() as u64;
-            if offset + len > floor {
+            let (end, len) = (offset + chunk.len() as u64, chunk.len() as u64);
+            if end > floor {
                 break;
             }
             self.bytes -= len;
             self.chunks.pop_front();
-            self.dropped = true;
+            if end > self.landed {
+                self.lost = true;
+            }
         }
     }
 }
@@ -243,6 +254,33 @@ mod tests {
         r.landed(at(8));
         assert_eq!(r.lookup(at(3), at(3) + 1), Lookup::Spool { end: at(3) + 1 });
         assert_eq!(r.lookup(at(4), at(4) + 1), Lookup::Memory(chunk(1, 4)));
+    }
+
+    /// Once spool writes stop (a full disk), what landed stays readable from
+    /// the spool and each chunk past it stays until every reader passed it;
+    /// a reader from the start may attach until one of those is dropped.
+    #[test]
+    fn after_spool_writes_stop_unlanded_chunks_wait_for_every_reader() {
+        let r = Arc::new(Recent::default());
+        let size = WINDOW / 2;
+        let reader = r.attach().unwrap();
+        for i in 0..4u64 {
+            r.push(i * size, chunk(size as usize, i as u8));
+        }
+        r.landed(2 * size);
+        r.unspool();
+        assert_eq!(r.lookup(0, 1), Lookup::Spool { end: 1 });
+        r.push(4 * size, chunk(size as usize, 4));
+        // Past the window and not landed, but the reader has not passed it.
+        assert_eq!(
+            r.lookup(2 * size, 2 * size + 1),
+            Lookup::Memory(chunk(1, 2))
+        );
+        assert!(r.attach().is_some(), "every byte is in the spool or memory");
+        reader.advance(4 * size);
+        assert_eq!(r.lookup(2 * size, 2 * size + 1), Lookup::Nowhere);
+        assert!(r.attach().is_none(), "a byte from the start is gone");
+        assert_eq!(r.lookup(size, size + 1), Lookup::Spool { end: size + 1 });
     }
 
     /// A reader past the window is sent to the spool only as far as it has

@@ -27,14 +27,12 @@ pub(super) struct SpoolWriter<'a> {
     in_flight: Option<Write>,
 }
 
-impl<'a> SpoolWriter<'a> {
-    pub(super) fn new(file: &'a Arc<std::fs::File>) -> Self {
-        Self::with(
-            file,
-            Arc::new(|f, data, offset| f.write_all_at(data, offset)),
-        )
-    }
+/// The write of a running mirror.
+pub(super) fn write_all_at() -> WriteFn {
+    Arc::new(|f, data, offset| f.write_all_at(data, offset))
+}
 
+impl<'a> SpoolWriter<'a> {
     pub(super) fn with(file: &'a Arc<std::fs::File>, write: WriteFn) -> Self {
         Self {
             file,

@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{BlobFile, BlobStore, ContentKey, Found, Kind, Spool, StoredManifest};
+use crate::cache::policy::FsSpace;
 use crate::hashing::digest_of;
 use crate::reference::{Algorithm, Digest};
 
@@ -395,6 +396,18 @@ impl BlobStore for DiskStore {
                 }
             }
             Ok(removed)
+        })
+        .await
+    }
+
+    async fn fs_space(&self) -> io::Result<Option<FsSpace>> {
+        let root = self.root.clone();
+        blocking(move || {
+            let st = rustix::fs::statvfs(&root)?;
+            Ok(Some(FsSpace {
+                size: st.f_blocks.saturating_mul(st.f_frsize),
+                free: st.f_bavail.saturating_mul(st.f_frsize),
+            }))
         })
         .await
     }

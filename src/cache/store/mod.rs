@@ -192,6 +192,11 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Removes temp files not modified for `older_than` (all when `None`);
     /// returns how many.
     async fn clean_temp(&self, older_than: Option<Duration>) -> io::Result<usize>;
+    /// The size and free space of the filesystem holding the store, when it
+    /// has one.
+    async fn fs_space(&self) -> io::Result<Option<crate::cache::policy::FsSpace>> {
+        Ok(None)
+    }
 }
 
 /// What is known of a tag: where it pointed when last checked upstream.
