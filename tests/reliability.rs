@@ -25,6 +25,10 @@
 //!   pulls, evictions and imports; the cache whole after each restart.
 //! - `soak` (item 7): 64 clients under a small budget, moving tags and upstream faults
 //!   switched on and off; every byte checked, memory and descriptors flat.
+//! - `full_disk`: the data dir on a small tmpfs the test mounts (root only): a blob larger
+//!   than the disk, or than its free space, reaches every client whole; the cache goes
+//!   without it, keeps its hits, evicts, keeps a parsable index; `cache.min_free` keeps
+//!   the cache below the filesystem's size minus it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -41,6 +45,8 @@ mod fault_proxy;
 mod flood;
 #[path = "reliability/framing.rs"]
 mod framing;
+#[path = "reliability/full_disk.rs"]
+mod full_disk;
 #[path = "reliability/report.rs"]
 mod report;
 #[path = "reliability/resume.rs"]
