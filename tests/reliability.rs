@@ -10,7 +10,8 @@
 //!
 //! # Layout
 //! - `scale`: the two sizes; `report`: the figure lines the script collects;
-//!   `distribution`: docker-registry as a pull-through proxy, for the comparison.
+//!   `distribution`: docker-registry as a pull-through proxy, for the comparison;
+//!   `clients`: clients that hash every body they get, and the tally of what they got.
 //! - `flood`: thousands of dripping and silent connections while a client pulls (item 1).
 //! - `framing`: hostile HTTP/1.1 framing and HTTP/2 floods, no smuggling (item 6).
 //! - `fault_proxy`: a TCP proxy between the mirror and the fake upstream whose fault (cut,
@@ -19,13 +20,11 @@
 //!   token), an upstream that cannot continue at the offset, resumes running out.
 //! - `stalls`: an upstream that says nothing, sends headers only, or trickles: each ends within
 //!   its timeout, descriptors come back, the next pull fetches again.
-//!   `distribution`: docker-registry as a pull-through proxy, for the comparison;
-//!   `clients`: clients that hash every body they get, and the tally of what they got.
 //! - `crash_loop` (item 5): `regmirror serve` killed with SIGKILL at random moments under
 //!   pulls, evictions and imports; the cache whole after each restart.
 //! - `soak` (item 7): 64 clients under a small budget, moving tags and upstream faults
 //!   switched on and off; every byte checked, memory and descriptors flat.
-//! - `full_disk`: the data dir on a small tmpfs the test mounts (root only): a blob larger
+//! - `full_disk` (item 2): the data dir on a small tmpfs the test mounts (root only): a blob larger
 //!   than the disk, or than its free space, reaches every client whole; the cache goes
 //!   without it, keeps its hits, evicts, keeps a parsable index; `cache.min_free` keeps
 //!   the cache below the filesystem's size minus it.
