@@ -32,6 +32,16 @@
 
 mod common;
 
+/// Taken by every test of the suite: they run one at a time, because each measures what
+/// another's load in the same process would move (the process's descriptors, a mirror's
+/// memory, latencies).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Waits for the tests before this one to end; hold the guard for the whole test.
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
 #[path = "reliability/clients.rs"]
 mod clients;
 #[path = "reliability/crash_loop.rs"]

@@ -229,6 +229,7 @@ struct Figures {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_keeps_the_cache_whole() {
+    let _serial = crate::one_at_a_time().await;
     let rounds: usize = scale::pick(10, 100);
     let seed = seed();
     println!(

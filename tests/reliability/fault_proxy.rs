@@ -364,10 +364,6 @@ async fn serve(client: TcpStream, target: SocketAddr, state: &Shared) -> Option<
     }
 }
 
-/// Rigs run one at a time: the stall tests count the process's descriptors, which the
-/// tests of another rig would move.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// A fake upstream, the proxy in front of it, and a mirror of the proxy: resumes after 50 ms
 /// (then `tweak` adjusts the config).
 pub struct Rig {
@@ -378,7 +374,7 @@ pub struct Rig {
 }
 
 pub async fn rig(tweak: impl FnOnce(&mut regmirror::config::Config)) -> Rig {
-    let serial = SERIAL.lock().await;
+    let serial = crate::one_at_a_time().await;
     let fake = crate::common::FakeUpstream::start().await;
     let proxy = FaultProxy::start(&fake.url()).await;
     let m = crate::common::start_mirror(&proxy.url(), |c| {

@@ -232,6 +232,7 @@ fn record(fault: &str, target: &str, connections: usize, m: &Measured, c: &Flood
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_dripping_and_silent_connections_does_not_stall_a_normal_pull() {
+    let _serial = crate::one_at_a_time().await;
     let connections = scale::pick(1_500, 10_000);
     let duration = Duration::from_secs(scale::pick(13, 30));
     let limit = raise_nofile();

@@ -255,6 +255,7 @@ async fn continuation_flood(addr: &str, total: usize) -> (Answer, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_framing_is_refused_or_closed_and_smuggles_nothing() {
+    let _serial = crate::one_at_a_time().await;
     let fake = FakeUpstream::start().await;
     let img = fake.add_image("library/frame", "latest", vec![vec![3u8; 2048]]);
     fake.add_image("smuggled", "latest", vec![vec![4u8; 64]]);

@@ -217,6 +217,7 @@ fn summary(pulls: &[Pulled]) -> (usize, usize, u64) {
 /// blob; the cache, not the client, goes without.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_costs_the_cache_never_the_client() {
+    let _serial = crate::one_at_a_time().await;
     let fs_size = scale::pick(64 * MIB, 300 * MIB);
     let big_size = scale::pick(100 * MIB, 1024 * MIB);
     let clients = scale::pick(3, 4);
@@ -482,6 +483,7 @@ async fn distribution_through_the_same(
 /// filesystem's size minus it: eviction makes the room, no write fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_free_keeps_the_cache_below_the_filesystem() {
+    let _serial = crate::one_at_a_time().await;
     let fs_size = scale::pick(64 * MIB, 300 * MIB);
     let blob_size = scale::pick(6 * MIB, 30 * MIB);
     let min_free = 2 * blob_size + MIB;

@@ -270,6 +270,7 @@ fn windows(o: &Outcome) -> ((u64, usize), (u64, usize)) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_serves_right_bytes_with_flat_memory_and_descriptors() {
+    let _serial = crate::one_at_a_time().await;
     let secs = soak_secs();
     let seed = crash_loop::seed();
     println!("soak: {secs} s, {CLIENTS} clients, seed {seed} (REGMIRROR_RELIABILITY_SEED)");
