@@ -36,7 +36,8 @@ pub struct MirrorHandle {
     task: Option<JoinHandle<Result<(), regmirror::server::ServeError>>>,
 }
 
-/// The configuration tests start from: data in `dir`, `upstream`, 5 s timeouts, a 300 s tag TTL.
+/// The configuration tests start from: data in `dir`, `upstream`, 5 s timeouts, a 300 s tag TTL,
+/// no free space kept (`cache.min_free`).
 pub fn test_config(dir: &Path, upstream: &str) -> Config {
     let mut config = Config {
         data_dir: dir.to_path_buf(),
@@ -46,6 +47,10 @@ pub fn test_config(dir: &Path, upstream: &str) -> Config {
     config.upstream.timeout = Duration::from_secs(5);
     config.upstream.read_timeout = Duration::from_secs(5);
     config.cache.tag_ttl = Duration::from_secs(300);
+    // The tests' caches are small; what they assert must not depend on how full the
+    // machine's disk is (the default keeps 5% of it free, which a full-enough disk is
+    // already past: everything would be evicted at once).
+    config.cache.min_free = regmirror::config::MinFree::Bytes(0);
     config
 }
 
