@@ -16,6 +16,10 @@
 //! once it reaches the window the bytes it took meanwhile are judged by
 //! [`SendRule::verdict`]. Time the writer spends waiting for bytes of its own
 //! never counts, so a slow upstream does not get its clients cut.
+//!
+//! A connection given up on while writing (too slow, or taking nothing) is
+//! [`Abandon`]ed: its close becomes a reset, so the kernel drops what it still
+//! queues for the client instead of sending it on at the client's pace.
 
 use std::future::Future;
 use std::io;
@@ -27,6 +31,32 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::connections::policy::{SendRule, SendVerdict};
+
+/// A connection the mirror gives up on may still have megabytes of a response
+/// queued in the kernel, which a graceful close would go on sending at the
+/// client's pace (seen: a reader taking 1 KiB/s still received 20 s after the
+/// mirror cut it). `abandon` makes the coming close a reset (`SO_LINGER` 0),
+/// so the kernel drops them. Called only on a connection being given up on:
+/// a reset on a normal close could cut a response's last bytes.
+pub trait Abandon {
+    fn abandon(&self);
+}
+
+impl Abandon for tokio::net::TcpStream {
+    fn abandon(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl<S: Abandon> Abandon for tokio_rustls::server::TlsStream<S> {
+    fn abandon(&self) {
+        self.get_ref().0.abandon();
+    }
+}
+
+impl Abandon for tokio::io::DuplexStream {
+    fn abandon(&self) {}
+}
 
 pub struct IdleTimeout<T> {
     inner: T,
@@ -108,6 +138,52 @@ impl SendFloor {
     }
 }
 
+impl<T: Abandon> IdleTimeout<T> {
+    /// A write-side error: the connection is given up on.
+    fn give_up<R>(&self, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if matches!(r, Poll::Ready(Err(_))) {
+            self.inner.abandon();
+        }
+        r
+    }
+
+    /// A write, flush or shutdown that waits on the client: as [`Self::stalled`],
+    /// and given up on once the deadline passed.
+    fn write_stalled<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        let r = self.stalled(cx);
+        self.give_up(r)
+    }
+
+    /// A write's result: progress pushes the deadline back, a write the peer
+    /// does not make room for counts toward it.
+    fn wrote(
+        &mut self,
+        r: Poll<io::Result<usize>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.active();
+                if let Some(floor) = &mut self.send {
+                    if let Err(e) = floor.took(n) {
+                        return self.give_up(Poll::Ready(Err(e)));
+                    }
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => {
+                if let Some(floor) = &mut self.send {
+                    if let Err(e) = floor.waits(cx) {
+                        return self.give_up(Poll::Ready(Err(e)));
+                    }
+                }
+                self.write_stalled(cx)
+            }
+            other => other,
+        }
+    }
+}
+
 impl<T> IdleTimeout<T> {
     /// `first` bounds the wait for the first byte, `timeout` every silence after.
     pub fn new(inner: T, first: Duration, timeout: Duration) -> Self {
@@ -146,31 +222,6 @@ impl<T> IdleTimeout<T> {
             Poll::Pending => Poll::Pending,
         }
     }
-
-    /// A write's result: progress pushes the deadline back, a write the peer
-    /// does not make room for counts toward it.
-    fn wrote(
-        &mut self,
-        r: Poll<io::Result<usize>>,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<usize>> {
-        match r {
-            Poll::Ready(Ok(n)) if n > 0 => {
-                self.active();
-                if let Some(floor) = &mut self.send {
-                    floor.took(n)?;
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending => {
-                if let Some(floor) = &mut self.send {
-                    floor.waits(cx)?;
-                }
-                self.stalled(cx)
-            }
-            other => other,
-        }
-    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
@@ -192,7 +243,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
+impl<T: AsyncWrite + Unpin + Abandon> AsyncWrite for IdleTimeout<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -207,14 +258,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
     // here, the next write's or read's is.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match Pin::new(&mut self.inner).poll_flush(cx) {
-            Poll::Pending => self.stalled(cx),
+            Poll::Pending => self.write_stalled(cx),
             done => done,
         }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match Pin::new(&mut self.inner).poll_shutdown(cx) {
-            Poll::Pending => self.stalled(cx),
+            Poll::Pending => self.write_stalled(cx),
             done => done,
         }
     }

@@ -279,7 +279,7 @@ async fn serve_connection<S>(
     watcher: Watcher,
     slot: Slot,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + crate::idle::Abandon + 'static,
 {
     let client = peer.ip();
     let tracked = slot.conn().clone();
