@@ -13,6 +13,8 @@
 //!   `distribution`: docker-registry as a pull-through proxy, for the comparison;
 //!   `clients`: clients that hash every body they get, and the tally of what they got.
 //! - `flood`: thousands of dripping and silent connections while a client pulls (item 1).
+//! - `slow_readers`: clients taking a blob at 1 KiB/s beside a normal one: cut after
+//!   `server.send_timeout`, the normal client unhindered, memory bounded (item 1).
 //! - `framing`: hostile HTTP/1.1 framing and HTTP/2 floods, no smuggling (item 6).
 //! - `fault_proxy`: a TCP proxy between the mirror and the fake upstream whose fault (cut,
 //!   silence, headers only, trickle) the test switches at runtime, and the rig of the three.
@@ -62,6 +64,8 @@ mod report;
 mod resume;
 #[path = "reliability/scale.rs"]
 mod scale;
+#[path = "reliability/slow_readers.rs"]
+mod slow_readers;
 #[path = "reliability/soak.rs"]
 mod soak;
 #[path = "reliability/stalls.rs"]
