@@ -14,6 +14,7 @@ use std::time::Duration;
 use common::cache::{disk_usage, pull, temp_files};
 use common::images::ImageInfo;
 use common::served::{hermetic, Served};
+use common::tmpfs::Tmpfs;
 use common::{random_bytes, read_body, spawn_get, start_mirror, wait_until, FakeUpstream};
 use common::{MirrorHandle, Pending};
 
@@ -440,49 +441,6 @@ async fn gc_ls_and_du_on_a_stopped_mirror() {
         1,
         "v0 was evicted"
     );
-}
-
-/// A tmpfs mounted for the length of a test, unmounted when dropped (even on panic).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        let euid = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("Uid:"))
-                    .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
-            })
-            .unwrap_or_else(|| "unknown".into());
-        assert_eq!(
-            euid, "0",
-            "the full-disk test needs root (it mounts a tmpfs); run it as root, as \
-             scripts/test.sh does"
-        );
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mount -t tmpfs on {} failed: {}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let clean = Command::new("umount").arg(&self.0).status();
-        if !clean.is_ok_and(|s| s.success()) {
-            // Still busy (a panicking test left the mirror's files open): detach it anyway.
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
 }
 
 /// Whether `bytes` more fit on the filesystem of `dir` (written to a probe file, removed).

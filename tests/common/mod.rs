@@ -11,6 +11,7 @@ pub mod images;
 pub mod observe;
 pub mod referrers_api;
 pub mod served;
+pub mod tmpfs;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -13,7 +13,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
@@ -22,60 +21,12 @@ use sha2::{Digest as _, Sha256};
 
 use crate::common::fake_upstream::FakeUpstream;
 use crate::common::served::Served;
+use crate::common::tmpfs::Tmpfs;
 use crate::common::{random_bytes, wait_until};
 use crate::{distribution, report, scale};
 
 const MIB: u64 = 1 << 20;
 const REPO: &str = "library/big";
-
-/// A tmpfs mounted for the length of a test, unmounted when dropped (even on panic).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, bytes: u64) -> Tmpfs {
-        let uid = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("Uid:"))
-                    .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
-            })
-            .unwrap_or_default();
-        assert_eq!(
-            uid, "0",
-            "the full-disk tests mount a tmpfs and need root; run them as root (as \
-             scripts/test.sh does)"
-        );
-        std::fs::create_dir_all(dir).expect("mount point");
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mount -t tmpfs on {} failed: {}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(dir.to_path_buf())
-    }
-
-    /// The filesystem's size and the bytes still free.
-    fn space(&self) -> (u64, u64) {
-        let st = rustix::fs::statvfs(&self.0).expect("statvfs");
-        (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let clean = Command::new("umount").arg(&self.0).status();
-        if !clean.is_ok_and(|s| s.success()) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
 
 /// What one client got.
 #[derive(Debug, Default, Clone)]
@@ -223,7 +174,7 @@ async fn a_full_disk_costs_the_cache_never_the_client() {
     let clients = scale::pick(3, 4);
     let outer = tempfile::tempdir().unwrap();
     let mnt = outer.path().join("tmpfs");
-    let tmpfs = Tmpfs::mount(&mnt, fs_size);
+    let tmpfs = Tmpfs::mount(&mnt, &fs_size.to_string());
     let data_dir = mnt.join("data");
     let fake = FakeUpstream::start().await;
     let small = random_bytes(64 * 1024, 1);
@@ -445,7 +396,7 @@ async fn distribution_through_the_same(
 ) {
     let outer = tempfile::tempdir().unwrap();
     let mnt = outer.path().join("tmpfs");
-    let _tmpfs = Tmpfs::mount(&mnt, fs_size);
+    let _tmpfs = Tmpfs::mount(&mnt, &fs_size.to_string());
     let proxy = distribution::Distribution::proxy(&mnt, &fake.url(), None, "").await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let gets = fake.blob_gets(d_big);
@@ -490,7 +441,7 @@ async fn min_free_keeps_the_cache_below_the_filesystem() {
     let count = 10;
     let outer = tempfile::tempdir().unwrap();
     let mnt = outer.path().join("tmpfs");
-    let tmpfs = Tmpfs::mount(&mnt, fs_size);
+    let tmpfs = Tmpfs::mount(&mnt, &fs_size.to_string());
     let data_dir = mnt.join("data");
     let fake = FakeUpstream::start().await;
     let digests: Vec<String> = (0..count)
