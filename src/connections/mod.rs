@@ -1,19 +1,25 @@
 //! The live connections of a listener, as mechanism: admits a new one (past
-//! `server.max_connections` or the address's cap, by closing the victim
-//! [`policy::victim`] names), tracks what each is doing (request in flight,
-//! idle keep-alive, request head arriving, and how many bytes of it), tells
-//! a connection to close, and knows when its request head is overdue
-//! ([`policy::HeadRule`]). It decides nothing itself and knows no HTTP: the
-//! server marks requests in flight and applies the closing.
+//! `server.max_connections` or the address's cap, by closing the first
+//! connection in the order [`policy::ShedKey`] sets), tracks what each is
+//! doing (request in flight, idle keep-alive, request head arriving, and how
+//! many bytes of it), tells a connection to close, and knows when its request
+//! head is overdue ([`policy::HeadRule`]). It decides nothing itself and
+//! knows no HTTP: the server marks requests in flight and applies the closing.
+//!
+//! The connections that may be closed are kept sorted by that order (and by
+//! address and that order), updated as each changes phase, so a new client is
+//! admitted in logarithmic time however many connections are held: a flood
+//! of tens of thousands of connections, each new one making room, must not
+//! cost a pass over all of them.
 
 pub mod policy;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,11 +29,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
 use crate::config::ServerConfig;
-use policy::{HeadRule, Phase, View};
+use policy::{HeadRule, Phase, ShedKey, View};
 
 /// A client address as the per-address cap counts it: IPv4 whole, IPv6 by
 /// /64 (what one host can easily hold).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AddrKey(u128);
 
 impl AddrKey {
@@ -44,22 +50,44 @@ impl AddrKey {
 
 /// The connections of one listener.
 pub struct Table {
-    inner: Mutex<Inner>,
-    /// Woken when a connection ends or a request finishes.
-    room: Arc<Notify>,
+    shared: Arc<Shared>,
     epoch: Instant,
     max: usize,
     per_address: usize,
     head: HeadRule,
 }
 
+/// What the table and its connections share: a connection changing phase
+/// re-sorts itself.
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Woken when a connection ends or a request finishes.
+    room: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     next: u64,
-    conns: HashMap<u64, Arc<Conn>>,
+    conns: HashMap<u64, Entry>,
     /// Connections not told to close.
     live: usize,
     per_address: HashMap<AddrKey, usize>,
+    /// The connections that may be closed for another, first to close first.
+    order: BTreeSet<(ShedKey, u64)>,
+    /// The same, by address.
+    by_address: BTreeSet<(AddrKey, ShedKey, u64)>,
+}
+
+struct Entry {
+    conn: Arc<Conn>,
+    /// Its place in `order` and `by_address`; `None` while busy or once shed.
+    key: Option<ShedKey>,
 }
 
 /// One connection's state, shared by its task, its stream and its requests.
@@ -79,7 +107,7 @@ pub struct Conn {
     /// request head, so its bytes are not counted.
     h2: AtomicBool,
     close: Notify,
-    room: Arc<Notify>,
+    table: Weak<Shared>,
 }
 
 /// Why a connection was not admitted.
@@ -94,8 +122,10 @@ pub enum Refused {
 impl Table {
     pub fn new(limits: &ServerConfig) -> Arc<Self> {
         Arc::new(Self {
-            inner: Mutex::new(Inner::default()),
-            room: Arc::new(Notify::new()),
+            shared: Arc::new(Shared {
+                inner: Mutex::new(Inner::default()),
+                room: Notify::new(),
+            }),
             epoch: Instant::now(),
             max: limits.max_connections.max(1),
             per_address: limits.max_connections_per_address,
@@ -108,7 +138,7 @@ impl Table {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.lock()
     }
 
     fn now(&self) -> Duration {
@@ -119,15 +149,10 @@ impl Table {
     /// connection is not busy and can be closed for it.
     pub async fn room(&self) {
         loop {
-            let notified = self.room.notified();
+            let notified = self.shared.room.notified();
             {
                 let inner = self.lock();
-                if inner.live < self.max
-                    || inner
-                        .conns
-                        .values()
-                        .any(|c| !c.is_shed() && c.view().phase != Phase::Busy)
-                {
+                if inner.live < self.max || !inner.order.is_empty() {
                     return;
                 }
             }
@@ -144,27 +169,18 @@ impl Table {
         if self.per_address > 0
             && inner.per_address.get(&addr).copied().unwrap_or(0) >= self.per_address
         {
-            let victim = policy::victim(
-                inner
-                    .conns
-                    .values()
-                    .filter(|c| c.addr == addr && !c.is_shed())
-                    .map(|c| (c.id, c.view())),
-            );
+            let victim = inner
+                .by_address
+                .range((addr, ShedKey::FIRST, 0)..=(addr, ShedKey::LAST, u64::MAX))
+                .next()
+                .map(|&(_, _, id)| id);
             match victim {
                 Some(id) => inner.shed(id),
                 None => return Err(Refused::AddressFull),
             }
         }
         if inner.live >= self.max {
-            let victim = policy::victim(
-                inner
-                    .conns
-                    .values()
-                    .filter(|c| !c.is_shed())
-                    .map(|c| (c.id, c.view())),
-            );
-            match victim {
+            match inner.order.first().map(|&(_, id)| id) {
                 Some(id) => inner.shed(id),
                 None => return Err(Refused::Full),
             }
@@ -181,9 +197,16 @@ impl Table {
             shed: AtomicBool::new(false),
             h2: AtomicBool::new(false),
             close: Notify::new(),
-            room: self.room.clone(),
+            table: Arc::downgrade(&self.shared),
         });
-        inner.conns.insert(conn.id, conn.clone());
+        inner.conns.insert(
+            conn.id,
+            Entry {
+                conn: conn.clone(),
+                key: None,
+            },
+        );
+        inner.resort(conn.id);
         inner.live += 1;
         *inner.per_address.entry(addr).or_insert(0) += 1;
         Ok(Slot {
@@ -221,7 +244,8 @@ impl Table {
 
 impl Inner {
     fn shed(&mut self, id: u64) {
-        if let Some(c) = self.conns.get(&id) {
+        self.unsort(id);
+        if let Some(Entry { conn: c, .. }) = self.conns.get(&id) {
             if !c.shed.swap(true, Ordering::SeqCst) {
                 self.live -= 1;
                 if let Some(n) = self.per_address.get_mut(&c.addr) {
@@ -229,6 +253,41 @@ impl Inner {
                 }
                 c.close.notify_one();
             }
+        }
+    }
+
+    /// Takes connection `id` out of the order of closing.
+    fn unsort(&mut self, id: u64) {
+        if let Some(e) = self.conns.get_mut(&id) {
+            if let Some(key) = e.key.take() {
+                self.order.remove(&(key, id));
+                self.by_address.remove(&(e.conn.addr, key, id));
+            }
+        }
+    }
+
+    /// Puts connection `id` where its phase now places it in the order of
+    /// closing (out of it while busy or once shed).
+    fn resort(&mut self, id: u64) {
+        let Some(e) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let key = if e.conn.is_shed() {
+            None
+        } else {
+            ShedKey::of(e.conn.view())
+        };
+        if key == e.key {
+            return;
+        }
+        let addr = e.conn.addr;
+        if let Some(old) = std::mem::replace(&mut e.key, key) {
+            self.order.remove(&(old, id));
+            self.by_address.remove(&(addr, old, id));
+        }
+        if let Some(new) = key {
+            self.order.insert((new, id));
+            self.by_address.insert((addr, new, id));
         }
     }
 }
@@ -261,10 +320,26 @@ impl Conn {
         }
     }
 
+    /// Changes its phase by `change`, under the table's lock when there is
+    /// a table, and re-sorts it there: the admission never sees a phase
+    /// without its place.
+    fn change(&self, change: impl FnOnce(&Self)) {
+        match self.table.upgrade() {
+            Some(table) => {
+                let mut inner = table.lock();
+                change(self);
+                inner.resort(self.id);
+            }
+            None => change(self),
+        }
+    }
+
     /// A request's head arrived: the connection is busy until the guard drops.
     pub fn begin(self: &Arc<Self>) -> Busy {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        self.head_bytes.store(0, Ordering::Relaxed);
+        self.change(|c| {
+            c.in_flight.fetch_add(1, Ordering::SeqCst);
+            c.head_bytes.store(0, Ordering::Relaxed);
+        });
         Busy(self.clone())
     }
 
@@ -275,7 +350,11 @@ impl Conn {
 
     fn received(&self, n: usize) {
         if self.in_flight.load(Ordering::SeqCst) == 0 && !self.h2.load(Ordering::Relaxed) {
-            self.head_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            let before = self.head_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            if before == 0 && self.served.load(Ordering::Relaxed) {
+                // A keep-alive connection's next head began: no longer idle.
+                self.change(|_| {});
+            }
         }
     }
 }
@@ -285,13 +364,16 @@ pub struct Busy(Arc<Conn>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let c = &self.0;
-        c.head_bytes.store(0, Ordering::Relaxed);
-        c.since_us
-            .store(micros(c.epoch.elapsed()), Ordering::Relaxed);
-        c.served.store(true, Ordering::Relaxed);
-        if c.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            c.room.notify_waiters();
+        let mut last = false;
+        self.0.change(|c| {
+            c.head_bytes.store(0, Ordering::Relaxed);
+            c.since_us
+                .store(micros(c.epoch.elapsed()), Ordering::Relaxed);
+            c.served.store(true, Ordering::Relaxed);
+            last = c.in_flight.fetch_sub(1, Ordering::SeqCst) == 1;
+        });
+        if let (true, Some(table)) = (last, self.0.table.upgrade()) {
+            table.room.notify_waiters();
         }
     }
 }
@@ -315,6 +397,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut inner = self.table.lock();
+        inner.unsort(self.conn.id);
         inner.conns.remove(&self.conn.id);
         if !self.conn.is_shed() {
             inner.live -= 1;
@@ -326,7 +409,7 @@ impl Drop for Slot {
             inner.per_address.remove(&self.conn.addr);
         }
         drop(inner);
-        self.table.room.notify_waiters();
+        self.table.shared.room.notify_waiters();
     }
 }
 
@@ -468,6 +551,32 @@ mod tests {
         assert_eq!(table.counts(), (2, 0));
         let _b = third.conn().begin();
         assert_eq!(table.admit(B).err(), Some(Refused::Full), "all busy");
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_connection_whose_next_head_began_is_no_longer_idle() {
+        let table = Table::new(&limits(3, 0));
+        let older = table.admit(A).unwrap();
+        let newer = table.admit(A).unwrap();
+        let head = table.admit(B).unwrap();
+        drop(older.conn().begin());
+        drop(newer.conn().begin());
+        // Both idle; the older one's next request starts arriving.
+        older.conn().received(10);
+        let _fourth = table.admit(B).unwrap();
+        assert!(newer.conn().is_shed(), "the idle one went first");
+        assert!(!older.conn().is_shed() && !head.conn().is_shed());
+        // Then the oldest head: the one admitted first and never served (B's).
+        let _fifth = table.admit(B).unwrap();
+        assert!(head.conn().is_shed());
+        assert!(!older.conn().is_shed());
+        let inner = table.lock();
+        assert_eq!(
+            inner.order.len(),
+            3,
+            "every live connection not busy is in the order"
+        );
+        assert_eq!(inner.by_address.len(), 3);
     }
 
     #[tokio::test]

@@ -27,24 +27,42 @@ pub struct View {
     pub since: Duration,
 }
 
-/// The connection to close for a new one: idle keep-alive connections
-/// first, the longest idle of them; else the one waiting longest for its
-/// request head (a dripping client has been at it longest: a legitimate
-/// one sends its head in one piece right after connecting). Busy ones
-/// never; `None` when every connection is busy.
-pub fn victim<K>(conns: impl IntoIterator<Item = (K, View)>) -> Option<K> {
-    conns
-        .into_iter()
-        .filter_map(|(k, v)| {
-            let rank = match v.phase {
-                Phase::Busy => return None,
-                Phase::Idle => 0u8,
-                Phase::Head => 1,
-            };
-            Some(((rank, v.since), k))
+/// Where a connection stands in the order of closing for a new client:
+/// the smallest key goes first. Idle keep-alive connections come first, the
+/// longest idle of them; then the one waiting longest for its request head
+/// (a dripping client has been at it longest: a legitimate one sends its
+/// head in one piece right after connecting). Busy ones have no key: they
+/// are never closed for another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ShedKey {
+    rank: u8,
+    since: Duration,
+}
+
+impl ShedKey {
+    /// Below every key.
+    pub const FIRST: Self = Self {
+        rank: 0,
+        since: Duration::ZERO,
+    };
+    /// Above every key.
+    pub const LAST: Self = Self {
+        rank: u8::MAX,
+        since: Duration::MAX,
+    };
+
+    /// The key of a connection seen as `view`; `None` when it is busy.
+    pub fn of(view: View) -> Option<Self> {
+        let rank = match view.phase {
+            Phase::Busy => return None,
+            Phase::Idle => 0,
+            Phase::Head => 1,
+        };
+        Some(Self {
+            rank,
+            since: view.since,
         })
-        .min_by_key(|(key, _)| *key)
-        .map(|(_, k)| k)
+    }
 }
 
 /// How long a request head may take: `grace`, plus a second for every
@@ -113,6 +131,15 @@ mod tests {
         }
     }
 
+    /// The connection the order closes first among `conns`.
+    fn victim<K: Copy>(conns: &[(K, View)]) -> Option<K> {
+        conns
+            .iter()
+            .filter_map(|&(k, v)| ShedKey::of(v).map(|key| (key, k)))
+            .min_by_key(|(key, _)| *key)
+            .map(|(_, k)| k)
+    }
+
     #[test]
     fn idle_keep_alive_goes_first_then_the_oldest_head_and_busy_never() {
         let conns = [
@@ -121,18 +148,23 @@ mod tests {
             ("idle-new", v(Phase::Idle, 9)),
             ("idle-old", v(Phase::Idle, 5)),
         ];
-        assert_eq!(victim(conns), Some("idle-old"));
+        assert_eq!(victim(&conns), Some("idle-old"));
         let heads = [
             ("busy", v(Phase::Busy, 0)),
             ("head-new", v(Phase::Head, 8)),
             ("head-old", v(Phase::Head, 3)),
         ];
-        assert_eq!(victim(heads), Some("head-old"));
+        assert_eq!(victim(&heads), Some("head-old"));
         assert_eq!(
-            victim([("a", v(Phase::Busy, 0)), ("b", v(Phase::Busy, 1))]),
+            victim(&[("a", v(Phase::Busy, 0)), ("b", v(Phase::Busy, 1))]),
             None
         );
-        assert_eq!(victim(Vec::<(u8, View)>::new()), None);
+        assert_eq!(victim::<u8>(&[]), None);
+        for (_, view) in conns.iter().chain(&heads) {
+            if let Some(key) = ShedKey::of(*view) {
+                assert!(ShedKey::FIRST <= key && key <= ShedKey::LAST);
+            }
+        }
     }
 
     #[test]
