@@ -170,8 +170,8 @@ pub async fn run(
             },
             () = &mut shutdown => break,
         };
-        let slot = match table.admit(peer.ip()) {
-            Ok(slot) => slot,
+        let admission = match table.admit(peer.ip()) {
+            Ok(admission) => admission,
             Err(why) => {
                 tracing::debug!(%peer, ?why, "connection refused: every connection is busy");
                 continue;
@@ -180,6 +180,10 @@ pub async fn run(
         let (frontend, limits, tls) = (frontend.clone(), limits.clone(), tls.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let Some(slot) = admission.slot(limits.header_grace).await else {
+                tracing::debug!(%peer, "no slot for the address within header_grace; closed");
+                return;
+            };
             let _ = stream.set_nodelay(true);
             match tls {
                 None => serve_connection(stream, frontend, &limits, peer, watcher, slot).await,
@@ -260,13 +264,15 @@ async fn serve_ops(listener: TcpListener, frontend: Arc<Frontend>, limits: Arc<S
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let Ok(slot) = table.admit(peer.ip()) else {
+        let Ok(admission) = table.admit(peer.ip()) else {
             continue;
         };
         let (frontend, limits) = (frontend.clone(), limits.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            serve_connection(stream, frontend, &limits, peer, watcher, slot).await;
+            if let Some(slot) = admission.slot(limits.header_grace).await {
+                serve_connection(stream, frontend, &limits, peer, watcher, slot).await;
+            }
         });
     }
 }

@@ -6,6 +6,13 @@
 //! head is overdue ([`policy::HeadRule`]). It decides nothing itself and
 //! knows no HTTP: the server marks requests in flight and applies the closing.
 //!
+//! An address at its cap with no idle keep-alive connection to close does not
+//! close its oldest waiting head for the newcomer: the newcomer waits in the
+//! address's queue (an accepted socket, nothing read) and takes the first
+//! slot the address frees. A flood from one address that reconnects when cut
+//! would otherwise turn every new connection into a cut and a reconnect, a
+//! storm everyone else's connections queue behind in the listen backlog.
+//!
 //! The connections that may be closed are kept sorted by that order (and by
 //! address and that order), updated as each changes phase, so a new client is
 //! admitted in logarithmic time however many connections are held: a flood
@@ -14,7 +21,7 @@
 
 pub mod policy;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -26,7 +33,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 use crate::config::ServerConfig;
 use policy::{HeadRule, Phase, ShedKey, View};
@@ -82,6 +89,10 @@ struct Inner {
     order: BTreeSet<(ShedKey, u64)>,
     /// The same, by address.
     by_address: BTreeSet<(AddrKey, ShedKey, u64)>,
+    /// Connections waiting for a slot of their address, first come first.
+    queued: HashMap<AddrKey, VecDeque<oneshot::Sender<Slot>>>,
+    /// How many wait in `queued` (some may have given up).
+    queued_count: usize,
 }
 
 struct Entry {
@@ -113,10 +124,38 @@ pub struct Conn {
 /// Why a connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
-    /// Its address holds its cap of connections, all busy.
+    /// Its address holds its cap of connections, none idle, and as many
+    /// connections as `max_connections` already wait for a slot.
     AddressFull,
     /// The listener holds `max_connections`, all busy.
     Full,
+}
+
+/// A connection the table took: served now, or waiting for a slot of its
+/// address.
+pub enum Admission {
+    Now(Slot),
+    Queued(oneshot::Receiver<Slot>),
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Now(_) => "Now",
+            Self::Queued(_) => "Queued",
+        })
+    }
+}
+
+impl Admission {
+    /// Its slot, waiting at most `patience` for one; `None` when none came
+    /// (the connection is then closed, as a head that never came would be).
+    pub async fn slot(self, patience: Duration) -> Option<Slot> {
+        match self {
+            Self::Now(slot) => Some(slot),
+            Self::Queued(rx) => tokio::time::timeout(patience, rx).await.ok()?.ok(),
+        }
+    }
 }
 
 impl Table {
@@ -162,20 +201,28 @@ impl Table {
     }
 
     /// Admits a connection from `ip`, closing the victims that makes room
-    /// for; the slot is held for as long as the connection lives.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
+    /// for, or queues it behind its address's connections; the slot is held
+    /// for as long as the connection lives.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refused> {
         let addr = AddrKey::of(ip);
         let mut inner = self.lock();
         if self.per_address > 0
             && inner.per_address.get(&addr).copied().unwrap_or(0) >= self.per_address
         {
-            let victim = inner
+            let idle = inner
                 .by_address
                 .range((addr, ShedKey::FIRST, 0)..=(addr, ShedKey::LAST, u64::MAX))
                 .next()
+                .filter(|&&(_, key, _)| key.is_idle())
                 .map(|&(_, _, id)| id);
-            match victim {
+            match idle {
                 Some(id) => inner.shed(id),
+                None if inner.queued_count < self.max || inner.prune_queued() < self.max => {
+                    let (tx, rx) = oneshot::channel();
+                    inner.queued.entry(addr).or_default().push_back(tx);
+                    inner.queued_count += 1;
+                    return Ok(Admission::Queued(rx));
+                }
                 None => return Err(Refused::AddressFull),
             }
         }
@@ -185,6 +232,11 @@ impl Table {
                 None => return Err(Refused::Full),
             }
         }
+        Ok(Admission::Now(self.slot(&mut inner, addr)))
+    }
+
+    /// A new slot for a connection from `addr`, counted in.
+    fn slot(self: &Arc<Self>, inner: &mut Inner, addr: AddrKey) -> Slot {
         inner.next += 1;
         let conn = Arc::new(Conn {
             id: inner.next,
@@ -209,10 +261,38 @@ impl Table {
         inner.resort(conn.id);
         inner.live += 1;
         *inner.per_address.entry(addr).or_insert(0) += 1;
-        Ok(Slot {
+        Slot {
             table: self.clone(),
             conn,
-        })
+        }
+    }
+
+    /// Gives the slots `addr` has room for to the connections queued for
+    /// it, first come first. Returns the slots of those that gave up
+    /// meanwhile, to be dropped once the lock is released.
+    fn hand_over(self: &Arc<Self>, inner: &mut Inner, addr: AddrKey) -> Vec<Slot> {
+        let mut unwanted = Vec::new();
+        loop {
+            let held = inner.per_address.get(&addr).copied().unwrap_or(0);
+            if held >= self.per_address || inner.live >= self.max {
+                break;
+            }
+            let Some(waiter) = inner.queued.get_mut(&addr).and_then(VecDeque::pop_front) else {
+                break;
+            };
+            inner.queued_count -= 1;
+            if waiter.is_closed() {
+                continue;
+            }
+            let slot = self.slot(inner, addr);
+            if let Err(slot) = waiter.send(slot) {
+                unwanted.push(slot);
+            }
+        }
+        if inner.queued.get(&addr).is_some_and(VecDeque::is_empty) {
+            inner.queued.remove(&addr);
+        }
+        unwanted
     }
 
     /// Connections open, and of them those told to close but not closed yet.
@@ -254,6 +334,17 @@ impl Inner {
                 c.close.notify_one();
             }
         }
+    }
+
+    /// Forgets the queued connections that gave up waiting; returns how
+    /// many still wait.
+    fn prune_queued(&mut self) -> usize {
+        self.queued.retain(|_, q| {
+            q.retain(|w| !w.is_closed());
+            !q.is_empty()
+        });
+        self.queued_count = self.queued.values().map(VecDeque::len).sum();
+        self.queued_count
     }
 
     /// Takes connection `id` out of the order of closing.
@@ -397,6 +488,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut inner = self.table.lock();
+        let addr = self.conn.addr;
         inner.unsort(self.conn.id);
         inner.conns.remove(&self.conn.id);
         if !self.conn.is_shed() {
@@ -405,10 +497,16 @@ impl Drop for Slot {
                 *n -= 1;
             }
         }
-        if inner.per_address.get(&self.conn.addr) == Some(&0) {
-            inner.per_address.remove(&self.conn.addr);
+        let unwanted = if inner.queued.contains_key(&addr) {
+            self.table.hand_over(&mut inner, addr)
+        } else {
+            Vec::new()
+        };
+        if inner.per_address.get(&addr) == Some(&0) {
+            inner.per_address.remove(&addr);
         }
         drop(inner);
+        drop(unwanted);
         self.table.shared.room.notify_waiters();
     }
 }
@@ -530,17 +628,24 @@ mod tests {
         }
     }
 
+    fn now(table: &Arc<Table>, ip: IpAddr) -> Slot {
+        match table.admit(ip) {
+            Ok(Admission::Now(slot)) => slot,
+            other => panic!("admitted now: {other:?}"),
+        }
+    }
+
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
     const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
 
     #[tokio::test]
     async fn at_the_cap_the_oldest_idle_connection_is_closed_and_busy_ones_never() {
         let table = Table::new(&limits(2, 0));
-        let first = table.admit(A).unwrap();
-        let second = table.admit(A).unwrap();
+        let first = now(&table, A);
+        let second = now(&table, A);
         let _busy = second.conn().begin();
         drop(first.conn().begin()); // answered one request: idle keep-alive
-        let third = table.admit(B).unwrap();
+        let third = now(&table, B);
         assert!(first.conn().is_shed(), "the idle one made room");
         assert!(!second.conn().is_shed());
         assert_eq!(table.counts(), (3, 1));
@@ -556,18 +661,18 @@ mod tests {
     #[tokio::test]
     async fn a_keep_alive_connection_whose_next_head_began_is_no_longer_idle() {
         let table = Table::new(&limits(3, 0));
-        let older = table.admit(A).unwrap();
-        let newer = table.admit(A).unwrap();
-        let head = table.admit(B).unwrap();
+        let older = now(&table, A);
+        let newer = now(&table, A);
+        let head = now(&table, B);
         drop(older.conn().begin());
         drop(newer.conn().begin());
         // Both idle; the older one's next request starts arriving.
         older.conn().received(10);
-        let _fourth = table.admit(B).unwrap();
+        let _fourth = now(&table, B);
         assert!(newer.conn().is_shed(), "the idle one went first");
         assert!(!older.conn().is_shed() && !head.conn().is_shed());
         // Then the oldest head: the one admitted first and never served (B's).
-        let _fifth = table.admit(B).unwrap();
+        let _fifth = now(&table, B);
         assert!(head.conn().is_shed());
         assert!(!older.conn().is_shed());
         let inner = table.lock();
@@ -580,18 +685,57 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_address_at_its_cap_sheds_its_own_and_leaves_others_alone() {
+    async fn an_address_at_its_cap_sheds_its_idle_one_else_queues_and_leaves_others_alone() {
         let table = Table::new(&limits(100, 2));
-        let other = table.admit(B).unwrap();
-        let a1 = table.admit(A).unwrap();
-        let a2 = table.admit(A).unwrap();
-        let _a3 = table.admit(A).unwrap();
-        assert!(a1.conn().is_shed(), "the address's oldest head went");
-        assert!(!a2.conn().is_shed() && !other.conn().is_shed());
-        let _x = a2.conn().begin();
-        let _y = _a3.conn().begin();
+        let other = now(&table, B);
+        let a1 = now(&table, A);
+        let a2 = now(&table, A);
+        drop(a1.conn().begin()); // answered: idle keep-alive
+        let a3 = now(&table, A);
+        assert!(a1.conn().is_shed(), "the address's idle one went");
+        drop(a1);
+        // a2 and a3 wait for their heads: none is closed, the newcomers queue.
+        let Admission::Queued(gave_up) = table.admit(A).unwrap() else {
+            panic!("queued")
+        };
+        let Admission::Queued(waits) = table.admit(A).unwrap() else {
+            panic!("queued")
+        };
+        assert!(!a2.conn().is_shed() && !a3.conn().is_shed());
+        assert!(
+            matches!(table.admit(B), Ok(Admission::Now(_))),
+            "another address is not held up"
+        );
+        assert!(!other.conn().is_shed());
+        drop(gave_up);
+        drop(a2);
+        let slot = tokio::time::timeout(Duration::from_secs(1), waits)
+            .await
+            .expect("handed a slot")
+            .expect("a slot");
+        assert!(!slot.conn().is_shed());
+        let inner = table.lock();
+        assert_eq!(
+            inner.per_address[&AddrKey::of(A)],
+            2,
+            "a3 and the handed one"
+        );
+        assert_eq!(inner.queued_count, 0);
+    }
+
+    #[tokio::test]
+    async fn queued_connections_are_bounded_by_max_connections() {
+        let table = Table::new(&limits(2, 1));
+        let _a = now(&table, A);
+        let q1 = table.admit(A).unwrap();
+        let _q2 = table.admit(A).unwrap();
         assert_eq!(table.admit(A).err(), Some(Refused::AddressFull));
-        assert!(table.admit(B).is_ok());
+        drop(q1);
+        assert!(
+            matches!(table.admit(A), Ok(Admission::Queued(_))),
+            "one that gave up leaves room"
+        );
+        assert!(matches!(table.admit(B), Ok(Admission::Now(_))));
     }
 
     #[test]
@@ -611,7 +755,7 @@ mod tests {
         l.header_grace = Duration::from_secs(10);
         l.header_min_rate = crate::config::ByteSize(500);
         let table = Table::new(&l);
-        let slot = table.admit(A).unwrap();
+        let slot = now(&table, A);
         let conn = slot.conn().clone();
         let drip = {
             let conn = conn.clone();

@@ -51,6 +51,11 @@ impl ShedKey {
         since: Duration::MAX,
     };
 
+    /// Whether it is an idle keep-alive connection's.
+    pub fn is_idle(&self) -> bool {
+        self.rank == 0
+    }
+
     /// The key of a connection seen as `view`; `None` when it is busy.
     pub fn of(view: View) -> Option<Self> {
         let rank = match view.phase {
