@@ -84,7 +84,8 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    raise_open_file_limit(config.server.max_connections);
+    let mut config = config;
+    config.server.max_connections = connections_within_open_files(config.server.max_connections);
     let tls = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => Some(Arc::new(Tls::new(cert, key)?)),
         _ => None,
@@ -357,8 +358,11 @@ async fn serve_connection<S>(
 
 /// Raises the soft limit of open files to the hard one, so that
 /// `max_connections` (and a flood past it, which is accepted and shed) does
-/// not meet `EMFILE`; warns when even the hard limit is short of them.
-fn raise_open_file_limit(max_connections: usize) {
+/// not meet `EMFILE`, and returns the connections to serve at most: the
+/// configured ones, or fewer when even the hard limit leaves no room for
+/// them beside the cache's files, the upstream's connections and the
+/// connections shed but not closed yet (a warning says so).
+fn connections_within_open_files(max_connections: usize) -> usize {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut limit = getrlimit(Resource::Nofile);
     if let (Some(current), Some(max)) = (limit.current, limit.maximum) {
@@ -371,16 +375,26 @@ fn raise_open_file_limit(max_connections: usize) {
         }
     }
     let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    // Room for the cache's files, the upstream's connections and the shed.
-    let wanted = (max_connections as u64).saturating_mul(2) + 256;
-    if soft < wanted {
+    let fits = usize::try_from(soft.saturating_sub(OTHER_FILES))
+        .unwrap_or(usize::MAX)
+        .max(MIN_CONNECTIONS);
+    if fits < max_connections {
         tracing::warn!(
             open_files = soft,
             max_connections,
-            "the open-file limit is low for server.max_connections; raise it (LimitNOFILE=)"
+            serving = fits,
+            "the open-file limit is low for server.max_connections; serving fewer (raise LimitNOFILE= or ulimit -n)"
         );
+        return fits;
     }
+    max_connections
 }
+
+/// Open files kept for other than client connections: the cache's files, the
+/// upstream's and peers' connections, connections shed but not closed yet.
+const OTHER_FILES: u64 = 1024;
+/// Connections served whatever the open-file limit says.
+const MIN_CONNECTIONS: usize = 64;
 
 /// The first-byte rule, stated once: a client has the header read timeout
 /// to finish a TLS handshake, as long again to send its first byte after it,

@@ -155,12 +155,16 @@ pub struct ServerConfig {
     /// accepted and the cheapest connection is closed for it (an idle
     /// keep-alive one, else the one waiting longest for its request head);
     /// only when every connection has a request in flight do new ones wait
-    /// in the listen backlog.
+    /// in the listen backlog. High by default: an idle or waiting
+    /// connection costs a descriptor and a few KiB, while a cap a flood
+    /// reaches makes every new connection close another, which reconnects
+    /// (a storm). Lowered at start to what the open-file limit allows.
     pub max_connections: usize,
     /// Connections one client address (an IPv6 /64) may hold; past it the
-    /// address's own cheapest connection is closed for the new one, or the
-    /// new one when all of them are busy. 0: no cap. Behind a load balancer
-    /// every client has its address: raise it to `max_connections` there.
+    /// address's idle keep-alive connection is closed for the new one, or
+    /// else the new one waits (up to `header_grace`, nothing read) for one
+    /// of the address's connections to end. 0: no cap. Behind a load
+    /// balancer every client has its address: set 0 there.
     pub max_connections_per_address: usize,
     /// Time a client has at most to send a request head (and to finish a
     /// TLS handshake).
@@ -196,7 +200,7 @@ impl Default for ServerConfig {
         Self {
             max_header_size: ByteSize(64 * 1024),
             max_url_length: 8192,
-            max_connections: 1024,
+            max_connections: 16384,
             max_connections_per_address: 512,
             header_read_timeout: Duration::from_secs(30),
             header_grace: Duration::from_secs(10),
