@@ -7,8 +7,8 @@
 #
 #   bench/reliability.sh                            # everything at full size (a 30-min soak)
 #   bench/reliability.sh --filter crash_loop        # tests whose name contains it (repeatable;
-#                                                   # modules: flood framing full_disk resume
-#                                                   # stalls crash_loop soak)
+#                                                   # modules: flood slow_readers framing
+#                                                   # full_disk resume stalls crash_loop soak)
 #   bench/reliability.sh --soak-secs 300            # a shorter soak (each target)
 #   bench/reliability.sh --short                    # the CI sizes (REGMIRROR_RELIABILITY unset)
 #   bench/reliability.sh --seed 42                  # replay a crash loop or soak
