@@ -174,7 +174,7 @@ pub async fn run(
         let admission = match table.admit(peer.ip()) {
             Ok(admission) => admission,
             Err(why) => {
-                tracing::debug!(%peer, ?why, "connection refused: every connection is busy");
+                tracing::debug!(%peer, ?why, "connection closed unserved: max_connections held, none to close");
                 continue;
             }
         };

@@ -151,7 +151,8 @@ pub struct ServerConfig {
     pub max_header_size: ByteSize,
     /// Longest request URL (path and query) accepted.
     pub max_url_length: usize,
-    /// Connections served at once. At the cap a new client is still
+    /// Connections held at once (served, or waiting for a slot of their
+    /// address; each holds a descriptor). At the cap a new client is still
     /// accepted and the cheapest connection is closed for it (an idle
     /// keep-alive one, else the one waiting longest for its request head);
     /// only when every connection has a request in flight do new ones wait

@@ -12,6 +12,8 @@
 //! slot the address frees. A flood from one address that reconnects when cut
 //! would otherwise turn every new connection into a cut and a reconnect, a
 //! storm everyone else's connections queue behind in the listen backlog.
+//! Queued connections count against `max_connections` like served ones:
+//! each holds a descriptor.
 //!
 //! The connections that may be closed are kept sorted by that order (and by
 //! address and that order), updated as each changes phase, so a new client is
@@ -124,10 +126,11 @@ pub struct Conn {
 /// Why a connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
-    /// Its address holds its cap of connections, none idle, and as many
-    /// connections as `max_connections` already wait for a slot.
+    /// Its address holds its cap of connections, none idle, and the
+    /// listener holds `max_connections` (served and queued).
     AddressFull,
-    /// The listener holds `max_connections`, all busy.
+    /// The listener holds `max_connections` (served and queued), every
+    /// served one busy.
     Full,
 }
 
@@ -190,8 +193,8 @@ impl Table {
         loop {
             let notified = self.shared.room.notified();
             {
-                let inner = self.lock();
-                if inner.live < self.max || !inner.order.is_empty() {
+                let mut inner = self.lock();
+                if inner.held(self.max) < self.max || !inner.order.is_empty() {
                     return;
                 }
             }
@@ -217,7 +220,7 @@ impl Table {
                 .map(|&(_, _, id)| id);
             match idle {
                 Some(id) => inner.shed(id),
-                None if inner.queued_count < self.max || inner.prune_queued() < self.max => {
+                None if inner.held(self.max) < self.max => {
                     let (tx, rx) = oneshot::channel();
                     inner.queued.entry(addr).or_default().push_back(tx);
                     inner.queued_count += 1;
@@ -226,7 +229,7 @@ impl Table {
                 None => return Err(Refused::AddressFull),
             }
         }
-        if inner.live >= self.max {
+        if inner.held(self.max) >= self.max {
             match inner.order.first().map(|&(_, id)| id) {
                 Some(id) => inner.shed(id),
                 None => return Err(Refused::Full),
@@ -334,6 +337,16 @@ impl Inner {
                 c.close.notify_one();
             }
         }
+    }
+
+    /// Connections held, each with its descriptor: served, and queued for a
+    /// slot of their address (those that gave up are forgotten first when
+    /// the sum reaches `max`).
+    fn held(&mut self, max: usize) -> usize {
+        if self.live + self.queued_count >= max {
+            self.prune_queued();
+        }
+        self.live + self.queued_count
     }
 
     /// Forgets the queued connections that gave up waiting; returns how
@@ -724,18 +737,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn queued_connections_are_bounded_by_max_connections() {
-        let table = Table::new(&limits(2, 1));
-        let _a = now(&table, A);
+    async fn queued_connections_count_against_max_connections() {
+        let table = Table::new(&limits(3, 1));
+        let a = now(&table, A);
         let q1 = table.admit(A).unwrap();
-        let _q2 = table.admit(A).unwrap();
-        assert_eq!(table.admit(A).err(), Some(Refused::AddressFull));
+        let Admission::Queued(q2) = table.admit(A).unwrap() else {
+            panic!("queued")
+        };
+        assert_eq!(
+            table.admit(A).err(),
+            Some(Refused::AddressFull),
+            "one served and two queued hold the three of max_connections"
+        );
         drop(q1);
+        let q3 = table.admit(A).unwrap();
         assert!(
-            matches!(table.admit(A), Ok(Admission::Queued(_))),
+            matches!(q3, Admission::Queued(_)),
             "one that gave up leaves room"
         );
+        // Another address at the limit: the served head makes room, and its
+        // slot goes to the first of A's queue.
         assert!(matches!(table.admit(B), Ok(Admission::Now(_))));
+        assert!(a.conn().is_shed());
+        drop(a);
+        let slot = tokio::time::timeout(Duration::from_secs(1), q2)
+            .await
+            .expect("handed a slot")
+            .expect("a slot");
+        assert!(!slot.conn().is_shed());
     }
 
     #[test]
