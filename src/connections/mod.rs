@@ -648,6 +648,14 @@ mod tests {
         }
     }
 
+    /// The slot a queued connection is handed, within a second.
+    async fn handed(rx: oneshot::Receiver<Slot>) -> Slot {
+        tokio::time::timeout(Duration::from_secs(1), rx)
+            .await
+            .expect("handed a slot")
+            .expect("a slot")
+    }
+
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
     const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
 
@@ -722,10 +730,7 @@ mod tests {
         assert!(!other.conn().is_shed());
         drop(gave_up);
         drop(a2);
-        let slot = tokio::time::timeout(Duration::from_secs(1), waits)
-            .await
-            .expect("handed a slot")
-            .expect("a slot");
+        let slot = handed(waits).await;
         assert!(!slot.conn().is_shed());
         let inner = table.lock();
         assert_eq!(
@@ -760,10 +765,7 @@ mod tests {
         assert!(matches!(table.admit(B), Ok(Admission::Now(_))));
         assert!(a.conn().is_shed());
         drop(a);
-        let slot = tokio::time::timeout(Duration::from_secs(1), q2)
-            .await
-            .expect("handed a slot")
-            .expect("a slot");
+        let slot = handed(q2).await;
         assert!(!slot.conn().is_shed());
     }
 
